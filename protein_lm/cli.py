@@ -1,0 +1,81 @@
+"""`protein-lm` command line: one entry point, sub-commands loaded lazily.
+
+Training sub-commands (``fit``, ``validate``, ``test``, ``predict``) go to
+LightningCLI (see :mod:`protein_lm.commands.train`); the others are small
+argparse programs in :mod:`protein_lm.commands`. Nothing heavy (torch,
+Lightning) is imported until a sub-command needs it, so ``--help`` and
+``prepare`` start in well under a second.
+
+Every command module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+Errors a user can act on are raised as :class:`protein_lm.errors.UserError`
+and printed as one line with exit code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from protein_lm import __version__
+from protein_lm.errors import UserError
+
+# name -> (module, one-line help). Modules are imported only when chosen.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("protein_lm.commands.prepare", "FASTA(.gz) -> token cache (memmap + offsets + manifest)"),
+    "download": ("protein_lm.commands.download", "download a UniProt release file (resumable)"),
+    "evaluate": ("protein_lm.commands.evaluate", "accuracy / perplexity of a checkpoint on a FASTA file"),
+    "export": ("protein_lm.commands.export", "checkpoint -> weights-only file (no optimiser state)"),
+    "convert": ("protein_lm.commands.convert", "exact-attention checkpoint -> Performer checkpoint"),
+    "analyze": ("protein_lm.commands.analyze", "attention -> amino-acid similarity, BLOSUM62 comparison, heatmaps"),
+}
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (LightningCLI; --config configs/<name>.yaml)",
+    "validate": "run the validation loop on a checkpoint",
+    "test": "run the test loop on a checkpoint",
+    "predict": "run prediction",
+}
+
+
+def _top_level_help() -> str:
+    lines = [f"protein-lm {__version__}: protein language models with Performer attention", "", "commands:"]
+    for name, text in LIGHTNING_COMMANDS.items():
+        lines.append(f"  {name:<10} {text}")
+    for name, (_, text) in COMMANDS.items():
+        lines.append(f"  {name:<10} {text}")
+    lines += ["", "`protein-lm COMMAND --help` shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    try:
+        if name in LIGHTNING_COMMANDS:
+            from protein_lm.commands.train import run_lightning_cli
+
+            return run_lightning_cli([name, *rest])
+        if name not in COMMANDS:
+            print(f"protein-lm: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
+            return 2
+        module = importlib.import_module(COMMANDS[name][0])
+        parser = argparse.ArgumentParser(prog=f"protein-lm {name}", description=COMMANDS[name][1])
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        return int(module.run(args) or 0)
+    except UserError as err:
+        print(f"protein-lm {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"protein-lm {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
