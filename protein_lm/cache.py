@@ -178,6 +178,10 @@ class _Progress:
     """Bytes-read progress on stderr: redrawn in place on a terminal, a line every 10 s
     otherwise (logs), nothing for inputs that finish quickly."""
 
+    DELAY = 2.0  # seconds before the first report
+    INTERVAL_TTY = 0.5
+    INTERVAL_LOG = 10.0
+
     def __init__(self, label: str, total: int, enabled: bool):
         self.label, self.total, self.enabled = label, max(total, 1), enabled
         self.done = 0
@@ -190,7 +194,8 @@ class _Progress:
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self.start < 2.0 or now - self.last < (0.5 if self.tty else 10.0):
+        interval = self.INTERVAL_TTY if self.tty else self.INTERVAL_LOG
+        if now - self.start < self.DELAY or now - self.last < interval:
             return
         self.last = now
         self._show(now)

@@ -59,7 +59,8 @@ _table[ord(">")] = _MARK
 _table[ord("*")] = _STAR
 _FAST_TABLE = bytes(_table)
 del _table
-_TRAILING_STAR = re.compile(rb"\*(\x02|\Z)")
+_STAR_BYTE = bytes([_STAR])
+_TRAILING_STAR = re.compile(rb"\x01(\x02|\Z)")  # a mapped '*' right before a record marker or the end
 
 READ_SIZE = 1 << 20  # compressed bytes read per call
 BLOCK_SIZE = 8 << 20  # decompressed bytes per block handed to the tokeniser
@@ -189,7 +190,10 @@ class _Chunks:
                 if out and not self._put(out):
                     return
         if not d.eof:
-            raise _GzipError("truncated gzip file (compressed data end before the end-of-stream marker)")
+            raise _GzipError(
+                "truncated gzip file: the compressed data stop before the end-of-stream marker "
+                "(incomplete download or copy?)"
+            )
 
     def __iter__(self) -> Iterator[bytes]:
         try:
@@ -238,7 +242,7 @@ def iter_blocks(
             lines += block.count(b"\n")
     except _GzipError as err:
         line = lines + carry.count(b"\n") + 1
-        raise FastaFormatError(f"{path}: line {line}: {err}") from None
+        raise FastaFormatError(f"{path}: line {line}{_last_record(carry)}: {err}") from None
     except OSError as err:
         raise FastaFormatError(f"{path}: cannot read: {err.strerror or err}") from None
     if carry:
@@ -248,6 +252,15 @@ def iter_blocks(
 # --------------------------------------------------------------------------------------
 # Reference path: SimpleFastaParser + line tracking.
 # --------------------------------------------------------------------------------------
+
+
+def _last_record(data: bytes) -> str:
+    """ ", record 'ID'" for the last header in ``data`` (for messages), or ""."""
+    pos = data.rfind(b"\n>")
+    if pos < 0 and not data.startswith(b">"):
+        return ""
+    title = data[pos + 1 :].split(b"\n", 1)[0][1:]
+    return f", record {_first_word(title).decode('utf-8', 'replace')!r}"
 
 
 class _LineTracker:
@@ -267,22 +280,26 @@ class _LineTracker:
         self.eof = False
         self.seen_header = not at_file_start
         self.data_before_header: int | None = None  # line of the first such line
+        self.title = ""  # the last header seen (for messages)
+
+    def _where(self) -> str:
+        rec = f", record {_record_id(self.title)!r}" if self.seen_header and self.title else ""
+        return f"{self.path}: line {self.lineno}{rec}"
 
     def __iter__(self) -> Iterator[str]:
         for raw in self.raw_lines:
             self.lineno += 1
             if b"\x00" in raw:
-                raise FastaFormatError(
-                    f"{self.path}: line {self.lineno}: binary data (NUL byte); not a FASTA text file"
-                )
+                raise FastaFormatError(f"{self._where()}: binary data (NUL byte); not a FASTA text file")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise FastaFormatError(
-                    f"{self.path}: line {self.lineno}: binary data (not UTF-8 text); not a FASTA text file"
+                    f"{self._where()}: binary data (not UTF-8 text); not a FASTA text file"
                 ) from None
             if line[0] == ">":
                 self.seen_header = True
+                self.title = line[1:]
                 self.prev, self.cur = self.cur, []
                 self.headers.append(self.lineno)
             elif not self.seen_header:
@@ -348,7 +365,7 @@ def parse_lines(
                 continue
             line, col = _locate(lines, seq, err.position)
             raise FastaFormatError(
-                f"{path}: line {line}: record {rid!r} (header on line {header_line}): invalid "
+                f"{path}: line {line}, record {rid!r} (header on line {header_line}): invalid "
                 f"character {err.char!r} at column {col}"
             ) from None
         if tokens.size == 0:
@@ -440,9 +457,9 @@ def _fast_block(block: bytes, first: bool) -> tuple[TokenBlock, int] | None:
     marks = np.flatnonzero(st == _MARK)
     if marks.size != hs.size:  # a '>' inside a sequence line
         return None
-    if b"*" in s:  # exactly one trailing '*' per record is allowed
+    if _STAR_BYTE in s:  # exactly one trailing '*' per record is allowed
         s = _TRAILING_STAR.sub(rb"\1", bytes(s))
-        if b"*" in s:
+        if _STAR_BYTE in s:
             return None
         st = np.frombuffer(s, dtype=np.uint8)
         marks = np.flatnonzero(st == _MARK)
