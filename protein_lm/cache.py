@@ -347,16 +347,35 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> None:
+def _check_out_dir(out_dir: Path) -> None:
+    """Never replace a directory that holds anything but a token cache (``--out .``)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and not force:
+    if out_dir.is_dir():
         foreign = [p.name for p in out_dir.iterdir() if p.name not in CACHE_FILES]
         if foreign:
             raise UserError(
                 f"{out_dir}: exists and holds files that are not part of a token cache "
-                f"({', '.join(sorted(foreign)[:3])}); choose another --out or pass --force"
+                f"({', '.join(sorted(foreign)[:3])}); choose another --out"
             )
+
+
+def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename ``tmp`` to ``out_dir``; an old cache there is moved aside first, then removed
+    (and put back if the rename fails)."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "cache")
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if old is not None:
+            os.replace(old / "cache", out_dir)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(
@@ -373,13 +392,16 @@ def prepare(
         raise UserError(f"on_invalid must be one of {', '.join(ON_INVALID)}, got {on_invalid!r}")
     paths = _resolve_inputs(inputs)
     out_dir = Path(out_dir).expanduser().resolve()
-    _check_out_dir(out_dir, force)
+    _check_out_dir(out_dir)
     if not force and _is_hit(out_dir, paths, on_invalid):
         manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
         return PrepareResult(out_dir, True, time.perf_counter() - t0, manifest)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as err:
+        raise UserError(f"{out_dir}: cannot create the cache directory: {err.strerror or err}") from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a cache is an ordinary dir
     try:
         workers = max(1, min(int(workers), len(paths)))
@@ -391,7 +413,12 @@ def prepare(
                     pool.submit(_tokenize_to_part, i, p, tmp, on_invalid, progress)
                     for i, p in enumerate(paths)
                 ]
-                parts = [f.result() for f in futures]
+                try:
+                    parts = [f.result() for f in futures]
+                except BaseException:
+                    for f in futures:  # do not start the files not yet begun
+                        f.cancel()
+                    raise
         n_seq = sum(p.num_sequences for p in parts)
         n_res = sum(p.num_residues for p in parts)
         skipped = {reason: 0 for reason in SKIP_REASONS}
@@ -419,14 +446,9 @@ def prepare(
             "protein_lm_version": __version__,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        # Swap into place: the old cache (if any) is moved aside first, then removed.
-        old = None
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "cache")
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_into_place(tmp, out_dir)
+    except OSError as err:  # disk full, permissions: one line, nothing half-written left
+        raise UserError(f"{out_dir}: cannot write the cache: {err.strerror or err}") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -453,7 +475,7 @@ def prepare_cache(
             ``"skip"`` drops bad records and counts them per reason in the manifest.
         progress: show bytes-read progress on stderr for long inputs.
         workers: processes tokenising input files in parallel (one file per process).
-        force: rebuild even if the cache is up to date; allow a non-cache ``out_dir``.
+        force: rebuild even if the cache is up to date.
 
     Raises:
         FastaFormatError / UserError: one line naming file, record and line.

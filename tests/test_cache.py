@@ -228,3 +228,9 @@ def test_ensure_cache(tmp_path, monkeypatch):
         ensure_cache(tmp_path)
     with pytest.raises(UserError, match="no such file"):
         ensure_cache(tmp_path / "missing.fa")
+
+
+def test_unwritable_output_is_one_line_error(tmp_path):
+    fa = write(tmp_path, "s.fa", SMALL)
+    with pytest.raises(UserError, match="cannot create the cache directory"):
+        prepare_cache([fa], tmp_path / "s.fa" / "cache", progress=False)
