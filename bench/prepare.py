@@ -11,7 +11,7 @@ Targets (issue 2): prepare wall <= 2x zcat wall; peak RSS < 1 GB.
 Writes bench/results/prepare.json and prints a table last.
 
     python bench/prepare.py [--fasta /work/corpus/swissprot2014_goasp.fasta.gz]
-                            [--out /work/corpus/cache_full] [--repeats 3]
+                            [--out /work/corpus/cache_full] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ from protein_lm import fasta
 path = Path(sys.argv[1])
 out = {}
 for name, it in (("inflate_only", lambda: fasta._Chunks(path)),
-                 ("tokenize_no_write", lambda: fasta.tokenize_fasta(path))):
+                 ("tokenize_no_write", lambda: fasta.tokenize_fasta(path)),
+                 ("reference_path_no_write", lambda: fasta.read_fasta(path))):
     t, c = time.perf_counter(), time.process_time()
     for _ in it():
         pass
@@ -65,9 +66,33 @@ print(json.dumps(out))
 
 
 def stages(fasta: Path, env: dict) -> dict:
-    """In-process breakdown: gzip inflate alone (reader thread) vs full tokenisation, no writes."""
+    """In-process breakdown, no writes: gzip inflate alone (reader thread), the fast path
+    (inflate + block tokenisation) and the reference path (SimpleFastaParser per record)."""
     res = subprocess.run([sys.executable, "-c", STAGES, str(fasta)], env=env, capture_output=True, check=True)
     return json.loads(res.stdout)
+
+
+def cache_stats(out: Path) -> dict:
+    """Statistics of the written cache (to compare with ../shared/data/README.md)."""
+    import numpy as np
+
+    sys.path.insert(0, str(REPO))
+    from protein_lm.cache import TokenCache
+    from protein_lm.tokenizer import TOKEN_TO_ID
+
+    c = TokenCache(out)
+    lengths = c.lengths
+    counts = np.bincount(np.asarray(c.tokens), minlength=33)
+    return {
+        "num_sequences": len(c),
+        "num_residues": c.num_residues,
+        "length_min": int(lengths.min()),
+        "length_median": float(np.median(lengths)),
+        "length_mean": round(float(lengths.mean()), 1),
+        "length_max": int(lengths.max()),
+        "num_length_le_1022": int((lengths <= 1022).sum()),
+        "rare_residues": {a: int(counts[TOKEN_TO_ID[a]]) for a in "XBUZO"},
+    }
 
 
 def machine() -> dict:
@@ -95,7 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fasta", type=Path, default=DEFAULT_FASTA)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "prepare.json")
     args = ap.parse_args()
@@ -147,6 +172,7 @@ def main() -> None:
             "num_residues": manifest["num_residues"],
         },
         "cache": str(args.out),
+        "cache_stats": cache_stats(args.out),
         "zcat": z,
         "prepare": p,
         "prepare_cache_hit": hit,
@@ -185,7 +211,8 @@ def main() -> None:
     b = breakdown
     print(f"in-process CPU: gzip inflate alone {b['inflate_only']['cpu_s']:.2f} s, "
           f"inflate + tokenise (no writes) {b['tokenize_no_write']['cpu_s']:.2f} s "
-          f"(wall {b['tokenize_no_write']['wall_s']:.2f} s)")  # fmt: skip
+          f"(wall {b['tokenize_no_write']['wall_s']:.2f} s); reference path (SimpleFastaParser) "
+          f"{b['reference_path_no_write']['cpu_s']:.2f} s")  # fmt: skip
     print(f"prepare throughput: {mres / p['wall_s_median']:.0f} M residues/s; results -> {args.json}")
 
 
