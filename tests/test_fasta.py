@@ -244,3 +244,17 @@ def test_tokens_follow_tokenizer_policy(tmp_path):
     (rec,) = read_fasta(p)
     np.testing.assert_array_equal(rec.tokens, encode_residues(seq))
     assert rec.tokens.dtype == np.uint8 and rec.line == 1
+
+
+def test_gzip_padding_garbage_and_bounded_chunks(tmp_path, monkeypatch):
+    padded = write(tmp_path, "pad.fa.gz", gzip.compress(b">a\nAC\n") + b"\x00" * 16)
+    assert fast_records(padded) == [("a", "AC")]
+    garbage = write(tmp_path, "junk.fa.gz", gzip.compress(b">a\nAC\n") + b"not gzip at all")
+    with pytest.raises(FastaFormatError, match="corrupt gzip data"):
+        fast_records(garbage)
+    # 2 MB of one letter compresses ~1000:1; inflated chunks stay bounded by BLOCK_SIZE.
+    bomb = write(tmp_path, "bomb.fa.gz", gzip.compress(b">a\n" + b"A" * 2_000_000 + b"\n"))
+    monkeypatch.setattr(fasta, "BLOCK_SIZE", 65536)
+    sizes = [len(c) for c in fasta._Chunks(bomb)]
+    assert max(sizes) <= 65536 and sum(sizes) == 2_000_004
+    assert fast_records(bomb) == [("a", "A" * 2_000_000)]
