@@ -96,6 +96,8 @@ def test_realistic_sample_counts_and_content(tmp_path, sample_fasta):
     assert c.manifest["num_sequences"] == len(c) == len(ids) == 4000
     assert c.manifest["num_residues"] == sum(map(len, seqs)) == 1_399_646
     assert [c.record_id(i) for i in range(len(c))] == ids
+    # The figures data/README.md quotes for the sample.
+    assert (int(np.median(c.lengths)), int(c.lengths.max())) == (295, 3412)
     for i in range(0, 4000, 97):
         assert decode(c.sequence(i)) == seqs[i]
     for i, rec in enumerate(read_fasta(sample_fasta)):
