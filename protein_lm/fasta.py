@@ -62,6 +62,7 @@ del _table
 _STAR_BYTE = bytes([_STAR])
 _TRAILING_STAR = re.compile(rb"\x01(\x02|\Z)")  # a mapped '*' right before a record marker or the end
 
+_BOM = b"\xef\xbb\xbf"
 READ_SIZE = 1 << 20  # compressed bytes read per call
 BLOCK_SIZE = 8 << 20  # decompressed bytes per block handed to the tokeniser
 
@@ -224,9 +225,15 @@ def iter_blocks(
     lines = 0
     carry = b""
     chunks = _Chunks(path, hasher=hasher, on_raw=on_raw)
+    first = True
     try:
         for chunk in chunks:
             data = carry + chunk if carry else chunk
+            if first:  # a UTF-8 byte-order mark (some Windows editors write one) is not data
+                if len(data) < len(_BOM):
+                    carry = data
+                    continue
+                data, first = data.removeprefix(_BOM), False
             cut = data.rfind(b"\n>")
             if cut < 0:
                 carry = data
@@ -239,6 +246,8 @@ def iter_blocks(
         raise FastaFormatError(f"{path}: line {line}{_last_record(carry)}: {err}") from None
     except OSError as err:
         raise FastaFormatError(f"{path}: cannot read: {err.strerror or err}") from None
+    if first:
+        carry = carry.removeprefix(_BOM)
     if carry:
         yield carry, lines
 

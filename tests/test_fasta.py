@@ -98,6 +98,13 @@ def test_gzip_detected_by_magic_not_suffix(tmp_path):
     assert ref_records(gz) == ref_records(plain) == fast_records(gz) == fast_records(plain) == [("a", "ACD")]
 
 
+def test_utf8_bom_is_ignored(tmp_path, block_size):
+    p = write(tmp_path, "bom.fa", b"\xef\xbb\xbf>a\nAC\n>b\nDE\n")
+    assert ref_records(p) == fast_records(p) == [("a", "AC"), ("b", "DE")]
+    gz = write(tmp_path, "bom.fa.gz", gzip.compress(p.read_bytes()))
+    assert fast_records(gz) == [("a", "AC"), ("b", "DE")]
+
+
 def test_multi_member_gzip(tmp_path):
     p = write(tmp_path, "m.fa.gz", gzip.compress(b">a\nAC\n") + gzip.compress(b">b\nDE\n"))
     assert fast_records(p) == ref_records(p) == [("a", "AC"), ("b", "DE")]
