@@ -1,0 +1,185 @@
+"""``protein-lm fit|validate|test|predict``: LightningCLI over ProteinLMModule + ProteinDataModule.
+
+Everything Lightning users know works: ``--config configs/X.yaml`` (several are merged),
+``--print_config``, dotted overrides (``--trainer.max_steps 100``, ``--model.lr 1e-3``,
+``--data.batch_size 16``), ``--ckpt_path last`` to resume. What this module adds:
+
+* links: ``data.vocab_size -> model.config.vocab_size`` (after the data module is built),
+  ``data.objective -> model.objective`` and ``data.max_length -> model.config.max_length``;
+* ``output_dir`` (default ``runs/<config name>``): checkpoints in ``output_dir/checkpoints``
+  (``best-*.ckpt`` on ``val/loss`` and ``last.ckpt``), CSV metrics in
+  ``output_dir/csv/version_N/metrics.csv``, wandb files in ``output_dir/wandb``;
+* loggers: CSV always; wandb when ``--wandb true`` (the default), offline unless
+  ``WANDB_MODE`` says otherwise, and never required — if wandb cannot be imported or
+  initialised the run continues with CSV only;
+* callbacks: ``ModelCheckpoint`` (configurable under ``checkpoint:``), ``LearningRateMonitor``;
+* precision: when ``trainer.precision`` is unset, ``bf16-mixed`` on a CUDA GPU, ``32-true``
+  on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+from protein_lm.datamodule import ProteinDataModule
+from protein_lm.lit_module import ProteinLMModule
+
+DEFAULT_RUNS_DIR = "runs"
+
+
+class ProteinLMCLI(LightningCLI):
+    """LightningCLI with the project's links, output layout, loggers and defaults."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: D401 - Lightning hook
+        parser.add_argument(
+            "--output_dir",
+            type=str | None,
+            default=None,
+            help="where checkpoints and logs go (default: runs/<config file name>)",
+        )
+        parser.add_argument("--wandb", type=bool, default=True, help="also log to wandb (offline unless WANDB_MODE)")
+        parser.add_argument("--wandb_project", type=str, default="protein_lm", help="wandb project name")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch}-{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments("data.vocab_size", "model.config.vocab_size", apply_on="instantiate")
+        parser.link_arguments("data.objective", "model.objective", apply_on="parse")
+        parser.link_arguments("data.max_length", "model.config.max_length", apply_on="parse")
+
+    # -- output layout -----------------------------------------------------------
+
+    def _output_dir(self) -> Path:
+        cfg = self.config[self.subcommand]
+        if cfg.get("output_dir"):
+            return Path(cfg["output_dir"])
+        configs = cfg.get("config") or []
+        name = Path(str(configs[-1])).stem if configs else "default"
+        return Path(DEFAULT_RUNS_DIR) / name
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand]
+        out = self._output_dir()
+        cfg["output_dir"] = str(out)
+        if cfg.get("checkpoint") is not None and not cfg["checkpoint"].get("dirpath"):
+            cfg["checkpoint"]["dirpath"] = str(out / "checkpoints")
+        trainer = cfg["trainer"]
+        if trainer.get("precision") is None:
+            on_gpu = torch.cuda.is_available() and trainer.get("accelerator") not in ("cpu",)
+            trainer["precision"] = "bf16-mixed" if on_gpu else "32-true"
+        if trainer.get("default_root_dir") is None:
+            trainer["default_root_dir"] = str(out)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        cfg = self.config_init[self.subcommand]
+        configured = cfg["trainer"].get("logger")
+        if configured is False:
+            loggers: Any = False
+        else:
+            loggers = [] if configured in (None, True) else list(_as_list(configured))
+            if not any(isinstance(lg, CSVLogger) for lg in loggers):
+                loggers.insert(0, CSVLogger(save_dir=cfg["output_dir"], name="csv"))
+            if cfg.get("wandb") and self.subcommand == "fit":
+                wandb_logger = _make_wandb_logger(cfg["output_dir"], cfg.get("wandb_project", "protein_lm"))
+                if wandb_logger is not None:
+                    loggers.append(wandb_logger)
+        kwargs["logger"] = loggers
+        extra = [LearningRateMonitor(logging_interval="step")] if self.subcommand == "fit" and loggers else []
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        return self._instantiate_trainer(trainer_config, [*callbacks, *extra])
+
+    def after_fit(self) -> None:
+        self._report()
+
+    def after_validate(self) -> None:
+        self._report(checkpoints=False)
+
+    def after_test(self) -> None:
+        self._report(checkpoints=False)
+
+    def _report(self, checkpoints: bool = True) -> None:
+        trainer = self.trainer
+        if trainer.global_rank != 0:
+            return
+        lines = []
+        if checkpoints:
+            for cb in trainer.checkpoint_callbacks:
+                if getattr(cb, "best_model_path", ""):
+                    score = cb.best_model_score
+                    score_text = f" ({cb.monitor}={float(score):.4f})" if score is not None else ""
+                    lines.append(f"best checkpoint: {cb.best_model_path}{score_text}")
+                if getattr(cb, "last_model_path", ""):
+                    lines.append(f"last checkpoint: {cb.last_model_path}")
+        for lg in trainer.loggers:
+            if isinstance(lg, CSVLogger):
+                lines.append(f"metrics (CSV):   {(Path(lg.log_dir) / 'metrics.csv').resolve()}")
+            elif type(lg).__name__ == "WandbLogger":
+                lines.append(f"wandb run:       {lg.save_dir} ({os.environ.get('WANDB_MODE', 'offline')})")
+        if lines:
+            print("\n".join(lines), flush=True)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _make_wandb_logger(save_dir: str, project: str) -> Logger | None:
+    """A WandbLogger (offline unless ``WANDB_MODE`` says otherwise), or None if wandb fails."""
+    mode = os.environ.get("WANDB_MODE", "offline")
+    if mode == "disabled":
+        return None
+    try:
+        from pytorch_lightning.loggers import WandbLogger
+
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        logger = WandbLogger(project=project, save_dir=save_dir, mode=mode)
+        _ = logger.experiment  # initialise now, so a failure falls back to CSV here, not mid-run
+        return logger
+    except Exception as err:  # wandb missing, no network in online mode, bad credentials, ...
+        warnings.warn(f"wandb logging disabled ({type(err).__name__}: {err}); continuing with CSV only",
+                      stacklevel=2)
+        return None
+
+
+def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
+    """Construct the CLI (``run=False`` parses and instantiates without a subcommand)."""
+    return ProteinLMCLI(
+        ProteinLMModule,
+        ProteinDataModule,
+        args=argv,
+        run=run,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+
+
+def run_lightning_cli(argv: list[str]) -> int:
+    """Entry point used by :mod:`protein_lm.cli` for ``fit``, ``validate``, ``test``, ``predict``."""
+    torch.set_float32_matmul_precision("high")
+    # `protein-lm fit ...` passes exactly sys.argv[1:]; LightningCLI would warn about that.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    build_cli(list(argv))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run_lightning_cli(sys.argv[1:]))

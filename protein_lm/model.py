@@ -1,0 +1,478 @@
+"""The protein language model: a plain ``nn.Module`` configured by a dataclass.
+
+``ProteinLM`` is a pre-LayerNorm Transformer encoder (bidirectional, masked-LM) or
+decoder (unidirectional, causal-LM) over the 33-token ESM-2 alphabet, with a tied
+input/output embedding. Its attention is chosen per config:
+
+* ``performer-softmax`` — FAVOR+ with positive random features (the Performer
+  paper's default, an unbiased estimate of softmax attention);
+* ``performer-relu`` — FAVOR with the ReLU kernel (the paper's best protein model);
+* ``exact`` — ordinary softmax attention through ``scaled_dot_product_attention``,
+  the baseline every result is compared with.
+
+It needs no Trainer: notebooks and ``protein_lm.analysis`` build it from a
+:class:`ModelConfig` (or :func:`protein_lm.checkpoint.load_model`) and call it
+directly.
+
+Positions: rotary embeddings (RoPE, Su et al. 2021) rotate each query and key by
+an angle proportional to its position *before* the feature map. Why rotary:
+
+* nothing is learned per position, so there is no length limit — a model trained
+  on 1,024-token crops runs on 8,192-token concatenations (or longer) unchanged,
+  which learned absolute embeddings cannot do;
+* it needs only q and k, never the (L, L) matrix, so it composes with linear
+  attention: FAVOR+ estimates ``exp(q_i'·k_j')`` of the *rotated* vectors, and
+  ``q_i'·k_j' = q_i·R(j−i)k_j`` depends on the offset only, so the estimated
+  kernel carries relative-position information (exactly so for ``exact`` and in
+  expectation for ``performer-softmax``; the ReLU kernel also sees rotated
+  vectors, which makes it position-aware though not strictly relative);
+* it costs O(L·D) per layer, like the rest of the linear-attention path.
+``position="learned"`` (absolute, limited to ``max_length``) and ``"none"`` are
+kept for ablations.
+
+Extending a block (adaptive span, persistent memory, product-key memory): a
+:class:`Block` builds its sublayers through :meth:`Block.build_attention` and
+:meth:`Block.build_ffn`, and :class:`SelfAttention` builds its kernel through
+:meth:`SelfAttention.build_kernel` — override or extend those factories. Any
+submodule that defines a method ``aux_loss() -> Tensor`` (e.g. an L1 penalty on
+learned spans) contributes to :attr:`ModelOutput.aux_loss`, which the
+LightningModule adds to the training loss. Parameters that need their own
+optimiser settings carry a dict attribute ``optim_overrides`` (e.g.
+``{"weight_decay": 0.0}`` or ``{"lr": 1e-3, "weight_decay": 0.0}``); see
+:func:`protein_lm.lit_module.param_groups`.
+
+Shapes: B batch, L length, H heads, D head dim (dim // heads), M random features,
+V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protein_lm.attention.exact import exact_attention
+from protein_lm.attention.favor import FavorAttention
+from protein_lm.attention.implied import implied_attention
+from protein_lm.tokenizer import PAD_ID, VOCAB_SIZE
+
+AttentionKind = Literal["performer-softmax", "performer-relu", "exact"]
+ATTENTION_KINDS: tuple[str, ...] = ("performer-softmax", "performer-relu", "exact")
+POSITION_KINDS: tuple[str, ...] = ("rotary", "learned", "none")
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of :class:`ProteinLM`.
+
+    Args:
+        vocab_size: number of token ids (33 for the ESM-2 alphabet; linked from the data module).
+        dim: model width d.
+        depth: number of Transformer blocks.
+        heads: attention heads; ``dim`` must be divisible by ``heads``.
+        ff_dim: hidden width of the feed-forward sublayer.
+        attention: ``performer-softmax``, ``performer-relu`` or ``exact``.
+        num_features: random features M per head (Performer only).
+        causal: unidirectional (causal LM) when True, bidirectional (masked LM) when False.
+            The LightningModule sets it from its ``objective``.
+        dropout: dropout on embeddings, attention output and FFN (0 disables).
+        max_length: training length; only ``position="learned"`` is limited by it.
+        position: ``rotary`` (default; no length limit), ``learned`` (absolute), or ``none``.
+        rotary_base: RoPE frequency base.
+        orthogonal_features: draw orthogonal random features (FAVOR+) rather than i.i.d. Gaussian.
+        favor_backend: ``auto`` (Triton on CUDA when available), ``torch`` or ``triton``.
+        feature_seed: seed for the initial random projections (None: drawn from torch's RNG).
+        layer_norm_eps: LayerNorm epsilon.
+        init_std: standard deviation of the normal initialisation of weights.
+        padding_idx: id of the padding token (its embedding row gets no gradient).
+    """
+
+    vocab_size: int = VOCAB_SIZE
+    dim: int = 512
+    depth: int = 6
+    heads: int = 8
+    ff_dim: int = 2048
+    attention: AttentionKind = "performer-softmax"
+    num_features: int = 256
+    causal: bool = False
+    dropout: float = 0.0
+    max_length: int = 1024
+    position: Literal["rotary", "learned", "none"] = "rotary"
+    rotary_base: float = 10000.0
+    orthogonal_features: bool = True
+    favor_backend: Literal["auto", "torch", "triton"] = "auto"
+    feature_seed: int | None = None
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    padding_idx: int = PAD_ID
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.position not in POSITION_KINDS:
+            raise ValueError(f"position must be one of {POSITION_KINDS}, got {self.position!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
+        if self.position == "rotary" and (self.dim // self.heads) % 2:
+            raise ValueError(f"rotary positions need an even head dimension, got {self.dim // self.heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def is_performer(self) -> bool:
+        return self.attention.startswith("performer")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-python dict (JSON / ``torch.load(weights_only=True)`` safe)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise so a typo is not silently ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**data)
+
+
+class ModelOutput(NamedTuple):
+    """What :meth:`ProteinLM.forward` returns."""
+
+    logits: Tensor  # (B, L, V)
+    aux_loss: Tensor  # scalar; sum of the submodules' auxiliary losses (0 when none)
+
+
+# --------------------------------------------------------------------------- positions
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE), computed on the fly for any length.
+
+    Rotates consecutive halves ``(x[..., :D/2], x[..., D/2:])`` by angles
+    ``pos * base**(-2i/D)``. Angles are computed in float32.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        # q, k: (B, H, L, D) -> same
+        length = q.shape[-2]
+        pos = torch.arange(length, device=q.device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq.to(q.device))  # (L, D/2)
+        cos, sin = angles.cos(), angles.sin()
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, L, D/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+class ExactKernel(nn.Module):
+    """Softmax attention through SDPA; same call signature as ``FavorAttention``."""
+
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        return exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+
+    def attention_probs(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Explicit softmax probabilities ``(B, H, L, L)`` (for analysis; O(L^2) memory)."""
+        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        if self.causal:
+            length = q.shape[-2]
+            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        return scores.softmax(dim=-1)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: projections, rotary positions and a pluggable kernel."""
+
+    def __init__(self, config: ModelConfig, layer_index: int = 0):
+        super().__init__()
+        self.config = config
+        self.layer_index = layer_index
+        self.heads = config.heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.dim, 3 * config.dim)
+        self.out = nn.Linear(config.dim, config.dim)
+        self.out.residual_projection = True  # scaled init, see ProteinLM._init_weights
+        self.rotary = RotaryEmbedding(self.head_dim, config.rotary_base) if config.position == "rotary" else None
+        self.kernel = self.build_kernel(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def build_kernel(self, config: ModelConfig) -> nn.Module:
+        """The attention kernel: ``forward(q, k, v, key_padding_mask) -> (B, H, L, D)``."""
+        if config.attention == "exact":
+            return ExactKernel(causal=config.causal)
+        seed = None if config.feature_seed is None else config.feature_seed + 1000 * self.layer_index
+        return FavorAttention(
+            dim_head=self.head_dim,
+            num_features=config.num_features,
+            kernel="softmax" if config.attention == "performer-softmax" else "relu",
+            causal=config.causal,
+            orthogonal=config.orthogonal_features,
+            backend=config.favor_backend,
+            seed=seed,
+        )
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, dim) -> q, k, v each (B, H, L, D), rotary applied to q and k."""
+        b, length, _ = x.shape
+        qkv = self.qkv(x).view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, L, D) each
+        if self.rotary is not None:
+            q, k = self.rotary(q, k)
+        return q, k, v
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        # x: (B, L, dim); padding_mask: (B, L) True at padding
+        b, length, _ = x.shape
+        q, k, v = self.project(x)
+        y = self.kernel(q, k, v, key_padding_mask=padding_mask)  # (B, H, L, D)
+        y = y.transpose(1, 2).reshape(b, length, self.heads * self.head_dim)
+        return self.dropout(self.out(y))
+
+    def attention_probs(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Attention weights ``(B, H, L, L)`` for analysis (implied attention for Performer)."""
+        q, k, _ = self.project(x)
+        if isinstance(self.kernel, ExactKernel):
+            return self.kernel.attention_probs(q, k, key_padding_mask=padding_mask)
+        return implied_attention(
+            q,
+            k,
+            self.kernel.projection,
+            self.kernel.kernel,
+            causal=self.config.causal,
+            key_padding_mask=padding_mask,
+            eps=self.kernel.eps,
+        )
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: Linear -> GELU -> Linear."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.dim, config.ff_dim)
+        self.fc2 = nn.Linear(config.ff_dim, config.dim)
+        self.fc2.residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: ``x + attn(LN(x))``, then ``x + ffn(LN(x))``.
+
+    ``ffn`` may be ``None`` (e.g. an all-attention layer that replaces it); extensions
+    plug in through :meth:`build_attention` / :meth:`build_ffn`.
+    """
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.norm1 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        self.attn = self.build_attention(config, layer_index)
+        self.ffn = self.build_ffn(config, layer_index)
+        self.norm2 = nn.LayerNorm(config.dim, eps=config.layer_norm_eps) if self.ffn is not None else None
+
+    def build_attention(self, config: ModelConfig, layer_index: int) -> nn.Module:
+        """Attention sublayer: ``forward(x (B,L,dim), padding_mask) -> (B,L,dim)``."""
+        return SelfAttention(config, layer_index)
+
+    def build_ffn(self, config: ModelConfig, layer_index: int) -> nn.Module | None:
+        """Feed-forward sublayer: ``forward(x (B,L,dim)) -> (B,L,dim)``, or None for none."""
+        return FeedForward(config)
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), padding_mask)
+        if self.ffn is not None:
+            x = x + self.ffn(self.norm2(x))
+        return x
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ProteinLM(nn.Module):
+    """Protein language model (see the module docstring).
+
+    Example::
+
+        model = ProteinLM(ModelConfig(dim=64, depth=2, heads=4, ff_dim=128))
+        out = model(input_ids)            # out.logits: (B, L, 33)
+        for layer, attn in model.attention_maps(input_ids):
+            ...                           # attn: (B, H, L, L), rows sum to 1
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.padding_idx)
+        self.pos_embed = (
+            nn.Embedding(config.max_length, config.dim) if config.position == "learned" else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(self.build_block(config, i) for i in range(config.depth))
+        self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
+        # Output head tied to the input embedding; only a per-token bias is separate.
+        self.head_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.apply(self._init_weights)
+
+    def build_block(self, config: ModelConfig, layer_index: int) -> nn.Module:
+        """One Transformer block (factory so that subclasses / options can swap it)."""
+        return Block(config, layer_index)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_projection", False):
+                std = std / math.sqrt(2 * self.config.depth)  # GPT-2: keep the residual stream's scale
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # -- forward ---------------------------------------------------------------
+
+    def _padding_mask(self, input_ids: Tensor, padding_mask: Tensor | None) -> Tensor | None:
+        """Use the given mask; without one, treat ``<pad>`` tokens as padding."""
+        if padding_mask is not None:
+            return padding_mask.bool()
+        pad = input_ids.eq(self.config.padding_idx)
+        return pad if bool(pad.any()) else None
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """(B, L) token ids -> (B, L, dim) input of the first block."""
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            length = input_ids.shape[1]
+            if length > self.config.max_length:
+                raise ValueError(
+                    f"sequence length {length} exceeds max_length {self.config.max_length} "
+                    "of a model with learned positions (rotary positions have no limit)"
+                )
+            x = x + self.pos_embed(torch.arange(length, device=input_ids.device))
+        return self.dropout(x)
+
+    def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None) -> ModelOutput:
+        """Logits for every position.
+
+        Args:
+            input_ids: (B, L) token ids.
+            padding_mask: (B, L) bool, True at padding. ``None``: positions holding the
+                ``<pad>`` id are treated as padding.
+
+        Returns:
+            ``ModelOutput(logits (B, L, V), aux_loss scalar)``. Padding never changes the
+            logits at real positions.
+        """
+        mask = self._padding_mask(input_ids, padding_mask)
+        x = self.embed_tokens(input_ids)
+        for block in self.blocks:
+            x = block(x, mask)
+        logits = F.linear(self.norm(x), self.embed.weight, self.head_bias)  # (B, L, V)
+        return ModelOutput(logits=logits, aux_loss=self.aux_loss(device=logits.device))
+
+    def aux_loss(self, device: torch.device | None = None) -> Tensor:
+        """Sum of ``aux_loss()`` over submodules that define it (0 when none do)."""
+        total = torch.zeros((), device=device if device is not None else self.head_bias.device)
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "aux_loss", None)):
+                total = total + module.aux_loss()
+        return total
+
+    # -- analysis --------------------------------------------------------------
+
+    def attention_maps(
+        self,
+        input_ids: Tensor,
+        padding_mask: Tensor | None = None,
+        layers: Iterable[int] | None = None,
+    ) -> Iterator[tuple[int, Tensor]]:
+        """Yield ``(layer_index, attention (B, H, L, L))`` one layer at a time.
+
+        Performer layers give their *implied* attention (row-normalised
+        ``phi(Q) phi(K)^T`` with the layer's current projection); ``exact`` layers give
+        the softmax probabilities. Rows of real queries sum to 1; padded keys get 0.
+        Runs without gradients and stops after the last requested layer, so memory
+        holds one layer's (L, L) maps at a time. Uses the module's current mode: call
+        ``model.eval()`` first to disable dropout.
+
+        Args:
+            input_ids: (B, L) token ids.
+            padding_mask: (B, L) bool, True at padding (``None``: ``<pad>`` ids).
+            layers: indices to return (negative counts from the end); default all.
+        """
+        depth = len(self.blocks)
+        wanted = set(range(depth)) if layers is None else {i % depth for i in layers}
+        for i in wanted:
+            if not 0 <= i < depth:
+                raise IndexError(f"layer {i} out of range for a {depth}-layer model")
+        if not wanted:
+            return
+        last = max(wanted)
+        with torch.no_grad():
+            mask = self._padding_mask(input_ids, padding_mask)
+            x = self.embed_tokens(input_ids)
+        for i, block in enumerate(self.blocks):
+            if i in wanted:
+                with torch.no_grad():
+                    maps = block.attn.attention_probs(block.norm1(x), mask)
+                yield i, maps
+                del maps
+            if i == last:
+                return
+            with torch.no_grad():
+                x = block(x, mask)
+
+    # -- Performer projections -------------------------------------------------
+
+    def favor_modules(self) -> list[nn.Module]:
+        """The FAVOR attention kernels of this model (empty for ``exact``)."""
+        return [m for m in self.modules() if callable(getattr(m, "redraw_projection", None))]
+
+    @torch.no_grad()
+    def redraw_projections(self, generator: torch.Generator | None = None) -> int:
+        """Redraw every Performer layer's random projection; returns how many were redrawn.
+
+        Pass a seeded CPU ``torch.Generator`` for reproducible redraws (the
+        LightningModule derives one from its seed and the optimiser step).
+        """
+        kernels = self.favor_modules()
+        for kernel in kernels:
+            kernel.redraw_projection(generator)
+        return len(kernels)
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,182 @@
+"""ProteinLM: shapes, padding invariance, causality, attention maps, redraw, overfitting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from protein_lm.lit_module import token_statistics
+from protein_lm.model import ModelConfig, ProteinLM
+from protein_lm.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AA_IDS
+
+ATTENTIONS = ["exact", "performer-softmax", "performer-relu"]
+
+
+def tiny(attention: str, causal: bool = False, **kw) -> ProteinLM:
+    cfg = ModelConfig(dim=32, depth=2, heads=4, ff_dim=64, attention=attention, num_features=32,
+                      causal=causal, feature_seed=0, favor_backend="torch", **kw)
+    torch.manual_seed(0)
+    return ProteinLM(cfg).eval()
+
+
+def random_ids(b: int, length: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    aa = torch.tensor(STANDARD_AA_IDS)
+    ids = aa[torch.randint(len(aa), (b, length), generator=g)]
+    ids[:, 0] = CLS_ID
+    ids[:, -1] = EOS_ID
+    return ids
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_shapes_and_padding_invariance(attention, causal):
+    model = tiny(attention, causal)
+    ids = random_ids(2, 12)
+    out = model(ids)
+    assert out.logits.shape == (2, 12, 33)
+    assert out.aux_loss.shape == () and float(out.aux_loss) == 0.0
+    padded = torch.cat([ids, torch.full((2, 5), PAD_ID)], dim=1)
+    mask = padded.eq(PAD_ID)
+    out_pad = model(padded, mask)
+    torch.testing.assert_close(out_pad.logits[:, :12], out.logits, atol=1e-5, rtol=1e-5)
+    # Without an explicit mask, <pad> ids are treated as padding.
+    torch.testing.assert_close(model(padded).logits, out_pad.logits)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_causal_model_never_sees_the_future(attention):
+    model = tiny(attention, causal=True)
+    ids = random_ids(2, 16, seed=1)
+    base = model(ids).logits
+    for t in (3, 9, 15):
+        changed = ids.clone()
+        changed[:, t] = torch.where(changed[:, t] == STANDARD_AA_IDS[0], STANDARD_AA_IDS[1], STANDARD_AA_IDS[0])
+        logits = model(changed).logits
+        torch.testing.assert_close(logits[:, :t], base[:, :t], atol=1e-6, rtol=0)
+        assert (logits[:, t:] - base[:, t:]).abs().max() > 1e-4  # the change is visible from t on
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_bidirectional_model_sees_both_sides(attention):
+    model = tiny(attention, causal=False)
+    ids = random_ids(1, 16, seed=2)
+    changed = ids.clone()
+    changed[:, 10] = MASK_ID
+    assert (model(changed).logits[:, :10] - model(ids).logits[:, :10]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_maps_rows_sum_to_one_and_reproduce_the_output(attention, causal):
+    model = tiny(attention, causal)
+    ids = torch.cat([random_ids(2, 10, seed=3), torch.full((2, 3), PAD_ID)], dim=1)
+    ids[1, 8:] = PAD_ID
+    mask = ids.eq(PAD_ID)
+    maps = dict(model.attention_maps(ids, mask))
+    assert sorted(maps) == [0, 1]
+    for attn in maps.values():
+        assert attn.shape == (2, 4, 13, 13)
+        real_rows = attn[0, :, :10].sum(-1)
+        torch.testing.assert_close(real_rows, torch.ones_like(real_rows), atol=1e-5, rtol=0)
+        assert attn[1, :, :, 8:].abs().max() == 0  # padded keys get no weight
+        if causal:
+            assert attn.triu(1).abs().max() == 0
+    # The layer-0 map times V is the layer's attention output (implied attention for Performer).
+    block = model.blocks[0]
+    x = model.embed_tokens(ids)
+    q, k, v = block.attn.project(block.norm1(x))
+    expected = block.attn.kernel(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close((maps[0] @ v)[0, :, :10], expected[0, :, :10], atol=1e-4, rtol=1e-4)
+    # Selecting layers (negative indices count from the end) returns only those.
+    assert [i for i, _ in model.attention_maps(ids, mask, layers=[-1])] == [1]
+    assert torch.is_grad_enabled()
+
+
+def test_redraw_projections_is_reproducible_and_changes_output():
+    model = tiny("performer-softmax")
+    ids = random_ids(1, 12)
+    before = model(ids).logits
+    assert model.redraw_projections(torch.Generator().manual_seed(5)) == 2
+    after = model(ids).logits
+    assert (after - before).abs().max() > 0
+    other = tiny("performer-softmax")
+    other.redraw_projections(torch.Generator().manual_seed(5))
+    torch.testing.assert_close(other(ids).logits, after)
+    assert tiny("exact").redraw_projections(torch.Generator().manual_seed(5)) == 0
+
+
+def test_rotary_model_runs_past_max_length_and_learned_does_not():
+    ids = random_ids(1, 40)
+    assert tiny("performer-softmax", max_length=16)(ids).logits.shape == (1, 40, 33)
+    with pytest.raises(ValueError, match="max_length"):
+        tiny("exact", position="learned", max_length=16)(ids)
+
+
+def test_config_validation_and_round_trip():
+    cfg = ModelConfig(dim=32, depth=1, heads=4, ff_dim=64)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(dim=30, heads=4)
+    with pytest.raises(ValueError, match="attention"):
+        ModelConfig(attention="linformer")
+    with pytest.raises(ValueError, match="unknown"):
+        ModelConfig.from_dict({"dimm": 3})
+
+
+def test_aux_losses_of_submodules_are_summed():
+    model = tiny("exact")
+
+    class Penalty(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z = torch.nn.Parameter(torch.tensor(2.0))
+
+        def aux_loss(self):
+            return 0.5 * self.z
+
+    model.blocks[0].extra = Penalty()
+    model.blocks[1].extra = Penalty()
+    out = model(random_ids(1, 8))
+    assert float(out.aux_loss.detach()) == pytest.approx(2.0)
+    out.aux_loss.backward()
+    assert model.blocks[0].extra.z.grad == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------- overfitting
+
+UNIGRAM_ENTROPY = math.log(20)  # ~3.0 nats: uniform over the 20 residues of the synthetic data
+
+
+def _mlm_batch(ids: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    select = (torch.rand(ids.shape, generator=g) < 0.25) & (ids != CLS_ID) & (ids != EOS_ID)
+    labels = torch.where(select, ids, torch.full_like(ids, -100))
+    return torch.where(select, torch.full_like(ids, MASK_ID), ids), labels
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("objective", ["mlm", "causal"])
+def test_tiny_model_overfits_a_handful_of_sequences(attention, objective):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, depth=2, heads=4, ff_dim=128, attention=attention, num_features=64,
+                      causal=objective == "causal", feature_seed=0, favor_backend="torch")
+    model = ProteinLM(cfg).train()
+    seqs = random_ids(4, 24, seed=7)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    if objective == "mlm":  # a fixed masking of the handful of sequences: memorise the masked residues
+        inputs, labels = _mlm_batch(seqs, torch.Generator().manual_seed(0))
+    else:
+        inputs, labels = seqs, torch.cat([seqs[:, 1:], torch.full((4, 1), -100)], dim=1)
+    for _ in range(150):
+        loss_sum, _, count = token_statistics(model(inputs).logits, labels)
+        loss = loss_sum / count
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        loss_sum, correct, count = token_statistics(model(inputs).logits, labels)
+    final = float(loss_sum / count)
+    assert final < 0.25 * UNIGRAM_ENTROPY, f"{attention}/{objective}: loss {final:.3f} did not fall far enough"
