@@ -1,0 +1,258 @@
+"""Attention extraction for analysis: per layer and head, one sequence at a time, in row blocks.
+
+``ProteinLM.attention_maps`` returns one layer's full ``(B, H, L, L)`` maps. For a sequence of a few
+thousand residues that is ``H * L^2 * 4`` bytes per layer (8 heads, L = 4,000: 512 MB), and the
+analysis only needs sums over those maps. :func:`iter_attention_blocks` therefore computes each
+layer's queries and keys once (O(L·D) memory) and yields the attention in blocks of query rows,
+``(B, H, rows, L)``, sized so that a block holds at most ``max_block_elements`` numbers:
+
+* Performer (FAVOR+) layers: the *implied* attention — ``phi(Q) phi(K)^T`` row-normalised with the
+  layer's current projection, exactly :func:`protein_lm.attention.implied_attention` (features from
+  :func:`protein_lm.attention.favor_features`, the same mask and normaliser floor), so
+  ``attention @ V`` is the layer's FAVOR+ output;
+* ``exact`` layers: the softmax probabilities, as ``ExactKernel.attention_probs``.
+
+Both handle causal models (the row offset is applied to the causal mask) and padding (padded keys get
+0). A model whose attention sublayers are not the standard ``SelfAttention`` (e.g. an extension that
+changes the probabilities) falls back to ``model.attention_maps`` and is sliced into row blocks — same
+result, full-map memory.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from protein_lm.analysis.similarity import SimilarityAccumulator
+from protein_lm.tokenizer import CLS_ID, EOS_ID, PAD_ID, STANDARD_AA_IDS
+
+RESIDUE_IDS = tuple(range(4, 31))  # every residue token (standard and X/B/U/Z/O/./-), no specials
+DEFAULT_BLOCK_ELEMENTS = 1 << 24  # 16 M numbers = 64 MB of float32 per block
+
+
+def frame(tokens: np.ndarray | Iterable[int]) -> Tensor:
+    """Residue token ids -> ``(1, L + 2)`` LongTensor ``<cls> residues <eos>`` (how the models are trained)."""
+    body = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    return torch.cat([torch.tensor([CLS_ID]), body, torch.tensor([EOS_ID])])[None]
+
+
+def _chunkable(model) -> bool:
+    """True when every attention sublayer is the standard one whose math we reproduce block-wise."""
+    try:
+        from protein_lm.attention.favor import FavorAttention
+        from protein_lm.model import ExactKernel, SelfAttention
+    except ImportError:  # pragma: no cover
+        return False
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "embed_tokens"):
+        return False
+    for block in blocks:
+        attn = getattr(block, "attn", None)
+        if type(attn) is not SelfAttention or not hasattr(block, "norm1"):
+            return False
+        if type(attn.kernel) not in (FavorAttention, ExactKernel):
+            return False
+    return True
+
+
+def _rows_per_block(batch: int, heads: int, length: int, max_block_elements: int) -> int:
+    return max(1, min(length, max_block_elements // max(1, batch * heads * length)))
+
+
+def _allowed(
+    rows: range, length: int, causal: bool, key_padding_mask: Tensor | None, device
+) -> Tensor | None:
+    """Bool ``(B or 1, 1, rows, L)``: query ``t`` (absolute index) may attend key ``s``."""
+    allowed = None
+    if causal:
+        t = torch.arange(rows.start, rows.stop, device=device)[:, None]
+        s = torch.arange(length, device=device)[None, :]
+        allowed = (s <= t)[None, None]
+    if key_padding_mask is not None:
+        keys = ~key_padding_mask[:, None, None, :]
+        allowed = keys if allowed is None else allowed & keys
+    return allowed
+
+
+def _layer_blocks(attn_module, q: Tensor, k: Tensor, mask: Tensor | None, rows_per_block: int):
+    """Row blocks of one standard ``SelfAttention`` layer's attention."""
+    from protein_lm.attention.favor import favor_features
+    from protein_lm.model import ExactKernel
+
+    kernel = attn_module.kernel
+    causal = bool(attn_module.config.causal)
+    length = k.shape[-2]
+    if isinstance(kernel, ExactKernel):
+        qf, kf = q.float(), k.float()
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        for start in range(0, length, rows_per_block):
+            rows = range(start, min(length, start + rows_per_block))
+            scores = (qf[:, :, rows.start : rows.stop] @ kf.transpose(-1, -2)) * scale
+            allowed = _allowed(rows, length, causal, mask, q.device)
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            yield rows.start, torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)
+        return
+    # FAVOR+: features of all positions once (O(L·M)), then explicit rows phi_q[rows] phi_k^T.
+    phi_q, phi_k = favor_features(q, k, kernel.projection, kernel.kernel, mask)
+    phi_kt = phi_k.transpose(-1, -2)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        for start in range(0, length, rows_per_block):
+            rows = range(start, min(length, start + rows_per_block))
+            a = phi_q[:, :, rows.start : rows.stop] @ phi_kt
+            allowed = _allowed(rows, length, causal, mask, q.device)
+            if allowed is not None:
+                a = a.masked_fill(~allowed, 0.0)
+            yield rows.start, a / a.sum(dim=-1, keepdim=True).clamp_min(kernel.eps)
+
+
+@torch.no_grad()
+def iter_attention_blocks(
+    model,
+    input_ids: Tensor,
+    padding_mask: Tensor | None = None,
+    layers: Iterable[int] | None = None,
+    max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+) -> Iterator[tuple[int, int, Tensor]]:
+    """Yield ``(layer, row_start, attention (B, H, rows, L))`` for the requested layers, in row blocks.
+
+    Rows ``row_start : row_start + rows`` of the layer's attention map; over all blocks of a layer
+    the rows cover ``0 .. L-1`` once. Uses the model's current mode (call ``model.eval()`` first).
+
+    Args:
+        model: a :class:`protein_lm.model.ProteinLM`.
+        input_ids: ``(B, L)`` token ids on the model's device.
+        padding_mask: ``(B, L)`` bool, True at padding (default: ``<pad>`` ids).
+        layers: layer indices (negative from the end); default all.
+        max_block_elements: at most this many numbers per yielded block (memory bound).
+    """
+    depth = len(model.blocks)
+    wanted = set(range(depth)) if layers is None else {int(i) % depth for i in layers}
+    if not wanted:
+        return
+    if padding_mask is None:
+        pad = input_ids.eq(PAD_ID)
+        padding_mask = pad if bool(pad.any()) else None
+    else:
+        padding_mask = padding_mask.bool()
+    batch, length = input_ids.shape
+    if not _chunkable(model):
+        for layer, maps in model.attention_maps(input_ids, padding_mask, layers=sorted(wanted)):
+            rows = _rows_per_block(batch, maps.shape[1], length, max_block_elements)
+            for start in range(0, length, rows):
+                yield layer, start, maps[:, :, start : start + rows, :length]
+        return
+    last = max(wanted)
+    x = model.embed_tokens(input_ids)
+    for i, block in enumerate(model.blocks):
+        if i in wanted:
+            q, k, _ = block.attn.project(block.norm1(x))
+            rows = _rows_per_block(batch, q.shape[1], length, max_block_elements)
+            for start, attn in _layer_blocks(block.attn, q, k, padding_mask, rows):
+                yield i, start, attn
+            del q, k
+        if i == last:
+            return
+        x = block(x, padding_mask)
+
+
+def attention_map(
+    model,
+    input_ids: Tensor,
+    layers: Iterable[int] | None = None,
+    residues_only: bool = True,
+) -> np.ndarray:
+    """Full attention maps of ONE sequence, ``(num_layers, H, L, L)`` float32 numpy, for plotting.
+
+    Args:
+        model: the model (eval mode).
+        input_ids: ``(1, L)`` framed token ids (see :func:`frame`).
+        layers: which layers (default all), in increasing order in the output.
+        residues_only: drop the ``<cls>``/``<eos>`` rows and columns, leaving the residues.
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError("attention_map takes one sequence (batch size 1)")
+    depth = len(model.blocks)
+    wanted = sorted(set(range(depth)) if layers is None else {int(i) % depth for i in layers})
+    length = input_ids.shape[1]
+    out = None
+    for layer, start, block in iter_attention_blocks(model, input_ids, layers=wanted):
+        if out is None:
+            out = np.zeros((len(wanted), block.shape[1], length, length), dtype=np.float32)
+        rows = block.shape[2]
+        out[wanted.index(layer), :, start : start + rows] = block[0].float().cpu().numpy()
+    assert out is not None
+    if residues_only:
+        keep = np.isin(input_ids[0].cpu().numpy(), RESIDUE_IDS)
+        idx = np.flatnonzero(keep)
+        out = out[:, :, idx][:, :, :, idx]
+    return out
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def accumulate_similarity(
+    model,
+    sequences: Iterable[tuple[str, np.ndarray]],
+    accumulator: SimilarityAccumulator | None = None,
+    exclude_self: bool = True,
+    max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    progress: bool = False,
+    total: int | None = None,
+) -> SimilarityAccumulator:
+    """Sum attention mass between residue types over sequences, for every layer and head.
+
+    Args:
+        model: a ProteinLM in eval mode (any device; inputs are moved to it).
+        sequences: ``(id, residue token ids)`` pairs (no special tokens; cropped by the caller).
+        accumulator: add to this one (default: a new one sized for the model).
+        exclude_self: drop each position's attention to itself (see docs/analysis.md).
+        max_block_elements: memory bound per attention block.
+        progress: print progress over sequences to stderr.
+        total: number of sequences, for the progress line.
+    """
+    cfg = model.config
+    acc = accumulator or SimilarityAccumulator(cfg.depth, cfg.heads)
+    device = _model_device(model)
+    t0 = time.time()
+    for n, (_, tokens) in enumerate(sequences, 1):
+        ids = frame(tokens).to(device)
+        for layer, start, block in iter_attention_blocks(model, ids, max_block_elements=max_block_elements):
+            rows = block.shape[2]
+            acc.add(
+                layer,
+                block,
+                ids[:, start : start + rows],
+                ids,
+                query_offset=start if exclude_self else None,
+            )
+        acc.finish_sequence(1, residues=int(np.isin(np.asarray(tokens), STANDARD_AA_IDS).sum()))
+        if progress:
+            _progress(n, total, acc.num_residues, time.time() - t0)
+    if progress and sys.stderr.isatty():
+        print(file=sys.stderr)
+    return acc
+
+
+def _progress(n: int, total: int | None, residues: int, seconds: float) -> None:
+    of = f"/{total}" if total else ""
+    end = "\r" if sys.stderr.isatty() else "\n"
+    if end == "\n" and total and n not in (1, total) and n % max(1, total // 20):
+        return  # in logs, about 20 lines
+    print(
+        f"analyze: {n}{of} sequences, {residues:,} residues, {seconds:.1f} s",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
