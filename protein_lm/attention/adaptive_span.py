@@ -1,0 +1,515 @@
+"""Adaptive attention span (Sukhbaatar et al., ACL 2019, arXiv 1905.07799), exact and FAVOR+.
+
+Each head ``h`` learns a span ``z_h`` in ``[0, S]``; the weight of a key at distance ``x = |i - j|``
+from its query is multiplied by the soft mask::
+
+    m_z(x) = clamp((R + z - x) / R, 0, 1)          # 1 up to z, linear ramp of width R, then 0
+
+and the masked weights are renormalised, ``a_ij = m(x_ij) k(q_i, k_j) / sum_j' m(x_ij') k(q_i, k_j')``.
+An L1 penalty ``lambda * sum_h z_h`` (the auxiliary loss) pushes spans down, so each head keeps only
+the context it pays for. Bidirectional models use ``x = |i - j|`` (a symmetric window).
+
+Two backends, both exact for the same mask:
+
+* :func:`adaptive_span_exact_attention` -- softmax attention computed block by block over a band:
+  keys farther than the largest current reach ``w = ceil(R + max z) - 1`` are never touched, so
+  compute and memory scale with ``L * w`` instead of ``L^2`` ("trimming").
+* :func:`adaptive_span_linear_attention` -- FAVOR+ (any positive feature map) in linear time. The
+  mask is piecewise linear in distance: ``R * m_z(x) = relu(z + R - x) - relu(z - x)``. For a
+  threshold ``a`` and ``s = ceil(a)``,
+  ``sum_{j <= i} relu(a - i + j) f_j = (a - i) (P0(i) - P0(i - s)) + (P1(i) - P1(i - s))`` with
+  prefix sums ``P0(t) = sum_{j<=t} phi(k_j) u_j^T`` and ``P1(t) = sum_{j<=t} j phi(k_j) u_j^T``
+  (``u = [v, 1]`` carries the values and the normaliser). The two ``P(i)`` terms cancel between the
+  two thresholds, leaving::
+
+      R * N_i = R * Y0(0) - (a1 - i) Y0(s1) - Y1(s1) + (a0 - i) Y0(s0) + Y1(s0)
+
+  where ``Ys(t) = phi(q_i) . P(i - t)`` is *causal linear attention against keys shifted right by
+  t* -- computed by the chunked O(L (M + E)) memory kernel of :mod:`protein_lm.attention.causal`
+  (one call, the three shifts stacked on the batch axis). The future half of a bidirectional
+  window is the same computation on the reversed sequence, minus the double-counted diagonal.
+
+Spans are stored as a fraction of ``S`` (``z = S * span_fraction``) so that an optimiser step of a
+given size moves the span by a number of tokens proportional to ``S``; the fraction is clamped to
+``[0, 1]`` in place at every forward. The span parameters must not get weight decay: see
+:func:`no_weight_decay_names`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "AdaptiveSpan",
+    "AdaptiveSpanKernel",
+    "span_mask",
+    "adaptive_span_exact_attention",
+    "adaptive_span_linear_attention",
+    "span_statistics",
+    "adaptive_span_modules",
+    "no_weight_decay_names",
+    "DEFAULT_RAMP",
+]
+
+DEFAULT_RAMP = 32
+
+
+def span_mask(distance: Tensor, span: Tensor, ramp: float) -> Tensor:
+    """The soft mask ``m_z(x) = clamp((R + z - x) / R, 0, 1)``.
+
+    Args:
+        distance: non-negative distances ``x`` (any shape, broadcast against ``span``).
+        span: spans ``z`` in tokens (differentiable).
+        ramp: ramp width ``R`` (> 0).
+
+    Returns:
+        mask values in ``[0, 1]``, the broadcast shape of ``distance`` and ``span``.
+    """
+    return ((ramp + span - distance) / ramp).clamp(0.0, 1.0)
+
+
+def _reach(spans: Tensor, ramp: float, length: int) -> int:
+    """Largest distance with a non-zero mask: ``m(x) > 0  <=>  x < R + z``."""
+    zmax = float(spans.detach().max()) if spans.numel() else 0.0
+    return max(0, min(length - 1, math.ceil(ramp + zmax) - 1))
+
+
+def adaptive_span_exact_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spans: Tensor,
+    ramp: float = DEFAULT_RAMP,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    memory_k: Tensor | None = None,
+    memory_v: Tensor | None = None,
+    block_size: int | None = None,
+) -> Tensor:
+    """Softmax attention with the adaptive-span mask, skipping keys beyond the largest reach.
+
+    Queries are processed in blocks of ``Bq`` tokens; block ``b`` sees only the keys
+    ``[b*Bq - w, (b+1)*Bq + w)`` (causal: ``[b*Bq - w, (b+1)*Bq)``) where ``w`` is the largest
+    distance any head can currently attend to, so the score tensor is ``(B, H, L/Bq, Bq, Bq + 2w)``
+    rather than ``(B, H, L, L)``.
+
+    Args:
+        q, k, v: ``(B, H, L, D)``; scores use scale ``1/sqrt(D)``.
+        spans: ``(H,)`` per-head spans in tokens, or ``(B, H, L)`` per-query (dynamic) spans.
+        ramp: ramp width ``R``.
+        causal: keys ``j <= i`` only.
+        key_padding_mask: bool ``(B, L)``, True at padding.
+        memory_k, memory_v: optional persistent memory ``(H, N, D)``; every query sees all ``N``
+            slots with mask 1 (no position, no span, no padding), in the same softmax.
+        block_size: query block size (default ``max(64, w)``; one block of ``L`` when the band
+            ``Bq + 2w`` would cover the whole sequence anyway).
+
+    Returns:
+        ``(B, H, L, D)`` in ``v.dtype``.
+    """
+    b, h, length, d = q.shape
+    w = _reach(spans, ramp, length)
+    bq = max(1, block_size or max(64, w))
+    left, right = w, (0 if causal else w)
+    if bq + left + right >= length:  # a band as wide as the sequence: one block, no padding
+        bq, left, right = length, 0, 0
+    nb = math.ceil(length / bq)
+    win = bq + left + right
+    tail = nb * bq - length
+
+    def windows(x: Tensor) -> Tensor:  # (B,H,L,D) -> (B,H,nb,D,win)
+        return F.pad(x, (0, 0, left, tail + right)).unfold(2, win, bq)
+
+    ct = torch.promote_types(q.dtype, torch.float32)  # softmax in >= float32, also under autocast
+    qb = F.pad(q, (0, 0, 0, tail)).reshape(b, h, nb, bq, d)
+    scores = (qb @ windows(k)).to(ct) * d**-0.5  # (B,H,nb,Bq,win)
+
+    dev = q.device
+    rel = torch.arange(bq, device=dev)[:, None] + left - torch.arange(win, device=dev)[None, :]  # i - j
+    dist = rel.abs().to(ct)
+    if spans.dim() == 1:  # static: (H,) -> (1,H,1,Bq,win)
+        mask = span_mask(dist, spans.to(ct)[:, None, None], ramp)[None, :, None]
+    else:  # dynamic: (B,H,L) -> (B,H,nb,Bq,1) -> (B,H,nb,Bq,win)
+        zq = F.pad(spans.to(ct), (0, tail)).reshape(b, h, nb, bq, 1)
+        mask = span_mask(dist, zq, ramp)
+    valid = torch.ones(b, length, dtype=torch.bool, device=dev)
+    if key_padding_mask is not None:
+        valid = ~key_padding_mask.to(torch.bool)
+    valid = F.pad(valid, (left, tail + right), value=False).unfold(1, win, bq)  # (B,nb,win)
+    keep = valid[:, None, :, None, :] & (mask > 0)
+    if causal:
+        keep = keep & (rel >= 0)
+    scores = scores.masked_fill(~keep, -math.inf)
+
+    if memory_k is not None and memory_k.shape[1] > 0:
+        mem_scores = torch.einsum("bhnqd,hmd->bhnqm", qb, memory_k.to(q.dtype)).to(ct) * d**-0.5
+        shift = torch.maximum(scores.amax(-1, keepdim=True), mem_scores.amax(-1, keepdim=True)).detach()
+        e_ctx = torch.exp(scores - shift) * mask
+        e_mem = torch.exp(mem_scores - shift)
+        denom = e_ctx.sum(-1, keepdim=True) + e_mem.sum(-1, keepdim=True)
+        out = (e_ctx / denom).to(v.dtype) @ windows(v).transpose(-1, -2)
+        out = out + torch.einsum("bhnqm,hmd->bhnqd", (e_mem / denom).to(v.dtype), memory_v.to(v.dtype))
+    else:
+        shift = scores.amax(-1, keepdim=True).detach()
+        shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+        e_ctx = torch.exp(scores - shift) * mask  # masked keys: exp(-inf) = 0
+        denom = e_ctx.sum(-1, keepdim=True).clamp_min(1e-30)  # rows with no key (padded query) -> 0
+        out = (e_ctx / denom).to(v.dtype) @ windows(v).transpose(-1, -2)
+    return out.reshape(b, h, nb * bq, d)[:, :, :length]
+
+
+def _shift_right(x: Tensor, shifts: Tensor) -> Tensor:
+    """Per-head right shift along L with zero fill: ``out[:, h, i] = x[:, h, i - s_h]`` (0 if < 0).
+
+    ``x: (B, H, L, F)``, ``shifts: (H,)`` long.
+    """
+    length = x.shape[2]
+    idx = torch.arange(length, device=x.device)[None, :] - shifts[:, None]  # (H, L)
+    ok = idx >= 0
+    idx = idx.clamp_min(0)
+    out = x.gather(2, idx[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[3]))
+    return out * ok[None, :, :, None].to(x.dtype)
+
+
+def _causal_span_numerator(
+    phi_q: Tensor, phi_k: Tensor, u: Tensor, spans: Tensor, ramp: float, chunk: int
+) -> Tensor:
+    """``sum_{j <= i} m_z(i - j) (phi_q_i . phi_k_j) u_j`` in linear time; ``-> (B, H, L, E)``."""
+    from protein_lm.attention.causal import causal_linear_attention
+
+    b, h, length, _ = phi_q.shape
+    pos = torch.arange(length, device=u.device, dtype=u.dtype)[None, None, :, None]
+    a0 = spans.to(u.dtype)  # (H,)
+    a1 = a0 + ramp
+    s0 = torch.ceil(a0.detach()).long().clamp(0, length)
+    s1 = torch.ceil(a1.detach()).long().clamp(0, length)
+    uu = torch.cat([u, pos * u], dim=-1)  # (B,H,L,2E): P0 and P1 share keys
+    zero = torch.zeros_like(s0)
+    keys = torch.cat([_shift_right(phi_k, s) for s in (zero, s0, s1)], dim=0)  # (3B,H,L,M)
+    vals = torch.cat([_shift_right(uu, s) for s in (zero, s0, s1)], dim=0)  # (3B,H,L,2E)
+    y = causal_linear_attention(phi_q.repeat(3, 1, 1, 1), keys, vals, chunk=chunk)
+    y = y.view(3, b, h, length, 2, -1)  # (shift, B, H, L, {P0,P1}, E)
+    i = pos  # query position
+    c1 = a1[None, :, None, None] - i  # (1,H,L,1)
+    c0 = a0[None, :, None, None] - i
+    num = (
+        ramp * y[0, :, :, :, 0]
+        - c1 * y[2, :, :, :, 0]
+        - y[2, :, :, :, 1]
+        + c0 * y[1, :, :, :, 0]
+        + y[1, :, :, :, 1]
+    )
+    return num / ramp
+
+
+def adaptive_span_linear_attention(
+    phi_q: Tensor,
+    phi_k: Tensor,
+    v: Tensor,
+    spans: Tensor,
+    ramp: float = DEFAULT_RAMP,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    memory_phi_k: Tensor | None = None,
+    memory_v: Tensor | None = None,
+    eps: float = 1e-6,
+    chunk: int = 64,
+) -> Tensor:
+    """Linear-time FAVOR+ attention with the adaptive-span mask (exact for the given features).
+
+    Computes ``out_i = sum_j m(|i-j|) A_ij v_j / sum_j m(|i-j|) A_ij`` with ``A_ij = phi_q_i . phi_k_j``
+    (plus unmasked persistent-memory slots, if given) without forming ``A``.
+
+    Args:
+        phi_q, phi_k: ``(B, H, L, M)`` positive features (e.g. from ``softmax_features``).
+        v: ``(B, H, L, D)``.
+        spans: ``(H,)`` per-head spans in tokens (static spans only; fractional allowed).
+        ramp: ramp width ``R``.
+        causal: keys ``j <= i`` only; otherwise the window is symmetric in ``|i - j|``.
+        key_padding_mask: bool ``(B, L)``, True at padding (those keys' features are zeroed).
+        memory_phi_k: optional ``(B or 1, H, N, M)`` features of persistent-memory keys (computed
+            with the same stabiliser as ``phi_k``); ``memory_v``: ``(H, N, D)``. Visible to every
+            query with mask 1.
+        eps: floor of the normaliser (as in ``favor_causal``).
+        chunk: chunk size of the causal kernel.
+
+    Returns:
+        ``(B, H, L, D)`` in ``v.dtype``. Memory O(L (M + D)); precision: the ``P1`` sums carry
+        positions ``j``, so float32 cancellation grows like ``L / span`` (see docs/fair_mechanisms.md).
+    """
+    if spans.dim() != 1:
+        raise NotImplementedError("the linear-time span kernel takes static per-head spans (H,)")
+    dt = phi_q.dtype
+    phi_q = phi_q.to(dt)
+    phi_k = phi_k.to(dt)
+    if key_padding_mask is not None:
+        phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None].to(torch.bool), 0.0)
+    ones = torch.ones_like(v[..., :1], dtype=dt)
+    u = torch.cat([v.to(dt), ones], dim=-1)  # (B,H,L,D+1)
+    num = _causal_span_numerator(phi_q, phi_k, u, spans, ramp, chunk)
+    if not causal:
+        fut = _causal_span_numerator(phi_q.flip(2), phi_k.flip(2), u.flip(2), spans, ramp, chunk).flip(2)
+        diag = (phi_q * phi_k).sum(-1, keepdim=True) * u  # m(0) = 1 counted in both halves
+        num = num + fut - diag
+    if memory_phi_k is not None and memory_phi_k.shape[2] > 0:
+        mu = torch.cat([memory_v.to(dt), torch.ones_like(memory_v[..., :1], dtype=dt)], dim=-1)  # (H,N,D+1)
+        state = torch.einsum("bhnm,hne->bhme", memory_phi_k.to(dt), mu)  # (B|1,H,M,D+1)
+        num = num + phi_q @ state
+    out = num[..., :-1] / num[..., -1:].clamp_min(eps)  # as FAVOR+: exact ratio above eps
+    return out.to(v.dtype)
+
+
+class AdaptiveSpan(nn.Module):
+    """Per-head learnable span (static) or per-token span ``z_t = S * sigmoid(v^T x_t + b)`` (dynamic).
+
+    Args:
+        num_heads: ``H``.
+        max_span: ``S``, the largest span in tokens.
+        ramp: ``R``, width of the linear ramp of the soft mask.
+        init_span: initial span in tokens (static: every head; dynamic: via the bias).
+        loss_coef: ``lambda`` of the L1 penalty ``lambda * sum_h z_h`` (tokens).
+        dynamic: per-token spans predicted from the layer input (exact backend only).
+        dim: model width, required when ``dynamic``.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        max_span: int,
+        ramp: float = DEFAULT_RAMP,
+        init_span: float = 0.0,
+        loss_coef: float = 2e-6,
+        dynamic: bool = False,
+        dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if max_span <= 0 or ramp <= 0:
+            raise ValueError(f"max_span ({max_span}) and ramp ({ramp}) must be positive")
+        self.num_heads, self.max_span, self.ramp = num_heads, int(max_span), float(ramp)
+        self.loss_coef, self.dynamic = float(loss_coef), dynamic
+        frac = min(max(init_span / max_span, 0.0), 1.0)
+        if dynamic:
+            if dim is None:
+                raise ValueError("dynamic spans need `dim`")
+            self.span_predictor = nn.Linear(dim, num_heads)
+            nn.init.zeros_(self.span_predictor.weight)
+            f = min(max(frac, 1e-4), 1 - 1e-4)
+            nn.init.constant_(self.span_predictor.bias, math.log(f / (1 - f)))
+            self.register_parameter("span_fraction", None)
+        else:
+            self.span_fraction = nn.Parameter(torch.full((num_heads,), frac))
+        for p in self.parameters():  # read by lit_module.param_groups: spans get no weight decay
+            p.optim_overrides = {"weight_decay": 0.0}
+        self._last_dynamic: Tensor | None = None
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Project the static span fractions back onto ``[0, 1]`` (also done at every forward)."""
+        if self.span_fraction is not None:
+            self.span_fraction.clamp_(0.0, 1.0)
+
+    def spans(self, x: Tensor | None = None) -> Tensor:
+        """Spans in tokens: static ``(H,)``; dynamic ``(B, H, L)`` from the layer input ``x (B, L, dim)``."""
+        if self.dynamic:
+            if x is None:
+                raise ValueError("dynamic spans need the layer input x")
+            z = self.max_span * torch.sigmoid(self.span_predictor(x).float()).transpose(1, 2)  # (B,H,L)
+            self._last_dynamic = z
+            return z
+        self.clamp_()
+        return self.max_span * self.span_fraction
+
+    def current_spans(self) -> Tensor:
+        """Detached spans for logging: static ``(H,)``; dynamic: mean over the last batch's tokens."""
+        with torch.no_grad():
+            if self.dynamic:
+                if self._last_dynamic is None:
+                    return torch.full((self.num_heads,), float("nan"))
+                return self._last_dynamic.detach().float().mean(dim=(0, 2)).cpu()
+            return (self.max_span * self.span_fraction.clamp(0, 1)).detach().float().cpu()
+
+    def aux_loss(self) -> Tensor:
+        """``lambda * sum_h z_h`` (dynamic: ``z_h`` averaged over the last batch's tokens)."""
+        if self.dynamic:
+            if self._last_dynamic is None:
+                return self.span_predictor.bias.new_zeros(())
+            return self.loss_coef * self._last_dynamic.mean(dim=(0, 2)).sum()
+        return self.loss_coef * (self.max_span * self.span_fraction.clamp(0, 1)).sum()
+
+    def attend_exact(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor | None = None, **kwargs) -> Tensor:
+        """:func:`adaptive_span_exact_attention` with this module's spans (``x`` for dynamic spans)."""
+        return adaptive_span_exact_attention(q, k, v, self.spans(x), self.ramp, **kwargs)
+
+    def attend_linear(self, phi_q: Tensor, phi_k: Tensor, v: Tensor, **kwargs) -> Tensor:
+        """:func:`adaptive_span_linear_attention` with this module's (static) spans."""
+        if self.dynamic:
+            raise NotImplementedError("dynamic spans are supported by the exact backend only")
+        return adaptive_span_linear_attention(phi_q, phi_k, v, self.spans(), self.ramp, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, max_span={self.max_span}, ramp={self.ramp}, dynamic={self.dynamic}"
+
+
+def adaptive_span_modules(model: nn.Module) -> Iterator[tuple[str, AdaptiveSpan]]:
+    """``(name, module)`` for every :class:`AdaptiveSpan` in ``model``, in registration order."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, AdaptiveSpan):
+            yield name, mod
+
+
+def span_statistics(model: nn.Module) -> dict[str, float]:
+    """Mean and max span (tokens) per adaptive-span module, for logging.
+
+    Keys are ``span/<i>/mean`` and ``span/<i>/max`` with ``i`` the module's index (layer order),
+    plus ``span/mean`` and ``span/max`` over all heads of all layers.
+    """
+    out: dict[str, float] = {}
+    all_spans = []
+    for i, (_, mod) in enumerate(adaptive_span_modules(model)):
+        z = mod.current_spans()
+        all_spans.append(z)
+        out[f"span/{i}/mean"] = float(z.mean())
+        out[f"span/{i}/max"] = float(z.max())
+    if all_spans:
+        z = torch.cat(all_spans)
+        out["span/mean"], out["span/max"] = float(z.mean()), float(z.max())
+    return out
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full parameter names that must get no weight decay: spans, span predictors, PKM values.
+
+    (PKM values additionally want their own learning rate; see
+    :func:`protein_lm.layers.pkm.pkm_value_parameters`.)
+    """
+    names: set[str] = set()
+    for mname, mod in model.named_modules():
+        prefix = f"{mname}." if mname else ""
+        if isinstance(mod, AdaptiveSpan):
+            for pname, _ in mod.named_parameters():
+                names.add(prefix + pname)
+    try:
+        from protein_lm.layers.pkm import pkm_value_parameter_names
+
+        names |= pkm_value_parameter_names(model)
+    except ImportError:  # pragma: no cover
+        pass
+    return names
+
+
+class AdaptiveSpanKernel(nn.Module):
+    """Attention kernel with an adaptive span, optionally with persistent memory slots.
+
+    Same call signature as ``FavorAttention`` / the model's exact kernel:
+    ``forward(q, k, v, key_padding_mask=None) -> (B, H, L, D)``.
+
+    Args:
+        span: the layer's :class:`AdaptiveSpan` (static spans).
+        causal: unidirectional attention.
+        favor: a ``FavorAttention`` whose projection / kernel give the features (Performer
+            backend); ``None`` selects the exact (trimmed, banded) softmax backend.
+        memory: optional :class:`protein_lm.attention.persistent.PersistentMemory`; its slots take
+            no span mask and share the softmax / normaliser.
+    """
+
+    def __init__(
+        self,
+        span: AdaptiveSpan,
+        causal: bool,
+        favor: nn.Module | None = None,
+        memory: nn.Module | None = None,
+    ):
+        super().__init__()
+        if span.dynamic:
+            raise ValueError("AdaptiveSpanKernel takes static spans (dynamic spans need the layer input)")
+        self.span, self.causal, self.favor, self.memory = span, causal, favor, memory
+
+    def _memory(self) -> tuple[Tensor | None, Tensor | None]:
+        if self.memory is None or self.memory.num_slots == 0:
+            return None, None
+        return self.memory()
+
+    def _features(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, mem_k: Tensor | None):
+        """Features with one key stabiliser over context and memory keys."""
+        from protein_lm.attention.favor import favor_features
+
+        assert self.favor is not None
+        if mem_k is None:
+            phi_q, phi_k = favor_features(q, k, self.favor.projection, self.favor.kernel, key_padding_mask)
+            return phi_q, phi_k, None
+        b, n = q.shape[0], mem_k.shape[1]
+        keys = torch.cat([mem_k.to(k.dtype)[None].expand(b, -1, -1, -1), k], dim=2)
+        kpm = None
+        if key_padding_mask is not None:
+            kpm = torch.cat([key_padding_mask.new_zeros(b, n), key_padding_mask.to(torch.bool)], dim=1)
+        phi_q, phi_all = favor_features(q, keys, self.favor.projection, self.favor.kernel, kpm)
+        return phi_q, phi_all[:, :, n:], phi_all[:, :, :n]
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        spans = self.span.spans()
+        mem_k, mem_v = self._memory()
+        if self.favor is None:
+            return adaptive_span_exact_attention(
+                q, k, v, spans, self.span.ramp, self.causal, key_padding_mask, memory_k=mem_k, memory_v=mem_v
+            )
+        phi_q, phi_k, phi_m = self._features(q, k, key_padding_mask, mem_k)
+        return adaptive_span_linear_attention(
+            phi_q,
+            phi_k,
+            v,
+            spans,
+            self.span.ramp,
+            self.causal,
+            key_padding_mask,
+            memory_phi_k=phi_m,
+            memory_v=mem_v,
+            eps=getattr(self.favor, "eps", 1e-6),
+        )
+
+    @torch.no_grad()
+    def attention_probs(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Attention over the context ``(B, H, L, L)`` with the span mask (O(L^2); for analysis).
+
+        Rows sum to 1 minus the mass on persistent-memory slots (if any).
+        """
+        length = q.shape[2]
+        i = torch.arange(length, device=q.device)
+        dist = (i[:, None] - i[None, :]).abs().float()
+        m = span_mask(dist, self.span.spans().detach().float()[:, None, None], self.span.ramp)[
+            None
+        ]  # (1,H,L,L)
+        allowed = torch.ones(length, length, dtype=torch.bool, device=q.device)
+        if self.causal:
+            allowed = allowed.tril()
+        allowed = allowed[None, None]
+        if key_padding_mask is not None:
+            allowed = allowed & ~key_padding_mask.to(torch.bool)[:, None, None, :]
+        m = m * allowed
+        mem_k, _ = self._memory()
+        if self.favor is None:
+            s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+            s_mem = (
+                None
+                if mem_k is None
+                else torch.einsum("bhld,hnd->bhln", q.float(), mem_k.float()) * q.shape[-1] ** -0.5
+            )
+            shift = s.masked_fill(m == 0, -math.inf).amax(-1, keepdim=True)
+            if s_mem is not None:
+                shift = torch.maximum(shift, s_mem.amax(-1, keepdim=True))
+            shift = torch.nan_to_num(shift, neginf=0.0)
+            a = torch.exp(s - shift) * m
+            den = a.sum(-1, keepdim=True) + (
+                0 if s_mem is None else torch.exp(s_mem - shift).sum(-1, keepdim=True)
+            )
+        else:
+            phi_q, phi_k, phi_m = self._features(q, k, key_padding_mask, mem_k)
+            a = (phi_q @ phi_k.transpose(-1, -2)) * m
+            den = a.sum(-1, keepdim=True) + (
+                0 if phi_m is None else (phi_q @ phi_m.transpose(-1, -2)).sum(-1, keepdim=True)
+            )
+        return a / den.clamp_min(1e-30)
