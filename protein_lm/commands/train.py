@@ -66,8 +66,13 @@ class ProteinLMCLI(LightningCLI):
 
     # -- output layout -----------------------------------------------------------
 
+    def _cfg(self, init: bool = False) -> Any:
+        """This subcommand's config (the whole config when built with ``run=False``)."""
+        config = self.config_init if init else self.config
+        return config if self.subcommand is None else config[self.subcommand]
+
     def _output_dir(self) -> Path:
-        cfg = self.config[self.subcommand]
+        cfg = self._cfg()
         if cfg.get("output_dir"):
             return Path(cfg["output_dir"])
         configs = cfg.get("config") or []
@@ -75,7 +80,7 @@ class ProteinLMCLI(LightningCLI):
         return Path(DEFAULT_RUNS_DIR) / name
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.subcommand]
+        cfg = self._cfg()
         out = self._output_dir()
         cfg["output_dir"] = str(out)
         if cfg.get("checkpoint") is not None and not cfg["checkpoint"].get("dirpath"):
@@ -88,7 +93,7 @@ class ProteinLMCLI(LightningCLI):
             trainer["default_root_dir"] = str(out)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        cfg = self.config_init[self.subcommand]
+        cfg = self._cfg(init=True)
         configured = cfg["trainer"].get("logger")
         if configured is False:
             loggers: Any = False
@@ -104,6 +109,7 @@ class ProteinLMCLI(LightningCLI):
         extra = [LearningRateMonitor(logging_interval="step")] if self.subcommand == "fit" and loggers else []
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        extra += _split_last_checkpoint(callbacks, trainer_config)
         return self._instantiate_trainer(trainer_config, [*callbacks, *extra])
 
     def after_fit(self) -> None:
@@ -137,6 +143,34 @@ class ProteinLMCLI(LightningCLI):
             print("\n".join(lines), flush=True)
 
 
+def _split_last_checkpoint(callbacks: list[Any], trainer_config: dict[str, Any]) -> list[ModelCheckpoint]:
+    """Give ``last.ckpt`` its own, unmonitored ModelCheckpoint.
+
+    A ModelCheckpoint that monitors ``val/loss`` defers every save (``last`` included) until
+    the first validation has produced the metric, so a run killed before that would have
+    nothing to resume from. The best-on-``val/loss`` callback therefore keeps top-k only, and
+    this second callback (no monitor, same directory) writes ``last.ckpt`` every
+    ``checkpoint.every_n_train_steps`` steps (default: at each validation step interval), and
+    at the end of every epoch.
+    """
+    best = next((cb for cb in callbacks if type(cb) is ModelCheckpoint), None)
+    if best is None or not best.save_last:
+        return []
+    every = best._every_n_train_steps or None
+    if every is None and isinstance(trainer_config.get("val_check_interval"), int):
+        every = trainer_config["val_check_interval"]
+    last = ModelCheckpoint(
+        dirpath=best.dirpath,
+        monitor=None,
+        save_top_k=0,
+        save_last=best.save_last,
+        every_n_train_steps=every,
+        train_time_interval=best._train_time_interval,
+    )
+    best.save_last = False
+    return [last]
+
+
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
@@ -161,6 +195,8 @@ def _make_wandb_logger(save_dir: str, project: str) -> Logger | None:
 
 def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
     """Construct the CLI (``run=False`` parses and instantiates without a subcommand)."""
+    # `protein-lm fit ...` passes exactly sys.argv[1:]; LightningCLI would warn about that.
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     return ProteinLMCLI(
         ProteinLMModule,
         ProteinDataModule,
@@ -175,8 +211,6 @@ def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
 def run_lightning_cli(argv: list[str]) -> int:
     """Entry point used by :mod:`protein_lm.cli` for ``fit``, ``validate``, ``test``, ``predict``."""
     torch.set_float32_matmul_precision("high")
-    # `protein-lm fit ...` passes exactly sys.argv[1:]; LightningCLI would warn about that.
-    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
     build_cli(list(argv))
     return 0
 

@@ -1,0 +1,125 @@
+"""``protein-lm evaluate``: accuracy and perplexity of a checkpoint on any FASTA file.
+
+The FASTA goes through the same validation and token cache as training data
+(``ensure_cache``) and is scored with the checkpoint's own objective:
+
+* ``mlm``: 15 % of residues masked (80/10/10) with masks that are a pure function of
+  ``--seed`` and the position, so two runs give identical numbers; scored at masked positions;
+* ``causal``: next-token prediction at every real position.
+
+Metrics are the paper's (see docs/training.md): ``loss`` = mean cross-entropy in nats over
+the scored tokens, ``perplexity`` = exp(loss), ``accuracy`` = arg-max accuracy, all
+token-weighted over the whole file. Sequences longer than ``max_length - 2`` residues are
+scored as consecutive windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from protein_lm.checkpoint import load_model
+from protein_lm.errors import UserError
+from protein_lm.lit_module import TokenMetrics, token_statistics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="Lightning .ckpt or exported weights file")
+    parser.add_argument("--fasta", required=True, help="FASTA(.gz) file (or a token cache directory)")
+    parser.add_argument("--max-sequences", type=int, default=None, help="score only the first N sequences")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default 8)")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per window incl. <cls>/<eos> (default: the model's max_length)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the MLM masks (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="print only the JSON")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def evaluate(
+    checkpoint: str | Path,
+    fasta: str | Path,
+    max_sequences: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    max_length: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score ``fasta`` with ``checkpoint``; returns the JSON-able result dict."""
+    from protein_lm.datamodule import ProteinDataModule
+
+    if max_sequences is not None and max_sequences < 1:
+        raise UserError(f"--max-sequences must be >= 1, got {max_sequences}")
+    dev = _device(device)
+    model, info = load_model(checkpoint, map_location="cpu")
+    model.to(dev).eval()
+    objective = info["objective"]
+    length = int(max_length or model.config.max_length)
+    dm = ProteinDataModule(
+        data_dir=str(fasta), mode="single", max_length=length, objective=objective,
+        batch_size=batch_size, seed=seed, pin_memory=False,
+    )
+    loader = dm.evaluation_dataloader(str(fasta), max_sequences=max_sequences)
+    metrics = TokenMetrics()
+    start = time.perf_counter()
+    use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+    with torch.inference_mode():
+        for i, batch in enumerate(loader):
+            ids = batch["input_ids"].to(dev)
+            pad = batch["padding_mask"].to(dev)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                logits = model(ids, pad).logits
+            loss_sum, correct, count = token_statistics(logits, batch["labels"].to(dev))
+            metrics.update(loss_sum.cpu(), correct.cpu(), count.cpu())
+            if progress and (i + 1) % 10 == 0:
+                print(f"  {i + 1} batches, {int(metrics.count):,} tokens scored", file=sys.stderr, flush=True)
+    values = metrics.compute()
+    if int(values["num_tokens"]) == 0:
+        raise UserError(f"{fasta}: no tokens to score")
+    return {
+        "checkpoint": str(checkpoint),
+        "fasta": str(fasta),
+        "objective": objective,
+        "attention": model.config.attention,
+        "loss": float(values["loss"]),
+        "accuracy": float(values["accuracy"]),
+        "perplexity": float(values["perplexity"]),
+        "num_tokens": int(values["num_tokens"]),
+        "max_sequences": max_sequences,
+        "max_length": length,
+        "seed": seed,
+        "device": str(dev),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    result = evaluate(
+        args.checkpoint, args.fasta, args.max_sequences, args.batch_size, args.device,
+        args.max_length, args.seed, progress=not args.quiet,
+    )
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".part")
+        tmp.write_text(text + "\n")
+        tmp.replace(out)
+    return 0

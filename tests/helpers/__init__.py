@@ -1,0 +1,1 @@
+"""Importable helpers for tests that run `protein-lm` in subprocesses (put `tests/` on PYTHONPATH)."""
