@@ -308,10 +308,17 @@ def plot_benchmark(rows: list[dict], title: str = "") -> plt.Figure:
     A ``/bid`` or ``/causal`` suffix of the method is drawn as solid / dashed lines of one colour.
     """
     lx = _first_key(rows, "L", "length", "seq_len", "sequence_length")
-    var = _first_key(rows, "method", "attention", "variant", "name", "impl")
-    tk = _first_key(rows, "ms", "time_ms", "fwd_bwd_ms", "median_ms", "time_s")
+    var = _first_key(rows, "method", "attention", "variant", "name", "impl", "kernel")
+    tk = _first_key(rows, "ms", "time_ms", "fwd_bwd_ms", "median_ms", "time_s", "total_s")
     mk = _first_key(
-        rows, "peak_extra_GB", "peak_mem_gb", "memory_gb", "peak_mem_mb", "memory_mb", "peak_memory_mb"
+        rows,
+        "peak_extra_GB",
+        "peak_mem_gb",
+        "memory_gb",
+        "peak_mem_mb",
+        "memory_mb",
+        "peak_memory_mb",
+        "peak_rss_mb",
     )
     if lx is None or tk is None:
         keys = sorted({k for r in rows for k in r})
@@ -325,11 +332,11 @@ def plot_benchmark(rows: list[dict], title: str = "") -> plt.Figure:
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
     for ax, (col, label) in zip(axes[0], panels, strict=True):
         for name in names:
-            pts = sorted(
-                (r[lx], r[col])
-                for r in rows
-                if str(r.get(var, "attention")) == name and r.get(col) is not None and lx in r
-            )
+            by_length: dict = {}
+            for r in rows:
+                if str(r.get(var, "attention")) == name and r.get(col) is not None and lx in r:
+                    by_length.setdefault(r[lx], []).append(float(r[col]))
+            pts = [(x, float(np.median(v))) for x, v in sorted(by_length.items())]  # repeats: median
             if not pts:
                 continue
             base, _, tag = name.partition("/")
