@@ -196,3 +196,16 @@ def test_dynamic_module():
     loss = span.aux_loss()
     loss.backward()
     assert span.span_predictor.bias.grad is not None
+
+
+def test_linear_span_ignores_bf16_autocast():
+    """Prefix sums with positions must stay float32 under autocast (they cancel in pairs)."""
+    torch.manual_seed(6)
+    pq = torch.rand(1, 2, 512, 16) + 0.01
+    pk = torch.rand(1, 2, 512, 16) + 0.01
+    v = torch.randn(1, 2, 512, 8)
+    z = torch.tensor([3.5, 40.0])
+    ref = adaptive_span_linear_attention(pq, pk, v, z, ramp=8.0, causal=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adaptive_span_linear_attention(pq, pk, v, z, ramp=8.0, causal=False)
+    torch.testing.assert_close(out.float(), ref, atol=1e-4, rtol=1e-4)

@@ -244,9 +244,19 @@ def adaptive_span_linear_attention(
     """
     if spans.dim() != 1:
         raise NotImplementedError("the linear-time span kernel takes static per-head spans (H,)")
-    dt = phi_q.dtype
+    # The prefix sums carry absolute positions and cancel in pairs: never let autocast run them in bf16.
+    with torch.autocast(device_type=phi_q.device.type, enabled=False):
+        return _span_linear(
+            phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_phi_k, memory_v, eps, chunk
+        )
+
+
+def _span_linear(phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_phi_k, memory_v, eps, chunk):
+    """Body of :func:`adaptive_span_linear_attention` (autocast disabled)."""
+    dt = torch.promote_types(phi_q.dtype, torch.float32)
     phi_q = phi_q.to(dt)
     phi_k = phi_k.to(dt)
+    spans = spans.to(dt)
     if key_padding_mask is not None:
         phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None].to(torch.bool), 0.0)
     ones = torch.ones_like(v[..., :1], dtype=dt)
