@@ -179,8 +179,9 @@ class ProductKeyMemory(nn.Module):
     def lookup(self, x: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Selected ``slots`` and softmax ``weights``, each ``(B*L, heads, k)``."""
         q = self.query(x, padding_mask)
-        scores, slots = product_key_topk(q.float(), self.keys.float(), self.topk)
-        weights = torch.softmax(scores, dim=-1)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # exact search in float32
+            scores, slots = product_key_topk(q.float(), self.keys.float(), self.topk)
+            weights = torch.softmax(scores, dim=-1)
         return slots, weights
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
