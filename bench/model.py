@@ -1,0 +1,169 @@
+"""Model-level training throughput: tokens/s and peak memory of one optimiser step (fwd+bwd+AdamW).
+
+The issue-8 model (6 layers, d 512, 8 heads, d_ff 2048, bf16 autocast) built from
+``protein_lm.model.ProteinLM``, Performer (FAVOR+ softmax, Triton backend) vs exact (SDPA), at
+fixed shapes ``L x batch``; the longest lengths optionally with activation checkpointing (each
+block recomputed in backward). Needs a CUDA GPU.
+
+    python bench/model.py --out bench/results/model_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (attention, L, batch, checkpointing)
+DEFAULT_RUNS = [
+    ("exact", 1024, 32, False),
+    ("performer-softmax", 1024, 32, False),
+    ("exact", 8192, 4, False),
+    ("performer-softmax", 8192, 4, False),
+    ("exact", 32768, 1, False),
+    ("performer-softmax", 32768, 1, False),
+    ("exact", 131072, 1, False),
+    ("performer-softmax", 131072, 1, False),
+    ("performer-softmax", 262144, 1, False),
+    ("performer-softmax", 1048576, 1, True),
+]
+
+
+def _checkpointed(model):
+    """Wrap each block so its activations are recomputed in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    for blk in model.blocks:
+        fwd = blk.forward
+
+        def wrapped(*a, _f=fwd, **kw):
+            return checkpoint(_f, *a, use_reentrant=False, **kw)
+
+        blk.forward = wrapped
+    return model
+
+
+def run_one(attention, length, batch, ckpt, steps, warmup, causal=False):
+    from protein_lm.model import ModelConfig, ProteinLM
+
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        dim=512,
+        depth=6,
+        heads=8,
+        ff_dim=2048,
+        attention=attention,
+        num_features=256,
+        causal=causal,
+        max_length=length,
+        favor_backend="triton" if attention != "exact" else "auto",
+    )
+    model = ProteinLM(cfg).cuda()
+    if ckpt:
+        _checkpointed(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(4, 24, (batch, length), device="cuda")
+    labels = torch.randint(4, 24, (batch, length), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids).logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    out = {
+        "attention": attention,
+        "L": length,
+        "batch": batch,
+        "checkpointing": ckpt,
+        "causal": causal,
+        "step_s": dt,
+        "tokens_per_s": batch * length / dt,
+        "peak_GB": peak,
+        "loss": float(loss),
+    }
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-L", type=int, default=1 << 21)
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    import triton
+
+    info = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": "bf16 autocast",
+        "model": "6 layers, d 512, 8 heads, d_ff 2048, M 256, rotary",
+        "optimizer": "AdamW (fused)",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(sys.argv),
+    }
+    results = []
+    for attention, length, batch, ckpt in DEFAULT_RUNS:
+        if length > args.max_L:
+            continue
+        try:
+            r = run_one(attention, length, batch, ckpt, args.steps, args.warmup)
+        except torch.cuda.OutOfMemoryError as e:
+            r = {
+                "attention": attention,
+                "L": length,
+                "batch": batch,
+                "checkpointing": ckpt,
+                "error": "OOM: " + str(e).split("\n")[0][:120],
+            }
+        except Exception as e:
+            r = {
+                "attention": attention,
+                "L": length,
+                "batch": batch,
+                "checkpointing": ckpt,
+                "error": f"{type(e).__name__}: {str(e)[:200]}",
+            }
+        torch.cuda.empty_cache()
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    doc = {"info": info, "results": results}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+    print(f"\n{info['gpu']}  training step (fwd+bwd+AdamW), bf16")
+    print(f"{'attention':20s}{'L':>9s}{'batch':>6s}{'ckpt':>6s}{'tok/s':>12s}{'peak GB':>9s}")
+    for r in results:
+        tps = f"{r['tokens_per_s'] / 1e3:.0f}k" if "tokens_per_s" in r else r["error"][:10]
+        pk = f"{r['peak_GB']:.1f}" if "peak_GB" in r else "-"
+        print(
+            f"{r['attention']:20s}{r['L']:>9d}{r['batch']:>6d}{str(r['checkpointing']):>6s}{tps:>12s}{pk:>9s}"
+        )
+
+
+if __name__ == "__main__":
+    main()

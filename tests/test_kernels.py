@@ -1,0 +1,210 @@
+"""Fused FAVOR+ Triton kernels vs the PyTorch reference.
+
+CPU (CI): the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``) on tiny shapes in a
+subprocess (the variable must be set before triton is imported, and must not leak into the GPU
+tests of the same session), compared with a float64 run of the reference path.
+GPU (marker ``gpu``): compiled kernels on bf16 inputs vs the reference on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CASES = [
+    (kernel, causal, pad)
+    for kernel in ("softmax", "relu")
+    for causal in (False, True)
+    for pad in (False, True)
+]
+
+
+def _case_id(c):
+    return f"{c[0]}-{'causal' if c[1] else 'bid'}-{'pad' if c[2] else 'nopad'}"
+
+
+def _reference(q, k, v, proj, kernel, causal, pad, eps=1e-6):
+    from protein_lm.attention.favor import favor_bidirectional, favor_causal, favor_features
+
+    pq, pk = favor_features(q, k, proj, kernel, pad)
+    fn = favor_causal if causal else favor_bidirectional
+    return fn(pq, pk, v, pad, eps)
+
+
+def _padding(b, length, device="cpu"):
+    pad = torch.zeros(b, length, dtype=torch.bool, device=device)
+    pad[0, length - length // 4 :] = True  # trailing padding
+    if b > 1:
+        pad[1, :3] = True  # leading padding: early queries see no real key (normaliser at eps)
+    return pad
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _run_case(kernel, causal, use_pad, dtype, b, h, length, d, m, device, **kw):
+    from protein_lm.attention.features import draw_projection
+    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+
+    g = torch.Generator().manual_seed(zlib.crc32(f"{kernel}{causal}{use_pad}{length}".encode()))
+    q, k, v = (torch.randn(b, h, length, d, generator=g, dtype=torch.float64) for _ in range(3))
+    proj = draw_projection(m, d, generator=g)
+    pad = _padding(b, length) if use_pad else None
+    grad = torch.randn(b, h, length, d, generator=g, dtype=torch.float64)
+    # inputs rounded to the kernel's dtype, so both paths see the same numbers
+    ins = [t.to(dtype).to(device).requires_grad_() for t in (q, k, v)]
+    pad_d = pad.to(device) if pad is not None else None
+    out = favor_attention_triton(*ins, proj.to(device), kernel, causal, pad_d, 1e-6, **kw)
+    out.backward(grad.to(device=device, dtype=out.dtype))
+    ref_ins = [t.detach().to(device, torch.float64).requires_grad_() for t in ins]
+    ref = _reference(*ref_ins, proj.double().to(device), kernel, causal, pad_d)
+    ref.backward(grad.to(device))
+    res = {"out": _rel(out.detach(), ref.detach())}
+    for name, a, r in zip(("dq", "dk", "dv"), ins, ref_ins, strict=False):
+        res[name] = _rel(a.grad, r.grad)
+    res["finite"] = bool(torch.isfinite(out).all().item())
+    return res
+
+
+# ------------------------------------------------------------------------- CPU: Triton interpreter
+def _interpret_all() -> dict:
+    torch.manual_seed(0)
+    out = {}
+    for c in CASES:
+        # L=40 with 16-row tiles: a partial last tile; walks of 32 rows: states carried across
+        # programs; state splits of 16: the max-rescaled merge of several partial sums; M=64 in
+        # four slices of 16: the online per-row max and the four running states.
+        out[_case_id(c)] = _run_case(
+            *c, torch.float32, 2, 2, 40, 16, 64, "cpu", tile=16, state_split=16, walk_split=32, slice_m=16
+        )
+    # the hi/lo split projection used for bf16 inputs (the interpreter cannot multiply bf16)
+    for causal in (False, True):
+        out[f"split-{causal}"] = _run_case(
+            "softmax",
+            causal,
+            True,
+            torch.float32,
+            2,
+            1,
+            40,
+            16,
+            32,
+            "cpu",
+            tile=16,
+            walk_split=32,
+            split_projection=True,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--interpret"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_interpreted_kernels_match_float64_reference(interpreted, case):
+    r = interpreted[_case_id(case)]
+    assert r["finite"]
+    for key in ("out", "dq", "dk", "dv"):
+        assert r[key] < 1e-5, (key, r)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreted_split_projection(interpreted, causal):
+    r = interpreted[f"split-{causal}"]
+    assert r["finite"]
+    for key in ("out", "dq", "dk", "dv"):
+        assert r[key] < 1e-5, (key, r)
+
+
+# --------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("length", [1000])
+def test_gpu_bf16_matches_reference(case, length):
+    # L=1000: partial tiles; default geometry (64-row tiles, splits from the SM count)
+    r = _run_case(*case, torch.bfloat16, 2, 4, length, 64, 256, "cuda")
+    print(_case_id(case), length, json.dumps(r))
+    assert r["finite"]
+    for key in ("out", "dq", "dk", "dv"):
+        tol = 2e-2
+        if key == "dq" and case[:2] == ("softmax", True):
+            # KNOWN GAP (bench/NOTES_gpu.md): softmax-causal dq measured 2.5-3.5% on H100 (every
+            # other output/gradient <= 0.5%); the cancellation in the softmax feature gradient of
+            # rows that see few keys amplifies bf16/tf32 rounding. Tightening this is open work.
+            tol = 5e-2
+        assert r[key] < tol, (key, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_float32_inputs(causal):
+    r = _run_case("softmax", causal, True, torch.float32, 1, 2, 777, 64, 256, "cuda")
+    print("fp32", causal, json.dumps(r))
+    for key in ("out", "dq", "dk", "dv"):  # tf32 products; causal dq measured 0.9% (see above)
+        assert r[key] < 2e-2, (key, r)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_large_norm_and_long(causal):
+    """No NaN/inf for large-norm q/k at L=65,536 (the key shift is one max over 65k keys)."""
+    from protein_lm.attention.features import draw_projection
+    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+
+    q, k, v = (torch.randn(1, 2, 65536, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k = q * 6, k * 6
+    for t in (q, k, v):
+        t.requires_grad_()
+    proj = draw_projection(256, 64).cuda()
+    out = favor_attention_triton(q, k, v, proj, "softmax", causal, None, 1e-6)
+    out.float().square().mean().backward()
+    for t in (out, q.grad, k.grad, v.grad):
+        assert torch.isfinite(t).all()
+
+
+def test_unsupported_shapes_fall_back_to_reference():
+    """Extra keys (persistent memory) or odd M: the PyTorch path, without touching Triton kernels."""
+    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+
+    q = torch.randn(1, 2, 8, 16)
+    k, v = torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    proj = torch.randn(24, 16)
+    out = favor_attention_triton(q, k, v, proj, "softmax", False, None, 1e-6)
+    ref = _reference(q, k, v, proj, "softmax", False, None)
+    assert torch.allclose(out, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_favor_module_dispatches_to_triton():
+    from protein_lm.attention.favor import FavorAttention
+
+    att = FavorAttention(64, 256, causal=True, backend="triton", seed=0).cuda()
+    ref = FavorAttention(64, 256, causal=True, backend="torch", seed=0).cuda()
+    q, k, v = (torch.randn(2, 4, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert _rel(att(q, k, v).float(), ref(q, k, v).float()) < 2e-2
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    print(json.dumps(_interpret_all()))
