@@ -160,9 +160,10 @@ def _read_matrix_csv(path):
 
 def test_analyze_writes_every_file(tmp_path, tiny_checkpoint, sample_fasta, capsys):
     out = tmp_path / "analysis"
-    out.mkdir()
-    (out / "stale.txt").write_text("from an earlier run")
     argv = ["analyze", "--checkpoint", str(tiny_checkpoint), "--fasta", str(sample_fasta), "--out", str(out)]
+    assert main([*argv, "--max-sequences", "1", "--max-length", "30"]) == 0
+    (out / "stale.txt").write_text("from an earlier run")
+    capsys.readouterr()
     rc = main([*argv, "--max-sequences", "4", "--max-length", "80"])
     assert rc == 0
     err = capsys.readouterr().err
@@ -173,6 +174,7 @@ def test_analyze_writes_every_file(tmp_path, tiny_checkpoint, sample_fasta, caps
         "similarity_aggregated.csv",
         "head_scores.csv",
         "mass.npy",
+        "uniform_mass.npy",
         "summary.json",
         "similarity_vs_blosum62.png",
         "similarity_vs_blosum62_clustered.png",
@@ -180,7 +182,8 @@ def test_analyze_writes_every_file(tmp_path, tiny_checkpoint, sample_fasta, caps
         "head_correlations.png",
     }
     assert expected <= names
-    assert "stale.txt" not in names  # the directory was replaced as a whole
+    assert "stale.txt" not in names  # an earlier analysis is replaced as a whole
+    assert out.stat().st_mode & 0o777 != 0o700  # not mkdtemp's private mode
     assert [n for n in names if n.startswith("attention_") and n.endswith(".png")]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".analysis")]  # no temp dirs left
     for csv_name in ("similarity.csv", "similarity_aggregated.csv"):
@@ -189,10 +192,11 @@ def test_analyze_writes_every_file(tmp_path, tiny_checkpoint, sample_fasta, caps
         assert matrix.shape == (20, 20) and np.all(np.isfinite(matrix))
         np.testing.assert_allclose(matrix, matrix.T, atol=1e-6)
     assert np.load(out / "mass.npy").shape == (2, 2, 20, 20)
+    assert np.load(out / "uniform_mass.npy").shape == (20, 20)
     summary = json.loads((out / "summary.json").read_text())
     for key in ("blosum62_pearson", "blosum62_spearman", "best_layer", "best_head", "rank_DE", "rank_FY"):
         assert summary[key] is not None, key
-    assert summary["num_sequences"] == 4
+    assert summary["num_sequences"] == 4 and summary["null"] == "uniform"
     assert -1 <= summary["blosum62_pearson"] <= 1 and 1 <= summary["rank_DE"] <= 190
     assert (summary["best_layer"], summary["best_head"]) in {(l, h) for l in range(2) for h in range(2)}
     scores = list(csv.DictReader((out / "head_scores.csv").open()))
@@ -231,6 +235,14 @@ def test_analyze_user_errors(tmp_path, tiny_checkpoint, sample_fasta, capsys):
     )
     assert rc == 2
     assert not (tmp_path / "o").exists()
+    other = tmp_path / "not_an_analysis"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    rc = main(
+        ["analyze", "--checkpoint", str(tiny_checkpoint), "--fasta", str(sample_fasta), "--out", str(other)]
+    )
+    assert rc == 2 and "not an earlier analyze output" in capsys.readouterr().err
+    assert (other / "precious.txt").read_text() == "keep me"
 
 
 def test_fallback_for_nonstandard_attention_gives_the_same_blocks(monkeypatch):

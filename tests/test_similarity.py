@@ -13,6 +13,7 @@ from protein_lm.analysis.similarity import (
     aggregate_similarity,
     similarity_from_mass,
     type_mass,
+    uniform_mass,
 )
 from protein_lm.tokenizer import STANDARD_AA, encode
 
@@ -126,6 +127,7 @@ def test_accumulator_best_head_and_summary():
     acc = SimilarityAccumulator(num_layers=2, num_heads=3)
     acc.add(1, attn, ids)
     acc.add(0, torch.flip(attn, dims=[1]), ids)
+    acc.add_baseline(ids, exclude_self=False)
     acc.finish_sequence(1, residues=300)
     res = acc.result(pseudocount=1e-6)
     assert isinstance(res, SimilarityResult)
@@ -140,6 +142,10 @@ def test_accumulator_best_head_and_summary():
     assert summary["num_sequences"] == 1
     assert summary["rank_FY"] <= 10  # BLOSUM62(F,Y) = 3 is among its highest off-diagonal scores
     assert aggregate_similarity(res.mass).shape == (20, 20)
+    assert summary["null"] == "uniform"
+    assert acc.result(null="marginal").summary()["null"] == "marginal"
+    with pytest.raises(ValueError, match="add_baseline"):
+        SimilarityAccumulator(1, 1).result()
 
 
 def test_self_attention_is_left_out_with_query_offset():
@@ -157,3 +163,45 @@ def test_self_attention_is_left_out_with_query_offset():
         attn[:, :, 3:], ids[:, 3:], ids, query_offset=3
     )
     np.testing.assert_allclose(blocks[0], dropped, atol=1e-12)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_uniform_mass_is_the_mass_of_uniform_attention(causal, exclude_self):
+    """The closed form of the null equals type_mass of an explicit uniform attention (with padding)."""
+    seqs = ["MKTAYIAKQRQISFVKSHFSRQ", "GSHMDEFYX"]
+    ids = torch.full((2, 24), 1, dtype=torch.long)  # <pad> = 1
+    for i, s in enumerate(seqs):
+        ids[i, : len(s) + 2] = torch.tensor(encode(s))
+    pad = ids.eq(1)
+    L = ids.shape[1]
+    allowed = (~pad)[:, None, None, :].expand(2, 1, L, L).clone()
+    if causal:
+        allowed &= torch.ones(L, L, dtype=torch.bool).tril()
+    attn = allowed.double() / allowed.double().sum(-1, keepdim=True)
+    expected = sum(
+        type_mass(attn[b : b + 1], ids[b : b + 1], query_offset=0 if exclude_self else None)[0]
+        for b in range(2)
+    )
+    got = uniform_mass(ids, causal=causal, exclude_self=exclude_self)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_uniform_null_removes_composition():
+    """Uniform attention over proteins of different composition: S = 0 under the uniform null, while
+    the marginal null scores types that share proteins as similar (the compositional confound)."""
+    seqs = ["DEDEEDKDEEDDE" * 3, "ILVFLIVVLFIL" * 3, "ACDEFGHIKLMNPQRSTVWY"]
+    acc = SimilarityAccumulator(num_layers=1, num_heads=1)
+    for s in seqs:
+        ids = _framed_ids(s)
+        L = ids.shape[1]
+        attn = torch.full((1, 1, L, L), 1.0 / L, dtype=torch.float64)
+        acc.add(0, attn, ids, query_offset=0)
+        acc.add_baseline(ids, exclude_self=True)
+        acc.finish_sequence()
+    uniform = acc.result(null="uniform")
+    finite = np.isfinite(uniform.per_head)
+    np.testing.assert_allclose(uniform.per_head[finite], 0.0, atol=1e-12)
+    marginal = acc.result(null="marginal").per_head[0, 0]
+    assert marginal[IDX("D"), IDX("E")] > 0.5 and marginal[IDX("I"), IDX("V")] > 0.5
+    assert marginal[IDX("D"), IDX("I")] < -0.5

@@ -213,6 +213,8 @@ def accumulate_similarity(
 ) -> SimilarityAccumulator:
     """Sum attention mass between residue types over sequences, for every layer and head.
 
+    Also sums the uniform-attention baseline of the same sequences (``accumulator.baseline``).
+
     Args:
         model: a ProteinLM in eval mode (any device; inputs are moved to it).
         sequences: ``(id, residue token ids)`` pairs (no special tokens; cropped by the caller).
@@ -237,6 +239,7 @@ def accumulate_similarity(
                 ids,
                 query_offset=start if exclude_self else None,
             )
+        acc.add_baseline(ids, causal=bool(cfg.causal), exclude_self=exclude_self)
         acc.finish_sequence(1, residues=int(np.isin(np.asarray(tokens), STANDARD_AA_IDS).sum()))
         if progress:
             _progress(n, total, acc.num_residues, time.time() - t0)

@@ -5,20 +5,26 @@ For every layer and head we sum, over many sequences, the attention that residue
 standard residues (``ARNDCQEGHILKMFPSTWYV``) count, as queries and as keys: ``<cls>``, ``<eos>``,
 padding, ``X``/``B``/``Z``/``U``/``O`` and other specials are dropped on both sides.
 
-The mass is turned into a similarity exactly as BLOSUM turns substitution counts into scores, so the
-two matrices are in the same units (log2 odds) and directly comparable::
+The mass is turned into log odds against a null, the way BLOSUM turns substitution counts into
+scores, so the two matrices share a unit (log2 odds)::
 
     P[a, b] = (M[a, b] + M[b, a]) / (2 * sum(M))      # symmetrised joint distribution of type pairs
-    p[a]    = sum_b P[a, b]                           # its marginal (attention-weighted type frequency)
-    S[a, b] = log2( P[a, b] / (p[a] * p[b]) )         # observed / expected under independence
+    Q[a, b] = the same for the null mass U              # what a head "by chance" would give
+    S[a, b] = log2( P[a, b] / Q[a, b] )                 # observed / expected
 
-``S = 0`` means "attended as often as the two types' frequencies predict"; ``S > 0`` means the head
-links the two types more than chance. Uniform attention gives ``S = 0`` everywhere. A small
-``pseudocount`` (a fraction of the total mass spread evenly over the 400 cells) keeps pairs never seen
-in a small sample finite; it is 0 by default so that known answers are recovered exactly.
+Two nulls (``null=``):
 
-The aggregated matrix gives every head the same weight: each head's ``P`` is computed and the
-``P``'s are averaged before taking the log odds.
+* ``"uniform"`` (default): ``U`` is the mass of *uniform* attention over the same proteins
+  (:func:`uniform_mass`). Uniform attention gives ``S = 0`` exactly, over any set of proteins; pairs of
+  types that merely occur together in the same proteins (composition) are not scored as similar.
+* ``"marginal"``: ``Q = p pᵀ`` with ``p`` the marginal of ``P`` — independence of query and key type
+  over the whole data set, BLOSUM's own construction. Compositional co-occurrence across proteins then
+  counts as similarity (a random-weights model already correlates with BLOSUM62).
+
+A small ``pseudocount`` (a fraction of the total mass spread evenly over the 400 cells of both ``P``
+and ``Q``) keeps pairs never seen in a small sample finite; it is 0 by default so that known answers are
+recovered exactly. The aggregated matrix gives every head the same weight: the heads' ``P`` are
+averaged before taking the log odds.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ TOKEN_TO_AA_INDEX = np.full(VOCAB_SIZE, -1, dtype=np.int64)
 for _k, _tid in enumerate(STANDARD_AA_IDS):
     TOKEN_TO_AA_INDEX[_tid] = _k
 
+NULLS = ("uniform", "marginal")
 HIGHLIGHT_PAIRS: tuple[tuple[str, str], ...] = (("D", "E"), ("F", "Y"))
 
 
@@ -109,27 +116,86 @@ def joint_distribution(mass: np.ndarray, pseudocount: float = 0.0) -> np.ndarray
         return sym / total
 
 
-def similarity_from_joint(joint: np.ndarray) -> np.ndarray:
-    """Log2 odds ``log2(P[a,b] / (p[a] p[b]))`` of a joint distribution ``(..., 20, 20)``.
+def similarity_from_joint(joint: np.ndarray, expected: np.ndarray | None = None) -> np.ndarray:
+    """Log2 odds of a joint distribution ``P`` (..., 20, 20) against an expected one.
 
-    Types that never occur (``p[a] = 0``) give NaN rows/columns; observed-zero pairs give ``-inf``.
+    Args:
+        joint: ``P``, e.g. from :func:`joint_distribution`.
+        expected: ``Q`` (20, 20), the joint distribution under the null (e.g. uniform attention within
+            the same proteins, see :func:`uniform_mass`). ``None``: independence of ``P``'s own
+            marginals, ``Q = p pᵀ`` (the BLOSUM construction).
+
+    Returns:
+        ``log2(P / Q)``; NaN where ``Q = 0`` (a type that never occurs), ``-inf`` where only ``P = 0``.
     """
-    p = joint.sum(axis=-1)
-    expected = p[..., :, None] * p[..., None, :]
+    if expected is None:
+        p = joint.sum(axis=-1)
+        expected = p[..., :, None] * p[..., None, :]
     with np.errstate(invalid="ignore", divide="ignore"):
         sim = np.log2(joint / expected)
     return np.where(expected > 0, sim, np.nan)
 
 
-def similarity_from_mass(mass: np.ndarray, pseudocount: float = 0.0) -> np.ndarray:
-    """Per-head similarity ``S`` (log2 odds) from attention mass ``(..., 20, 20)``; see the module doc."""
-    return similarity_from_joint(joint_distribution(mass, pseudocount))
+def similarity_from_mass(
+    mass: np.ndarray, pseudocount: float = 0.0, baseline: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-head similarity ``S`` (log2 odds) from attention mass ``(..., 20, 20)``; see the module doc.
+
+    ``baseline``: the (20, 20) mass of uniform attention over the same proteins (:func:`uniform_mass`);
+    ``None`` compares with the product of the marginals instead.
+    """
+    expected = None if baseline is None else joint_distribution(baseline, pseudocount)
+    return similarity_from_joint(joint_distribution(mass, pseudocount), expected)
 
 
-def aggregate_similarity(mass: np.ndarray, pseudocount: float = 0.0) -> np.ndarray:
+def aggregate_similarity(
+    mass: np.ndarray, pseudocount: float = 0.0, baseline: np.ndarray | None = None
+) -> np.ndarray:
     """One (20, 20) matrix from all heads ``(..., 20, 20)``: mean of the per-head ``P``, then log odds."""
     joint = joint_distribution(mass, pseudocount).reshape(-1, NUM_AA, NUM_AA)
-    return similarity_from_joint(np.nanmean(joint, axis=0))
+    expected = None if baseline is None else joint_distribution(baseline, pseudocount)
+    return similarity_from_joint(np.nanmean(joint, axis=0), expected)
+
+
+def uniform_mass(input_ids, causal: bool = False, exclude_self: bool = True, padding_mask=None) -> np.ndarray:
+    """Type-pair mass of *uniform* attention over the same sequences: the null of the similarity.
+
+    Query ``i`` spreads its attention evenly over the keys it may see (all non-padding positions,
+    ``<cls>``/``<eos>`` included; only ``j <= i`` when ``causal``); its own position is then dropped
+    when ``exclude_self``, exactly as for the model's attention. Comparing with this — rather than
+    with the product of overall type frequencies — removes the part of a pair's mass that only reflects
+    which residue types occur together in the same proteins (composition: membrane proteins are rich in
+    I/L/V/F, acidic proteins in D/E), which a head gets without attending by residue type at all.
+
+    Args:
+        input_ids: ``(B, L)`` framed token ids (torch or numpy).
+        causal: the model is causal.
+        exclude_self: drop each position's share of itself.
+        padding_mask: ``(B, L)`` True at padding (default: ``<pad>`` ids).
+
+    Returns:
+        float64 ``(20, 20)``, summed over the batch.
+    """
+    import torch
+
+    from protein_lm.tokenizer import PAD_ID
+
+    ids = torch.as_tensor(input_ids).cpu()
+    if padding_mask is None:
+        padding_mask = ids.eq(PAD_ID)
+    real = (~torch.as_tensor(padding_mask).cpu().bool()).double()  # (B, L)
+    x = one_hot_types(ids, torch.float64)  # (B, L, 20)
+    if causal:
+        counts = torch.cumsum(x, dim=1)  # keys of each type among positions <= i
+        keys = torch.cumsum(real, dim=1)  # number of keys position i may see
+    else:
+        counts = x.sum(dim=1, keepdim=True).expand_as(x)
+        keys = real.sum(dim=1, keepdim=True).expand_as(real)
+    share = 1.0 / keys.clamp_min(1.0)  # (B, L) uniform weight of each key for query i
+    mass = torch.einsum("bia,bic,bi->ac", x, counts, share)
+    if exclude_self:
+        mass = mass - torch.diag(torch.einsum("bia,bi->a", x, share))
+    return mass.clamp_min(0.0).numpy()
 
 
 class SimilarityAccumulator:
@@ -146,6 +212,7 @@ class SimilarityAccumulator:
 
     def __init__(self, num_layers: int, num_heads: int):
         self.mass = np.zeros((num_layers, num_heads, NUM_AA, NUM_AA), dtype=np.float64)
+        self.baseline = np.zeros((NUM_AA, NUM_AA), dtype=np.float64)
         self.num_sequences = 0
         self.num_residues = 0
 
@@ -156,14 +223,38 @@ class SimilarityAccumulator:
         """
         self.mass[layer] += type_mass(attn, query_ids, key_ids, query_offset)
 
+    def add_baseline(
+        self, input_ids, causal: bool = False, exclude_self: bool = True, padding_mask=None
+    ) -> None:
+        """Add the uniform-attention mass of these sequences (once per sequence, not per layer)."""
+        self.baseline += uniform_mass(input_ids, causal, exclude_self, padding_mask)
+
     def finish_sequence(self, n: int = 1, residues: int = 0) -> None:
         """Count ``n`` analysed sequences holding ``residues`` standard residues in total."""
         self.num_sequences += n
         self.num_residues += residues
 
-    def result(self, pseudocount: float = 0.0) -> SimilarityResult:
+    def result(self, pseudocount: float = 0.0, null: str = "uniform") -> SimilarityResult:
+        """Similarities and scores; ``null="uniform"`` needs :meth:`add_baseline` for every sequence.
+
+        Args:
+            pseudocount: see :func:`joint_distribution`.
+            null: ``"uniform"`` (uniform attention within the same proteins) or ``"marginal"``
+                (product of the attention's own type marginals, BLOSUM-style).
+        """
+        if null not in NULLS:
+            raise ValueError(f"null must be one of {NULLS}, got {null!r}")
+        baseline = None
+        if null == "uniform":
+            if not self.baseline.any():
+                raise ValueError("null='uniform' needs add_baseline() for the analysed sequences")
+            baseline = self.baseline
         return SimilarityResult.from_mass(
-            self.mass, pseudocount, num_sequences=self.num_sequences, num_residues=self.num_residues
+            self.mass,
+            pseudocount,
+            num_sequences=self.num_sequences,
+            num_residues=self.num_residues,
+            baseline=baseline,
         )
 
 
@@ -190,15 +281,22 @@ class SimilarityResult:
     num_residues: int = 0
     pseudocount: float = 0.0
     aggregated_scores: dict = field(default_factory=dict)
+    baseline: np.ndarray | None = None
 
     @classmethod
     def from_mass(
-        cls, mass: np.ndarray, pseudocount: float = 0.0, num_sequences: int = 0, num_residues: int = 0
+        cls,
+        mass: np.ndarray,
+        pseudocount: float = 0.0,
+        num_sequences: int = 0,
+        num_residues: int = 0,
+        baseline: np.ndarray | None = None,
     ) -> SimilarityResult:
+        """Build from summed mass; ``baseline`` is the uniform-attention mass (None: marginal null)."""
         mass = np.asarray(mass, dtype=np.float64)
         if mass.ndim != 4 or mass.shape[-2:] != (NUM_AA, NUM_AA):
             raise ValueError(f"mass must be (layers, heads, 20, 20), got {mass.shape}")
-        per_head = similarity_from_mass(mass, pseudocount)
+        per_head = similarity_from_mass(mass, pseudocount, baseline)
         layers, heads = mass.shape[:2]
         pearson = np.full((layers, heads), np.nan)
         spearman = np.full((layers, heads), np.nan)
@@ -211,7 +309,7 @@ class SimilarityResult:
             best = (0, 0)
         else:
             best = np.unravel_index(int(np.nanargmax(pearson)), pearson.shape)
-        aggregated = aggregate_similarity(mass, pseudocount)
+        aggregated = aggregate_similarity(mass, pseudocount, baseline)
         return cls(
             mass=mass,
             per_head=per_head,
@@ -224,6 +322,7 @@ class SimilarityResult:
             num_residues=num_residues,
             pseudocount=pseudocount,
             aggregated_scores=compare_with_blosum62(aggregated),
+            baseline=baseline,
         )
 
     @property
@@ -249,6 +348,7 @@ class SimilarityResult:
             "aggregated_blosum62_pearson": num(self.aggregated_scores["pearson"]),
             "aggregated_blosum62_spearman": num(self.aggregated_scores["spearman"]),
             "pseudocount": self.pseudocount,
+            "null": "marginal" if self.baseline is None else "uniform",
             "num_pairs": 190,
             "per_head_pearson": [[num(x) for x in row] for row in self.pearson],
             "per_head_spearman": [[num(x) for x in row] for row in self.spearman],
@@ -268,4 +368,5 @@ __all__ = [
     "residue_types",
     "similarity_from_mass",
     "type_mass",
+    "uniform_mass",
 ]

@@ -10,7 +10,8 @@ residue types for every layer and head, and writes to ``--out``:
 * ``similarity_vs_blosum62.png`` (fixed order), ``similarity_vs_blosum62_clustered.png`` (one shared
   average-linkage order from the model's matrix), ``similarity_aggregated_vs_blosum62.png``,
   ``head_correlations.png``, ``attention_<protein>.png`` (layers × heads maps of one protein);
-* ``mass.npy`` — the raw (layers, heads, 20, 20) attention mass (to recompute anything);
+* ``mass.npy`` — the raw (layers, heads, 20, 20) attention mass, ``uniform_mass.npy`` the (20, 20)
+  mass of uniform attention over the same proteins (the null); recompute anything from them;
 * ``summary.json`` — ``blosum62_pearson``, ``blosum62_spearman`` (best head), ``best_layer``,
   ``best_head``, ``rank_DE``, ``rank_FY``, ``num_sequences``, … (see docs/analysis.md).
 
@@ -63,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1e-3,
         help="fraction of the total attention mass spread evenly over the 400 residue pairs (default 1e-3)",
+    )
+    parser.add_argument(
+        "--null",
+        choices=("uniform", "marginal"),
+        default="uniform",
+        help="expected mass: uniform attention within the same proteins (default; controls for "
+        "composition) or the product of the attention's own type frequencies (BLOSUM-style)",
     )
     parser.add_argument(
         "--include-self",
@@ -143,11 +151,29 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:80] or "protein"
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp`` is complete."""
+def _check_out(out: Path) -> None:
+    """``--out`` may be new, empty, or an earlier analyze output (which is replaced) — nothing else.
+
+    Replacing is done directory-wise, so a directory holding anything else (``--out .``, a home
+    directory) must never be accepted.
+    """
+    if not out.name or out == Path.cwd() or out in Path.cwd().parents:
+        raise UserError(f"--out {out}: give a new directory for the analysis, not this one or a parent of it")
     if out.exists():
         if not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a directory")
+        if any(out.iterdir()) and not (out / "summary.json").is_file():
+            raise UserError(
+                f"--out {out}: exists and is not an earlier analyze output; choose a new directory"
+            )
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp`` is complete."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions of a new directory
+    if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
         os.replace(tmp, out)
@@ -158,7 +184,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     fasta = Path(args.fasta)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
+    _check_out(out)
     if args.max_sequences < 1:
         raise UserError("--max-sequences must be at least 1")
     if args.max_length < 2:
@@ -192,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     acc = accumulate_similarity(
         model, sequences, exclude_self=not args.include_self, progress=True, total=len(sequences)
     )
-    result = acc.result(pseudocount=args.pseudocount)
+    result = acc.result(pseudocount=args.pseudocount, null=args.null)
     seconds = time.time() - t0
 
     if args.protein:
@@ -217,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         _write_matrix_csv(tmp / "similarity_aggregated.csv", result.aggregated)
         _write_head_scores(tmp / "head_scores.csv", result)
         np.save(tmp / "mass.npy", result.mass)
+        np.save(tmp / "uniform_mass.npy", acc.baseline)
         plots.save(
             plots.plot_similarity_vs_blosum(result.best, title, clustered=False, scores=best_scores),
             tmp / "similarity_vs_blosum62.png",
