@@ -12,7 +12,8 @@ Everything Lightning users know works: ``--config configs/X.yaml`` (several are 
 * loggers: CSV always; wandb when ``--wandb true`` (the default), offline unless
   ``WANDB_MODE`` says otherwise, and never required — if wandb cannot be imported or
   initialised the run continues with CSV only;
-* callbacks: ``ModelCheckpoint`` (configurable under ``checkpoint:``), ``LearningRateMonitor``;
+* callbacks: ``ModelCheckpoint`` (configurable under ``checkpoint:``; split into best-on-``val/loss``
+  and an unmonitored ``last.ckpt``, see :mod:`protein_lm.callbacks`), ``LearningRateMonitor``;
 * precision: when ``trainer.precision`` is unset, ``bf16-mixed`` on a CUDA GPU, ``32-true``
   on CPU.
 """
@@ -31,6 +32,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger
 
+from protein_lm.callbacks import split_checkpointing
 from protein_lm.datamodule import ProteinDataModule
 from protein_lm.lit_module import ProteinLMModule
 
@@ -108,8 +110,12 @@ class ProteinLMCLI(LightningCLI):
         kwargs["logger"] = loggers
         extra = [LearningRateMonitor(logging_interval="step")] if self.subcommand == "fit" and loggers else []
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
-        callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        extra += _split_last_checkpoint(callbacks, trainer_config)
+        # The `checkpoint:` group becomes best-on-val/loss + an unmonitored last.ckpt (callbacks.py).
+        keys = [c for c in self._parser(self.subcommand).callback_keys if c != "checkpoint"]
+        callbacks = [self._get(self.config_init, c) for c in keys]
+        if self._cfg().get("checkpoint") is not None:
+            ckpt_args = self._cfg()["checkpoint"].as_dict()
+            callbacks += split_checkpointing(ckpt_args, trainer_config.get("val_check_interval"))
         return self._instantiate_trainer(trainer_config, [*callbacks, *extra])
 
     def after_fit(self) -> None:
@@ -141,34 +147,6 @@ class ProteinLMCLI(LightningCLI):
                 lines.append(f"wandb run:       {lg.save_dir} ({os.environ.get('WANDB_MODE', 'offline')})")
         if lines:
             print("\n".join(lines), flush=True)
-
-
-def _split_last_checkpoint(callbacks: list[Any], trainer_config: dict[str, Any]) -> list[ModelCheckpoint]:
-    """Give ``last.ckpt`` its own, unmonitored ModelCheckpoint.
-
-    A ModelCheckpoint that monitors ``val/loss`` defers every save (``last`` included) until
-    the first validation has produced the metric, so a run killed before that would have
-    nothing to resume from. The best-on-``val/loss`` callback therefore keeps top-k only, and
-    this second callback (no monitor, same directory) writes ``last.ckpt`` every
-    ``checkpoint.every_n_train_steps`` steps (default: at each validation step interval), and
-    at the end of every epoch.
-    """
-    best = next((cb for cb in callbacks if type(cb) is ModelCheckpoint), None)
-    if best is None or not best.save_last:
-        return []
-    every = best._every_n_train_steps or None
-    if every is None and isinstance(trainer_config.get("val_check_interval"), int):
-        every = trainer_config["val_check_interval"]
-    last = ModelCheckpoint(
-        dirpath=best.dirpath,
-        monitor=None,
-        save_top_k=0,
-        save_last=best.save_last,
-        every_n_train_steps=every,
-        train_time_interval=best._train_time_interval,
-    )
-    best.save_last = False
-    return [last]
 
 
 def _as_list(value: Any) -> list[Any]:
