@@ -91,6 +91,22 @@ class ModelConfig:
         layer_norm_eps: LayerNorm epsilon.
         init_std: standard deviation of the normal initialisation of weights.
         padding_idx: id of the padding token (its embedding row gets no gradient).
+        adaptive_span: learn a span per head (Sukhbaatar et al. 2019); exact attention is then
+            computed over a band (trimmed), Performer attention with the exact linear-time mask.
+        span_max: largest span S in tokens.
+        span_ramp: width R of the soft mask's linear ramp.
+        span_init: initial span in tokens.
+        span_loss_coef: lambda of the L1 span penalty (added to ``aux_loss``).
+        persistent_memory: N persistent key/value slots per head and layer (0 = off).
+        replace_ffn: drop the feed-forward sublayer (all-attention layer; needs persistent_memory).
+        pkm_layers: block indices (negative from the end) that get a product-key memory.
+        pkm_mode: ``replace`` the block's FFN with the memory, or put it ``beside`` (summed).
+        pkm_num_keys: sub-keys per half n (n^2 memory slots).
+        pkm_topk: slots read per memory head.
+        pkm_heads: memory heads.
+        pkm_key_dim: query / key width.
+        pkm_query_norm: ``layernorm`` or padding-aware ``batchnorm`` on the queries.
+        pkm_value_lr: constant learning rate of the memory values (no weight decay).
     """
 
     vocab_size: int = VOCAB_SIZE
@@ -111,6 +127,22 @@ class ModelConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     padding_idx: int = PAD_ID
+    # FAIR mechanisms (docs/fair_mechanisms.md) -- all off by default.
+    adaptive_span: bool = False
+    span_max: int = 1024
+    span_ramp: float = 32.0
+    span_init: float = 0.0
+    span_loss_coef: float = 2e-6
+    persistent_memory: int = 0
+    replace_ffn: bool = False
+    pkm_layers: list[int] = dataclasses.field(default_factory=list)
+    pkm_mode: Literal["replace", "beside"] = "replace"
+    pkm_num_keys: int = 128
+    pkm_topk: int = 32
+    pkm_heads: int = 4
+    pkm_key_dim: int = 128
+    pkm_query_norm: Literal["layernorm", "batchnorm"] = "layernorm"
+    pkm_value_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KINDS:
@@ -121,6 +153,16 @@ class ModelConfig:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         if self.position == "rotary" and (self.dim // self.heads) % 2:
             raise ValueError(f"rotary positions need an even head dimension, got {self.dim // self.heads}")
+        if self.replace_ffn and self.persistent_memory <= 0:
+            raise ValueError("replace_ffn (all-attention) needs persistent_memory > 0")
+        if self.persistent_memory < 0:
+            raise ValueError(f"persistent_memory must be >= 0, got {self.persistent_memory}")
+        self.pkm_layers = [int(i) for i in self.pkm_layers]
+        for i in self.pkm_layers:
+            if not -self.depth <= i < self.depth:
+                raise ValueError(f"pkm_layers entry {i} out of range for depth {self.depth}")
+        if self.pkm_mode not in ("replace", "beside"):
+            raise ValueError(f"pkm_mode must be replace|beside, got {self.pkm_mode!r}")
 
     @property
     def head_dim(self) -> int:
@@ -224,6 +266,13 @@ class SelfAttention(nn.Module):
 
     def build_kernel(self, config: ModelConfig) -> nn.Module:
         """The attention kernel: ``forward(q, k, v, key_padding_mask) -> (B, H, L, D)``."""
+        base = self.build_base_kernel(config)
+        if config.adaptive_span or config.persistent_memory:
+            return build_fair_kernel(base, config)
+        return base
+
+    def build_base_kernel(self, config: ModelConfig) -> nn.Module:
+        """Exact or FAVOR+ kernel without the FAIR options."""
         if config.attention == "exact":
             return ExactKernel(causal=config.causal)
         seed = None if config.feature_seed is None else config.feature_seed + 1000 * self.layer_index
@@ -257,7 +306,7 @@ class SelfAttention(nn.Module):
     def attention_probs(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Attention weights ``(B, H, L, L)`` for analysis (implied attention for Performer)."""
         q, k, _ = self.project(x)
-        if isinstance(self.kernel, ExactKernel):
+        if callable(getattr(self.kernel, "attention_probs", None)):  # exact, span, memory kernels
             return self.kernel.attention_probs(q, k, key_padding_mask=padding_mask)
         return implied_attention(
             q,
@@ -268,6 +317,24 @@ class SelfAttention(nn.Module):
             key_padding_mask=padding_mask,
             eps=self.kernel.eps,
         )
+
+
+def build_fair_kernel(base: nn.Module, config: ModelConfig) -> nn.Module:
+    """Wrap ``base`` with an adaptive span and/or persistent memory (docs/fair_mechanisms.md)."""
+    from protein_lm.attention.adaptive_span import AdaptiveSpan, AdaptiveSpanKernel
+    from protein_lm.attention.persistent import PersistentMemory, PersistentMemoryKernel
+
+    memory = None
+    if config.persistent_memory:
+        memory = PersistentMemory(config.heads, config.head_dim, config.persistent_memory)
+    if config.adaptive_span:
+        span = AdaptiveSpan(
+            config.heads, config.span_max, config.span_ramp, config.span_init, config.span_loss_coef
+        )
+        favor = None if config.attention == "exact" else base
+        return AdaptiveSpanKernel(span, config.causal, favor=favor, memory=memory)
+    assert memory is not None
+    return PersistentMemoryKernel(base, memory, config.causal, favor=config.attention != "exact")
 
 
 class FeedForward(nn.Module):
@@ -305,12 +372,29 @@ class Block(nn.Module):
 
     def build_ffn(self, config: ModelConfig, layer_index: int) -> nn.Module | None:
         """Feed-forward sublayer: ``forward(x (B,L,dim)) -> (B,L,dim)``, or None for none."""
-        return FeedForward(config)
+        ffn = None if config.replace_ffn else FeedForward(config)
+        if layer_index in {i % config.depth for i in config.pkm_layers}:
+            from protein_lm.layers.pkm import PKMFeedForward, ProductKeyMemory
+
+            pkm = ProductKeyMemory(
+                config.dim,
+                num_keys=config.pkm_num_keys,
+                topk=config.pkm_topk,
+                heads=config.pkm_heads,
+                key_dim=config.pkm_key_dim,
+                query_norm=config.pkm_query_norm,
+                value_lr=config.pkm_value_lr,
+            )
+            return PKMFeedForward(pkm, ffn if config.pkm_mode == "beside" else None)
+        return ffn
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.norm1(x), padding_mask)
         if self.ffn is not None:
-            x = x + self.ffn(self.norm2(x))
+            if getattr(self.ffn, "takes_padding_mask", False):  # e.g. product-key memory
+                x = x + self.ffn(self.norm2(x), padding_mask)
+            else:
+                x = x + self.ffn(self.norm2(x))
         return x
 
 
