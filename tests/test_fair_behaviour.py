@@ -14,8 +14,6 @@ integration with :class:`protein_lm.model.ProteinLM` is covered by the small tes
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,7 +125,6 @@ def test_copy_at_distance_span_grows_for_one_head_only():
     The soft mask still gives weight ``m(d) = (R + z - d) / R`` inside the ramp, so the L1 penalty
     settles the copying head just around ``d``: we require ``m_z(d) >= 0.9`` (``z >= d - 0.1 R``).
     """
-    t0 = time.time()
     period, ramp = 32, 32.0
     distance = period - 1  # the next token equals the one period - 1 positions back
     spans, loss = run_copy_task(period=period, ramp=ramp)
@@ -137,7 +134,6 @@ def test_copy_at_distance_span_grows_for_one_head_only():
     assert (flat < distance / 2).float().mean() >= 0.5, (
         f"most heads should stay short: spans {spans.tolist()}"
     )
-    assert time.time() - t0 < 90
 
 
 @pytest.mark.slow
