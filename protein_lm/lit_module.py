@@ -273,6 +273,11 @@ class ProteinLMModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile and self._compiled is None:
+            if torch.cuda.is_available() and self.config.favor_backend != "torch":
+                # Inductor cannot lower the fused Triton FAVOR+ kernels (a bool->uint8 view in
+                # kernels/favor_triton.py); compile everything around them and run them eagerly.
+                for kernel in self.model.favor_modules():
+                    kernel.forward = torch.compiler.disable(kernel.forward)
             # Kept out of the module tree so state_dict keys stay "model.*".
             self.__dict__["_compiled"] = torch.compile(self.model)
 
