@@ -1,23 +1,22 @@
 """GPU results on Swiss-Prot (issue 6): equal-budget runs of Performer-softmax, Performer-ReLU and
 exact attention, evaluated on the test split and the CATH out-of-distribution set.
 
-One *group* per call, all runs of the group trained concurrently on one GPU (small models do not
-fill an H100, so running them side by side gives each more steps in the same wall time; the
-tokens/s they log are therefore shared-GPU numbers — clean single-run throughput comes from
-``bench/model.py``). Every run uses the shipped config of its setting plus the overrides below,
-the same optimiser, batch tokens and step budget; ``--minutes`` is only a safety net.
+All nine runs (3 settings x 3 attention types) train concurrently on one GPU: small models do
+not fill an H100, so running them side by side gives each more steps in the same wall time. The
+tokens/s they log are therefore shared-GPU numbers; clean single-run throughput comes from
+``bench/model.py``. Every run uses the shipped config of its setting plus the overrides below,
+with the same optimiser, batch tokens (32,768 per step) and step budget; ``--minutes`` is only a
+safety net (a run stopped by it reports its real step count).
 
-    python bench/swissprot_runs.py --group single --cache CACHE --ood CATH.fasta.gz --out DIR
-    python bench/swissprot_runs.py --group concat --cache CACHE --ood CATH.fasta.gz --out DIR
+    python bench/swissprot_runs.py --phase train --cache CACHE --ood CATH.fasta.gz --out DIR
+    python bench/swissprot_runs.py --phase eval  --cache CACHE --ood CATH.fasta.gz --out DIR
 
-Groups:
-  single  BID (masked LM) and UNI (causal LM), one protein per example, L = 1024, batch 32, 3 x 2 runs;
-          then: OOD + test evaluation, export of the BID Performer-softmax model, ``analyze`` over
-          800 test proteins, and the exact -> Performer weight-transfer experiment.
-  concat  BID on sequences concatenated into 8192-token windows, batch 4, 3 runs; OOD + test.
-
-Writes ``DIR/summary.json`` (every number in docs/results.md comes from it), each run's CSV log,
-checkpoints and evaluation JSON.
+Settings: ``bid`` (masked LM) and ``uni`` (causal LM) on single proteins, L = 1024, batch 32;
+``concat``: masked LM on proteins concatenated into 8192-token windows, batch 4.
+The eval phase scores every run on the test split (``protein-lm test``) and the CATH OOD set
+(``protein-lm evaluate``), exports the BID Performer-softmax model, runs ``analyze`` over 800 test
+proteins and the exact -> Performer weight-transfer experiment, and writes ``DIR/summary.json``
+(every number in docs/results.md comes from it).
 """
 
 from __future__ import annotations
@@ -114,14 +113,13 @@ def best_checkpoint(run_dir: Path) -> Path:
 
 def write_test_fasta(cache: str, out: Path, max_sequences: int) -> Path:
     """The test split of the data module (content-hash split) as FASTA, for evaluate/analyze."""
-    from protein_lm.cache import TokenCache
     from protein_lm.datamodule import ProteinDataModule
     from protein_lm.tokenizer import TOKENS
 
     dm = ProteinDataModule(cache, mode="single", max_length=1024)
     dm.setup("test")
-    idx = dm.split_indices("test")[:max_sequences]
-    tc = TokenCache(cache)
+    tc, idx = dm.split_indices("test")
+    idx = idx[:max_sequences]
     path = out / "test_split.fasta"
     with open(path, "w") as f:
         for i in idx:
@@ -129,83 +127,183 @@ def write_test_fasta(cache: str, out: Path, max_sequences: int) -> Path:
     return path
 
 
+def check_triton_backend() -> dict[str, str]:
+    """Pick the FAVOR+ backend per (kernel, causal): Triton if it agrees with the PyTorch path on a
+    random batch (forward and input gradients within 5%), else the PyTorch path. Cheap insurance
+    against spending a GPU call on a broken fast path."""
+    import torch
+
+    from protein_lm.attention import FavorAttention
+
+    choice = {}
+    for kernel in ("softmax", "relu"):
+        for causal in (False, True):
+            key = f"{kernel}-{'causal' if causal else 'bid'}"
+            try:
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(2, 4, 777, 64, device="cuda", requires_grad=True) for _ in range(3))
+                mask = torch.zeros(2, 777, dtype=torch.bool, device="cuda")
+                mask[1, 700:] = True
+                outs = {}
+                for backend in ("torch", "triton"):
+                    attn = FavorAttention(64, 256, kernel=kernel, causal=causal, backend=backend, seed=1).cuda()
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        out = attn(q, k, v, key_padding_mask=mask)
+                    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+                    outs[backend] = (out.float(), *grads)
+                err = max(((a - b).norm() / b.norm()).item() for a, b in zip(outs["triton"], outs["torch"], strict=True))
+                choice[key] = "triton" if err < 0.05 else "torch"
+                print(f"[runs] backend check {key}: max rel err {err:.4f} -> {choice[key]}", flush=True)
+            except Exception as exc:  # any failure of the fast path: use the reference path
+                choice[key] = "torch"
+                print(f"[runs] backend check {key}: {type(exc).__name__}: {exc} -> torch", flush=True)
+    return choice
+
+
+def train_phase(args: argparse.Namespace, out: Path, runs: dict[str, tuple[str, str]]) -> None:
+    backends = check_triton_backend() if not args.smoke else {}
+    commands = {}
+    for name, (setting, attention) in runs.items():
+        cmd = fit_command(setting, attention, args, out / name, args.steps)
+        if attention != "exact" and backends:
+            key = f"{attention.split('-')[1]}-{'causal' if setting == 'uni' else 'bid'}"
+            cmd += ["--model.config.favor_backend", backends[key]]
+        commands[name] = cmd
+    t0 = time.time()
+    status = run_parallel(commands, out / "logs")
+    (out / "train_status.json").write_text(json.dumps(
+        {"runs": status, "wall_s": round(time.time() - t0, 1), "backends": backends}, indent=2))
+
+
+def eval_phase(args: argparse.Namespace, out: Path, runs: dict[str, tuple[str, str]]) -> dict:
+    import torch
+
+    status = json.loads((out / "train_status.json").read_text())
+    summary: dict = {"model": MODEL, "steps": args.steps, "gpu": torch.cuda.get_device_name(0)
+                     if torch.cuda.is_available() else "cpu", "train": status, "runs": {}}
+    test_fasta = write_test_fasta(args.cache, out, 40 if args.smoke else 1000)
+    # Test split through Lightning's test loop (the run's own data setting: single or concat
+    # windows); the OOD FASTA through `evaluate` (single proteins). All runs at once.
+    jobs = {}
+    for name, (setting, attention) in runs.items():
+        ckpt = best_checkpoint(out / name)
+        test_cmd = fit_command(setting, attention, args, out / name / "test", args.steps)
+        test_cmd[test_cmd.index("fit")] = "test"
+        drop = {"--trainer.max_steps", "--trainer.max_time", "--trainer.val_check_interval",
+                "--checkpoint.every_n_train_steps", "--trainer.callbacks.log_every_n_steps"}
+        cleaned, i = [], 0
+        while i < len(test_cmd):
+            if test_cmd[i] in drop:
+                i += 2
+                continue
+            if test_cmd[i].startswith("--trainer.callbacks+="):
+                i += 1
+                continue
+            cleaned.append(test_cmd[i])
+            i += 1
+        jobs[f"{name}.test"] = cleaned + ["--ckpt_path", str(ckpt), "--trainer.limit_test_batches", "200"]
+        max_len = "64" if args.smoke else "1024"
+        jobs[f"{name}.ood"] = [sys.executable, "-m", "protein_lm", "evaluate", "--checkpoint", str(ckpt),
+                               "--fasta", args.ood, "--json", str(out / name / "eval_ood.json"),
+                               "--batch-size", "32", "--max-length", max_len, "--quiet",
+                               *(["--max-sequences", "32"] if args.smoke else [])]
+    if "bid_exact" in runs:  # backward compatibility: exact weights -> Performer, scored at once
+        converted = out / "exact-to-performer-softmax.pt"
+        cli("convert", "--checkpoint", str(best_checkpoint(out / "bid_exact")), "--attention",
+            "performer-softmax", "--out", str(converted), log=out / "logs" / "transfer.log")
+        jobs["transfer.step0"] = [sys.executable, "-m", "protein_lm", "evaluate", "--checkpoint", str(converted),
+                                  "--fasta", str(test_fasta), "--json", str(out / "transfer_step0_test.json"),
+                                  "--batch-size", "32", "--quiet"]
+        targs = argparse.Namespace(**{**vars(args), "minutes": args.transfer_minutes})
+        ft = fit_command("bid", "performer-softmax", targs, out / "transfer", args.transfer_steps)
+        ft += ["--model.init_weights", str(converted), "--model.warmup_steps", "20", "--model.lr", "3e-4",
+               "--trainer.val_check_interval", "25", "--checkpoint.every_n_train_steps", "100"]
+        jobs["transfer.finetune"] = ft
+    if "bid_performer-softmax" in runs:
+        exported = out / "performer-softmax-bid-swissprot2014.pt"
+        cli("export", "--checkpoint", str(best_checkpoint(out / "bid_performer-softmax")), "--out",
+            str(exported), log=out / "logs" / "export.log")
+        jobs["analyze"] = [sys.executable, "-m", "protein_lm", "analyze", "--checkpoint", str(exported),
+                           "--fasta", str(test_fasta), "--max-sequences", "8" if args.smoke else "800",
+                           "--out", str(out / "analysis")]
+        summary["exported"] = str(exported)
+    summary["eval_jobs"] = run_parallel(jobs, out / "logs")
+    for name, (setting, attention) in runs.items():
+        metrics = last_metrics(out / name)
+        test = last_metrics(out / name / "test")
+        ood_file = out / name / "eval_ood.json"
+        summary["runs"][name] = {
+            "setting": setting, "attention": attention, "checkpoint": str(best_checkpoint(out / name)),
+            "train": {k: v for k, v in metrics.items() if k.startswith(("perf/", "val/", "train/", "step"))},
+            "test": {k.split("/")[1]: v for k, v in test.items() if k.startswith("test/")},
+            "ood": json.loads(ood_file.read_text()) if ood_file.exists() else {},
+        }
+    if "bid_exact" in runs:
+        js0, js1 = out / "transfer_step0_test.json", out / "transfer_final_test.json"
+        if (out / "transfer" / "checkpoints" / "last.ckpt").exists():
+            cli("evaluate", "--checkpoint", str(out / "transfer" / "checkpoints" / "last.ckpt"), "--fasta",
+                str(test_fasta), "--json", str(js1), "--batch-size", "32", "--quiet", log=out / "logs" / "transfer.log")
+        summary["transfer"] = {
+            "step0_test": json.loads(js0.read_text()) if js0.exists() else None,
+            "final_test": json.loads(js1.read_text()) if js1.exists() else None,
+            "curve": last_metrics_series(out / "transfer", ("val/accuracy", "val/perplexity")),
+        }
+    if (out / "analysis" / "summary.json").exists():
+        summary["analysis"] = json.loads((out / "analysis" / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def last_metrics_series(run_dir: Path, keys: tuple[str, ...]) -> list[dict]:
+    """(step, metric...) rows of a run's CSV log where any of ``keys`` was logged."""
+    import csv
+
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if any(row.get(k) for k in keys):
+                    rows.append({"step": int(float(row["step"])), **{k: float(row[k]) for k in keys if row.get(k)}})
+    return rows
+
+
+def print_table(summary: dict) -> None:
+    print(f"{'run':<26}{'steps':>7}{'test acc':>10}{'test ppl':>10}{'ood acc':>9}{'ood ppl':>9}{'tok/s':>10}{'GB':>6}")
+    for name, e in summary["runs"].items():
+        tr, te, od = e["train"], e["test"], e["ood"]
+        print(f"{name:<26}{int(tr.get('step', -1)):>7}{te.get('accuracy', float('nan')):>10.4f}"
+              f"{te.get('perplexity', float('nan')):>10.3f}{od.get('accuracy', float('nan')):>9.4f}"
+              f"{od.get('perplexity', float('nan')):>9.3f}{tr.get('perf/tokens_per_sec', 0):>10.0f}"
+              f"{tr.get('perf/peak_memory_gb', 0):>6.1f}")
+    if summary.get("transfer"):
+        t = summary["transfer"]
+        print("transfer exact->performer: step0", (t["step0_test"] or {}).get("accuracy"),
+              "final", (t["final_test"] or {}).get("accuracy"))
+    if summary.get("analysis"):
+        a = summary["analysis"]
+        print("analysis:", {k: a.get(k) for k in ("blosum62_pearson", "blosum62_spearman", "rank_DE", "rank_FY")})
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--group", choices=("single", "concat"), required=True)
+    p.add_argument("--phase", choices=("train", "eval", "all"), default="all")
+    p.add_argument("--settings", nargs="+", default=["bid", "uni", "concat"], choices=("bid", "uni", "concat"))
     p.add_argument("--cache", required=True, help="prepared token cache of the corpus")
     p.add_argument("--ood", required=True, help="CATH S40 out-of-distribution FASTA")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps of every run (equal budget)")
-    p.add_argument("--minutes", type=int, default=5, help="safety limit per run (max_time)")
+    p.add_argument("--steps", type=int, default=1500, help="optimiser steps of every run (equal budget)")
+    p.add_argument("--minutes", type=int, default=7, help="safety limit per run (trainer.max_time)")
     p.add_argument("--transfer-steps", type=int, default=300)
+    p.add_argument("--transfer-minutes", type=int, default=3, help="safety limit of the fine-tuning run")
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes: checks the pipeline, not the science")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = ("bid", "uni") if args.group == "single" else ("concat",)
-    runs = {f"{s}_{a}": (s, a) for s in settings for a in ATTENTIONS}
-    summary: dict = {"group": args.group, "model": MODEL, "steps": args.steps, "runs": {}}
-    import torch
-
-    summary["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-
-    t0 = time.time()
-    status = run_parallel({n: fit_command(s, a, args, out / n, args.steps) for n, (s, a) in runs.items()},
-                          out / "logs")
-    summary["train_wall_s"] = round(time.time() - t0, 1)
-
-    test_fasta = write_test_fasta(args.cache, out, 40 if args.smoke else 2000)
-    for name, (setting, attention) in runs.items():
-        run_dir = out / name
-        entry = {"setting": setting, "attention": attention, **status[name]}
-        metrics = last_metrics(run_dir)
-        entry["train"] = {k: v for k, v in metrics.items() if k.startswith(("perf/", "val/", "train/", "step"))}
-        ckpt = best_checkpoint(run_dir)
-        entry["checkpoint"] = str(ckpt)
-        log = out / "logs" / f"{name}.eval.log"
-        max_len = "64" if args.smoke else ("8192" if setting == "concat" else "1024")
-        for split, fasta in (("test", str(test_fasta)), ("ood", args.ood)):
-            js = run_dir / f"eval_{split}.json"
-            rc = cli("evaluate", "--checkpoint", str(ckpt), "--fasta", fasta, "--json", str(js),
-                     "--batch-size", "16", "--max-length", max_len, "--quiet", log=log)
-            entry[split] = json.loads(js.read_text()) if rc == 0 and js.exists() else {"error": rc}
-        summary["runs"][name] = entry
-        print(f"[runs] {name}: test {entry['test'].get('accuracy')} / ood {entry['ood'].get('accuracy')}", flush=True)
-
-    if args.group == "single":
-        best = out / "bid_performer-softmax"
-        exported = out / "performer-softmax-bid-swissprot2014.pt"
-        cli("export", "--checkpoint", str(best_checkpoint(best)), "--out", str(exported), log=out / "logs" / "export.log")
-        summary["exported"] = str(exported)
-        cli("analyze", "--checkpoint", str(exported), "--fasta", str(test_fasta), "--max-sequences", "8" if args.smoke else "800",
-            "--out", str(out / "analysis"), log=out / "logs" / "analyze.log")
-        # Backward compatibility (Performer paper): exact BID weights -> Performer, evaluate, fine-tune.
-        converted = out / "exact-to-performer-softmax.pt"
-        cli("convert", "--checkpoint", str(best_checkpoint(out / "bid_exact")), "--attention", "performer-softmax",
-            "--out", str(converted), log=out / "logs" / "transfer.log")
-        js = out / "transfer_step0_test.json"
-        cli("evaluate", "--checkpoint", str(converted), "--fasta", str(test_fasta), "--json", str(js),
-            "--batch-size", "16", "--quiet", log=out / "logs" / "transfer.log")
-        transfer = {"step0_test": json.loads(js.read_text()) if js.exists() else None}
-        targs = argparse.Namespace(**{**vars(args), "minutes": 3})
-        cmd = fit_command("bid", "performer-softmax", targs, out / "transfer", args.transfer_steps)
-        cmd += ["--model.init_weights", str(converted), "--model.warmup_steps", "20", "--model.lr", "3e-4",
-                "--trainer.val_check_interval", "25", "--checkpoint.every_n_train_steps", "100"]
-        transfer["finetune"] = run_parallel({"transfer": cmd}, out / "logs")["transfer"]
-        js = out / "transfer_final_test.json"
-        cli("evaluate", "--checkpoint", str(out / "transfer" / "checkpoints" / "last.ckpt"), "--fasta",
-            str(test_fasta), "--json", str(js), "--batch-size", "16", "--quiet", log=out / "logs" / "transfer.log")
-        transfer["final_test"] = json.loads(js.read_text()) if js.exists() else None
-        summary["transfer"] = transfer
-
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"{'run':<28}{'steps':>7}{'test acc':>10}{'test ppl':>10}{'ood acc':>9}{'ood ppl':>9}{'tok/s':>10}{'GB':>6}")
-    for name, e in summary["runs"].items():
-        tr = e["train"]
-        print(f"{name:<28}{int(tr.get('step', -1)):>7}{e['test'].get('accuracy', float('nan')):>10.4f}"
-              f"{e['test'].get('perplexity', float('nan')):>10.3f}{e['ood'].get('accuracy', float('nan')):>9.4f}"
-              f"{e['ood'].get('perplexity', float('nan')):>9.3f}{tr.get('perf/tokens_per_sec', 0):>10.0f}"
-              f"{tr.get('perf/peak_memory_gb', 0):>6.1f}")
+    runs = {f"{s}_{a}": (s, a) for s in args.settings for a in ATTENTIONS}
+    if args.phase in ("train", "all"):
+        train_phase(args, out, runs)
+    if args.phase in ("eval", "all"):
+        print_table(eval_phase(args, out, runs))
     return 0
 
 

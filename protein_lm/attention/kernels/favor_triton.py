@@ -1234,7 +1234,7 @@ def favor_attention_triton(
     kernel: str = "softmax",
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
-    eps: float = 1e-6,
+    eps: float = 1e-30,
     *,
     tile: int = DEFAULT_BLOCK,
     state_split: int | None = None,
