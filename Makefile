@@ -14,9 +14,8 @@ quickstart: env
 	$(PY) -m protein_lm analyze --checkpoint $(RUN)/checkpoints/last.ckpt \
 	    --fasta data/swissprot_sample.fasta.gz --max-sequences 300 --out $(RUN)/analysis
 	@echo
-	@echo "checkpoint : $(RUN)/checkpoints/"
-	@echo "metrics    : $(RUN)/csv/metrics.csv"
-	@echo "heatmap    : $(RUN)/analysis/similarity_vs_blosum62.png"
+	@echo "checkpoints: $(RUN)/checkpoints/   metrics: $(RUN)/csv/version_*/metrics.csv"
+	@echo "heatmap    : $(RUN)/analysis/similarity_vs_blosum62.png   summary: $(RUN)/analysis/summary.json"
 
 test: env
 	$(PY) -m pytest -q

@@ -79,8 +79,8 @@ def last_metrics(run_dir: Path) -> dict[str, float]:
     return values
 
 
-def run_parallel(commands: dict[str, list[str]], logs: Path) -> dict[str, dict]:
-    """Start every command at once; wait; return exit code and wall time of each."""
+def run_parallel(commands: dict[str, list[str]], logs: Path, timeout: float | None = None) -> dict[str, dict]:
+    """Start every command at once; wait (killing what outlives ``timeout`` s); exit code + wall time."""
     logs.mkdir(parents=True, exist_ok=True)
     procs, t0 = {}, time.time()
     for name, cmd in commands.items():
@@ -90,7 +90,12 @@ def run_parallel(commands: dict[str, list[str]], logs: Path) -> dict[str, dict]:
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
     results = {}
     for name, (proc, log) in procs.items():
-        rc = proc.wait()
+        try:
+            rc = proc.wait(timeout=None if timeout is None else max(1.0, t0 + timeout - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = f"killed after {timeout} s"
+            proc.wait()
         log.close()
         results[name] = {"returncode": rc, "wall_s": round(time.time() - t0, 1)}
         print(f"[runs] {name}: exit {rc} after {results[name]['wall_s']} s", flush=True)
@@ -170,7 +175,7 @@ def train_phase(args: argparse.Namespace, out: Path, runs: dict[str, tuple[str, 
             cmd += ["--model.config.favor_backend", backends[key]]
         commands[name] = cmd
     t0 = time.time()
-    status = run_parallel(commands, out / "logs")
+    status = run_parallel(commands, out / "logs", timeout=args.minutes * 60 + 90)
     (out / "train_status.json").write_text(json.dumps(
         {"runs": status, "wall_s": round(time.time() - t0, 1), "backends": backends}, indent=2))
 
@@ -227,7 +232,7 @@ def eval_phase(args: argparse.Namespace, out: Path, runs: dict[str, tuple[str, s
                            "--fasta", str(test_fasta), "--max-sequences", "8" if args.smoke else "800",
                            "--out", str(out / "analysis")]
         summary["exported"] = str(exported)
-    summary["eval_jobs"] = run_parallel(jobs, out / "logs")
+    summary["eval_jobs"] = run_parallel(jobs, out / "logs", timeout=args.eval_timeout)
     for name, (setting, attention) in runs.items():
         metrics = last_metrics(out / name)
         test = last_metrics(out / name / "test")
@@ -295,6 +300,7 @@ def main() -> int:
     p.add_argument("--minutes", type=int, default=7, help="safety limit per run (trainer.max_time)")
     p.add_argument("--transfer-steps", type=int, default=300)
     p.add_argument("--transfer-minutes", type=int, default=3, help="safety limit of the fine-tuning run")
+    p.add_argument("--eval-timeout", type=float, default=None, help="kill evaluation jobs after this many s")
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes: checks the pipeline, not the science")
     args = p.parse_args()
     out = Path(args.out)
