@@ -118,7 +118,6 @@ def run_fact_task(use_pkm, facts=4000, steps=800, seed=0, dim=32, heads=2, lr=3e
     return acc, sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.slow
 def test_copy_at_distance_span_grows_for_one_head_only():
     """Spans start at 0; the copying head's grows until its mask at distance d is ~1, most stay short.
 
@@ -136,7 +135,6 @@ def test_copy_at_distance_span_grows_for_one_head_only():
     )
 
 
-@pytest.mark.slow
 def test_pkm_recalls_more_facts_than_ffn():
     """4,000 facts, 800 steps: a product-key memory in place of the last FFN (about half its
     multiply-adds per token: query 2x(32x32), sub-keys 2x2x32x16, values 2x8x32) recalls more."""
