@@ -209,3 +209,19 @@ def test_gpu_favor_module_dispatches_to_triton():
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     print(json.dumps(_interpret_all()))
+
+
+def test_blind_queries_match_brute_force():
+    """Rows whose dO is zeroed in the Triton backward are exactly those that see no real key."""
+    from protein_lm.attention.kernels.favor_triton import _blind_queries
+
+    g = torch.Generator().manual_seed(5)
+    pad = torch.rand(4, 23, generator=g) < 0.6
+    pad[0] = True  # a row that is all padding
+    pad[1, :5] = True  # leading padding
+    for causal in (False, True):
+        got = _blind_queries(pad.view(torch.uint8), causal)
+        for b in range(pad.shape[0]):
+            for t in range(pad.shape[1]):
+                keys = range(t + 1) if causal else range(pad.shape[1])
+                assert bool(got[b, t]) == all(bool(pad[b, s]) for s in keys), (causal, b, t)

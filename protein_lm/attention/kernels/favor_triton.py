@@ -1209,6 +1209,12 @@ class _FavorTriton(torch.autograd.Function):
         saved = ctx.saved_tensors
         q, k, v, o, den, rowc, s0, z0, gmax, whi, wlo, wf = saved[:12]
         pad = saved[12] if ctx.has_pad else None
+        if pad is not None:
+            # Queries that see no real key (leading padding under a causal mask, or a row that is all
+            # padding) have output 0 and, in exact arithmetic, zero gradient: their normaliser is 0,
+            # floored at eps. Their dO / eps (up to 1e30 * dO) would otherwise amplify bf16 rounding
+            # into garbage dk/dv (measured on an H100: 26-29% error with leading padding).
+            do = do.masked_fill(_blind_queries(pad, ctx.plan.causal)[:, None, :, None], 0)
         do = do.contiguous()
         if do.dtype != o.dtype:
             do = do.to(o.dtype)
@@ -1216,6 +1222,13 @@ class _FavorTriton(torch.autograd.Function):
             q, k, v, o, do, den, rowc, pad, whi, wlo, wf, ctx.split_w, s0, z0, gmax, ctx.plan
         )
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def _blind_queries(pad: Tensor, causal: bool) -> Tensor:
+    """``(B, L)`` bool: query positions with no real key to attend to (``pad`` uint8, 1 at padding)."""
+    real = pad == 0
+    visible = real.cumsum(dim=1) if causal else real.sum(dim=1, keepdim=True).expand_as(real)
+    return visible == 0
 
 
 def _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps):
