@@ -120,6 +120,10 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> tuple[Prot
         UserError: the file is missing or is not a protein_lm checkpoint.
     """
     ckpt = read_checkpoint(path, map_location)
+    if ckpt["config"].get("favor_backend") == "triton":
+        # Which kernel runs is a property of the machine, not of the weights: a model trained with
+        # the Triton path forced must still load and run on a CPU.
+        ckpt["config"] = {**ckpt["config"], "favor_backend": "auto"}
     model = build_model(ckpt["config"], ckpt.pop("state_dict"))
     return model, ckpt
 

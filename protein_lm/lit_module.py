@@ -49,7 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from protein_lm.attention.adaptive_span import span_statistics
 from protein_lm.errors import UserError
+from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
 from protein_lm.model import ModelConfig, ProteinLM
 
 Objective = Literal["mlm", "causal"]
@@ -341,8 +343,16 @@ class ProteinLMModule(pl.LightningModule):
         _, _, loss_sum, correct, count = self._shared_step(batch)
         self.val_metrics.update(loss_sum, correct, count)
 
+    def on_validation_epoch_start(self) -> None:
+        reset_pkm_usage(self.model)  # PKM slot usage is measured over the validation set only
+
     def on_validation_epoch_end(self) -> None:
         self._log_epoch(self.val_metrics, "val")
+        # Adaptive-span lengths and PKM slot usage (empty for models without those layers).
+        # Usage is counted on each rank's share of the data; rank 0's is logged.
+        extra = {**span_statistics(self.model), **pkm_usage_statistics(self.model)}
+        if extra:
+            self.log_dict({f"val/{k}": float(v) for k, v in extra.items()}, rank_zero_only=True)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _, _, loss_sum, correct, count = self._shared_step(batch)

@@ -122,3 +122,18 @@ def test_load_model_rejects_other_files(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         load_model(tmp_path / "junk.ckpt")
+
+
+def test_model_trained_with_forced_triton_loads_and_runs_on_cpu(checkpoints, tmp_path):
+    """`favor_backend: triton` (a GPU-only choice) must not make a checkpoint unusable on a CPU."""
+    out = tmp_path / "model.pt"
+    assert main(["export", "--checkpoint", str(checkpoints["performer"]), "--out", str(out)]) == 0
+    raw = torch.load(out, map_location="cpu", weights_only=True)
+    raw["config"]["favor_backend"] = "triton"
+    forced = tmp_path / "forced.pt"
+    torch.save(raw, forced)
+    model, info = load_model(forced)
+    assert model.config.favor_backend == "auto"
+    reference, _ = load_model(out)
+    ids = torch.randint(4, 24, (2, 20))
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=0, rtol=0)

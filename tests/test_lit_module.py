@@ -151,3 +151,28 @@ def test_validation_metrics_are_logged(tmp_path, sample_fasta):
     assert 2.5 < metrics["val/loss"] < 4.5
     [test_metrics] = t.test(module, tiny_dm(sample_fasta, "causal"), verbose=False)
     assert "test/perplexity" in test_metrics
+
+
+def test_validation_logs_span_and_pkm_statistics(sample_fasta, tmp_path):
+    """Models with adaptive span and PKM layers report span lengths and slot usage at validation."""
+    import pytorch_lightning as pl
+
+    from protein_lm.attention.adaptive_span import span_statistics
+    from protein_lm.datamodule import ProteinDataModule
+    from protein_lm.lit_module import ProteinLMModule
+    from protein_lm.model import ModelConfig
+
+    config = ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, attention="exact", adaptive_span=True,
+                         span_max=64, pkm_layers=[1], pkm_num_keys=8, pkm_topk=4, pkm_heads=2, pkm_key_dim=16)
+    module = ProteinLMModule(config=config, objective="mlm", warmup_steps=1, redraw_interval=None)
+    dm = ProteinDataModule(str(sample_fasta), max_length=48, batch_size=4, max_train_sequences=16,
+                           max_eval_sequences=8, cache_root=str(tmp_path / "cache"))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=2, val_check_interval=2)
+    trainer.fit(module, dm)
+    logged = trainer.callback_metrics
+    expected = span_statistics(module.model)
+    assert float(logged["val/span/max"]) == pytest.approx(expected["span/max"])
+    assert 0.0 < float(logged["val/pkm/0/used"]) <= 1.0
+    assert float(logged["val/pkm/0/top99"]) >= float(logged["val/pkm/0/top50"]) >= 1
