@@ -23,6 +23,7 @@ import torch
 
 from protein_lm.errors import UserError
 from protein_lm.model import ModelConfig, ProteinLM
+from protein_lm.outputs import write_atomically
 
 WEIGHTS_FORMAT = "protein_lm.weights"
 WEIGHTS_VERSION = 1
@@ -150,9 +151,4 @@ def weights_payload(
 
 def save_weights(payload: dict[str, Any], out: str | os.PathLike) -> Path:
     """Write atomically (temp file then rename), so a crash never leaves half a file."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
-    return out
+    return write_atomically(out, lambda tmp: torch.save(payload, tmp), "--out")

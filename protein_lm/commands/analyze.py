@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from protein_lm.devices import resolve_device
 from protein_lm.errors import UserError
 
 MAP_MAX_RESIDUES = 128  # per-protein figure: longer proteins are cropped for legibility
@@ -107,20 +108,6 @@ def _find_protein(path: Path, protein_id: str, on_invalid: str) -> np.ndarray:
         if rid == protein_id:
             return tokens
     raise UserError(f"{path}: no record with id {protein_id!r} (--protein)")
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise UserError(f"--device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def _write_matrix_csv(path: Path, matrix: np.ndarray) -> None:
@@ -199,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     from protein_lm.analysis.attention_maps import accumulate_similarity, attention_map, frame
     from protein_lm.checkpoint import load_model
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, info = load_model(args.checkpoint, map_location="cpu")
     model = model.to(device).eval()
     cfg = model.config

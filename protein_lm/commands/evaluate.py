@@ -25,8 +25,10 @@ from typing import Any
 import torch
 
 from protein_lm.checkpoint import load_model
+from protein_lm.devices import resolve_device
 from protein_lm.errors import UserError
 from protein_lm.lit_module import TokenMetrics, token_statistics
+from protein_lm.outputs import check_output_file, write_atomically
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,15 +42,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per window incl. <cls>/<eos> (default: the model's max_length)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MLM masks (default 0)")
     parser.add_argument("--quiet", action="store_true", help="print only the JSON")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def evaluate(
@@ -66,7 +59,7 @@ def evaluate(
 
     if max_sequences is not None and max_sequences < 1:
         raise UserError(f"--max-sequences must be >= 1, got {max_sequences}")
-    dev = _device(device)
+    dev = resolve_device(device)
     model, info = load_model(checkpoint, map_location="cpu")
     model.to(dev).eval()
     objective = info["objective"]
@@ -110,6 +103,8 @@ def evaluate(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:
+        check_output_file(args.json, "--json")  # before the scoring, not after it
     result = evaluate(
         args.checkpoint, args.fasta, args.max_sequences, args.batch_size, args.device,
         args.max_length, args.seed, progress=not args.quiet,
@@ -117,9 +112,5 @@ def run(args: argparse.Namespace) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".part")
-        tmp.write_text(text + "\n")
-        tmp.replace(out)
+        write_atomically(args.json, lambda tmp: tmp.write_text(text + "\n"), "--json")
     return 0

@@ -1,0 +1,49 @@
+"""Output files that are never left half-written, with errors a user can act on."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from protein_lm.errors import UserError
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> Path:
+    """Fail early (before any long work) if ``path`` cannot become a file.
+
+    Args:
+        path: the file to be written.
+        flag: the option that named it, for the message (e.g. ``--json``).
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{flag} {out}: is a directory; give a file name")
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{flag} {out}: {parent} is not a directory")
+    if parent.exists() and not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {out}: cannot write in {parent}")
+    return out
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], flag: str = "output") -> Path:
+    """Call ``write(tmp)`` on a temporary sibling, then rename it to ``path``.
+
+    The temporary file is removed if anything fails, so a crash or a bad path never leaves a
+    partial file behind; OS errors become one-line :class:`UserError` messages.
+    """
+    out = check_output_file(path, flag)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, out)
+    except OSError as err:
+        raise UserError(f"{flag} {out}: {err.strerror or err}") from None
+    except RuntimeError as err:  # torch.save reports unwritable paths as RuntimeError
+        raise UserError(f"{flag} {out}: {err}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
