@@ -1,7 +1,15 @@
 # The two commands a new user needs (both install what they need into .venv first):
 #   make quickstart   train a small Performer on data/ -> checkpoint, metrics, similarity heatmap
 #   make test         the whole test suite (CPU; GPU tests are skipped without CUDA)
-PY := .venv/bin/python
+# VENV / PROTEIN_LM_NO_VENV=1 / PYTHON as in scripts/setup_env.sh (e.g. a conda env: PROTEIN_LM_NO_VENV=1).
+VENV ?= .venv
+PYTHON ?= python3
+export VENV PYTHON PROTEIN_LM_NO_VENV
+ifeq ($(PROTEIN_LM_NO_VENV),1)
+PY := $(PYTHON)
+else
+PY := $(VENV)/bin/python
+endif
 RUN := runs/quickstart
 
 .PHONY: env quickstart test gpu-test lint clean

@@ -3,7 +3,7 @@
 The GPU results in docs/results.md used a 45 M-residue subset of Swiss-Prot 2014 because a device
 call carries at most 64 MiB:
 
-    python ../shared/data/build_swissprot2014.py /data            # 516,371 entries
+    # /data/swissprot2014_goasp.fasta.gz: 516,371 entries (docs/data.md, "The benchmark corpus")
     protein-lm prepare /data/swissprot2014_goasp.fasta.gz --out /data/cache_full
     python bench/make_subset.py /data/cache_full /data/subset45M.fasta.gz --residues 45000000 --seed 2014
     protein-lm prepare /data/subset45M.fasta.gz --out .gpu/sp45m     # 124,428 sequences, 44,999,047 residues

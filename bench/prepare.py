@@ -10,8 +10,7 @@ Measures, alternating the two so that load drift on a shared machine hits both a
 Targets (issue 2): prepare wall <= 2x zcat wall; peak RSS < 1 GB.
 Writes bench/results/prepare.json and prints a table last.
 
-    python bench/prepare.py [--fasta /work/corpus/swissprot2014_goasp.fasta.gz]
-                            [--out /work/corpus/cache_full] [--repeats 5]
+    python bench/prepare.py --fasta CORPUS/swissprot2014_goasp.fasta.gz --out CORPUS/cache_full [--repeats 5]
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_FASTA = Path("/work/corpus/swissprot2014_goasp.fasta.gz")
-DEFAULT_OUT = Path("/work/corpus/cache_full")
+CORPUS_HELP = "the Swiss-Prot 2014 corpus, swissprot2014_goasp.fasta.gz (docs/data.md: 'The benchmark corpus')"
 
 
 def run_measured(cmd: list[str] | str, shell: bool = False, env: dict | None = None) -> dict:
@@ -73,7 +71,7 @@ def stages(fasta: Path, env: dict) -> dict:
 
 
 def cache_stats(out: Path) -> dict:
-    """Statistics of the written cache (to compare with ../shared/data/README.md)."""
+    """Statistics of the written cache (to compare with the corpus's published statistics, docs/data.md)."""
     import numpy as np
 
     sys.path.insert(0, str(REPO))
@@ -118,14 +116,14 @@ def machine() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fasta", type=Path, default=DEFAULT_FASTA)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--fasta", type=Path, required=True, help=CORPUS_HELP)
+    ap.add_argument("--out", type=Path, required=True, help="where the cache is written (kept for later runs)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "prepare.json")
     args = ap.parse_args()
     if not args.fasta.exists():
-        raise SystemExit(f"{args.fasta}: not found (build it with ../shared/data/build_swissprot2014.py)")
+        raise SystemExit(f"{args.fasta}: not found (see docs/data.md: 'The benchmark corpus')")
 
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     prepare_cmd = [
