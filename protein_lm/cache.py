@@ -294,8 +294,11 @@ def _resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     paths = [Path(p).expanduser().resolve() for p in inputs]
     for p in paths:
         _check_readable(p)
-    if len(set(paths)) != len(paths):
-        raise UserError("the same input file is given twice")
+    seen: set[Path] = set()
+    for p in paths:
+        if p in seen:
+            raise UserError(f"{p}: the same input file is given twice")
+        seen.add(p)
     return paths
 
 

@@ -20,7 +20,7 @@ This module is pure Python + numpy (no torch) so that data preparation starts fa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -138,8 +138,3 @@ def decode(ids: Iterable[int], skip_special_tokens: bool = False) -> str:
             continue
         out.append(TOKENS[i])
     return "".join(out)
-
-
-def batch_encode(seqs: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
-    """Encode several sequences (convenience for notebooks)."""
-    return [encode(s, add_special_tokens) for s in seqs]

@@ -57,3 +57,18 @@ def test_bad_device_is_one_line_error(device, capsys, sample_fasta):
 def test_cuda_without_gpu_is_one_line_error(capsys, sample_fasta):
     rc = main(["evaluate", "--checkpoint", SHIPPED, "--fasta", str(sample_fasta), "--device", "cuda"])
     assert rc == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_evaluate_missing_fasta_names_the_option(tmp_path, capsys):
+    rc = main(["evaluate", "--checkpoint", SHIPPED, "--fasta", str(tmp_path / "missing.fa")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--fasta" in err and "missing.fa" in err and "Traceback" not in err
+
+
+def test_prepare_same_input_twice_names_the_file(tmp_path, capsys):
+    fasta = tmp_path / "a.fa"
+    fasta.write_text(">x\nMKV\n")
+    rc = main(["prepare", str(fasta), str(fasta), "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a.fa" in err and "twice" in err
+    assert not (tmp_path / "cache").exists()

@@ -59,6 +59,10 @@ def evaluate(
 
     if max_sequences is not None and max_sequences < 1:
         raise UserError(f"--max-sequences must be >= 1, got {max_sequences}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if not Path(fasta).exists():
+        raise UserError(f"--fasta {fasta}: no such file or directory")
     dev = resolve_device(device)
     model, info = load_model(checkpoint, map_location="cpu")
     model.to(dev).eval()
@@ -84,7 +88,10 @@ def evaluate(
                 print(f"  {i + 1} batches, {int(metrics.count):,} tokens scored", file=sys.stderr, flush=True)
     values = metrics.compute()
     if int(values["num_tokens"]) == 0:
-        raise UserError(f"{fasta}: no tokens to score")
+        raise UserError(
+            f"{fasta}: no tokens to score"
+            + (" (no residue was selected for masking: score more or longer sequences)" if objective == "mlm" else "")
+        )
     return {
         "checkpoint": str(checkpoint),
         "fasta": str(fasta),

@@ -66,15 +66,6 @@ def _logits(x, whi, wlo, scale, SOFTMAX: tl.constexpr, SPLIT_W: tl.constexpr):
 
 
 @triton.jit
-def _query_phi(s, inv_sqrt_m, SOFTMAX: tl.constexpr):
-    if SOFTMAX:
-        phi = tl.exp(s - tl.max(s, axis=1)[:, None]) * inv_sqrt_m
-    else:
-        phi = tl.maximum(s, 0.0) + 1e-3
-    return phi
-
-
-@triton.jit
 def _key_phi(s, valid, shift, inv_sqrt_m, SOFTMAX: tl.constexpr):
     if SOFTMAX:
         phi = tl.exp(s - shift) * inv_sqrt_m
