@@ -39,7 +39,7 @@ from typing import NamedTuple
 import numpy as np
 
 from protein_lm.errors import FastaFormatError
-from protein_lm.tokenizer import _BYTE_TO_ID, InvalidSequenceError, encode_residues
+from protein_lm.tokenizer import BYTE_TO_ID, InvalidSequenceError, encode_residues
 
 GZIP_MAGIC = b"\x1f\x8b"
 ON_INVALID = ("error", "skip")
@@ -54,7 +54,7 @@ _ID_NEEDS_CUT = re.compile(rb"[ \t\r\v\f]")
 # Fast-path byte table: residues -> ids 4..30, '>' -> record marker, '*' -> 1, else 255.
 _MARK, _STAR = 2, 1
 _MARK_BYTE = bytes([_MARK])
-_table = _BYTE_TO_ID.copy()
+_table = BYTE_TO_ID.copy()
 _table[ord(">")] = _MARK
 _table[ord("*")] = _STAR
 _FAST_TABLE = bytes(_table)

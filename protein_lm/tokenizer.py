@@ -42,15 +42,15 @@ STANDARD_AA_IDS: tuple[int, ...] = tuple(TOKEN_TO_ID[a] for a in STANDARD_AA)
 # Ids that are never masked / scored as residues.
 SPECIAL_IDS: tuple[int, ...] = (CLS_ID, PAD_ID, EOS_ID, UNK_ID, NULL_ID, MASK_ID)
 
-# Byte -> token id lookup for the fast path; 255 marks an invalid byte.
+# Byte -> token id lookup (public: the FASTA fast path tokenises whole blocks with it); 255 = invalid byte.
 _INVALID = 255
-_BYTE_TO_ID = np.full(256, _INVALID, dtype=np.uint8)
+BYTE_TO_ID = np.full(256, _INVALID, dtype=np.uint8)
 for _letter in RESIDUES:
-    _BYTE_TO_ID[ord(_letter)] = TOKEN_TO_ID[_letter]
+    BYTE_TO_ID[ord(_letter)] = TOKEN_TO_ID[_letter]
     if _letter.isalpha():
-        _BYTE_TO_ID[ord(_letter.lower())] = TOKEN_TO_ID[_letter]
-_BYTE_TO_ID[ord("J")] = TOKEN_TO_ID["X"]
-_BYTE_TO_ID[ord("j")] = TOKEN_TO_ID["X"]
+        BYTE_TO_ID[ord(_letter.lower())] = TOKEN_TO_ID[_letter]
+BYTE_TO_ID[ord("J")] = TOKEN_TO_ID["X"]
+BYTE_TO_ID[ord("j")] = TOKEN_TO_ID["X"]
 _WHITESPACE = b" \t\r\n\v\f"
 
 
@@ -83,7 +83,7 @@ def encode_residues(seq: str | bytes) -> np.ndarray:
     if raw.endswith(b"*"):
         raw = raw[:-1]
     arr = np.frombuffer(raw, dtype=np.uint8)
-    ids = _BYTE_TO_ID[arr]
+    ids = BYTE_TO_ID[arr]
     bad = np.flatnonzero(ids == _INVALID)
     if bad.size:
         i = int(bad[0])
