@@ -4,6 +4,10 @@ Everything Lightning users know works: ``--config configs/X.yaml`` (several are 
 ``--print_config``, dotted overrides (``--trainer.max_steps 100``, ``--model.lr 1e-3``,
 ``--data.batch_size 16``), ``--ckpt_path last`` to resume. What this module adds:
 
+* ``--ckpt_path best`` / ``last`` name the files in ``output_dir/checkpoints`` in any process
+  (best = lowest recorded ``val/loss``); a missing checkpoint, and Lightning's errors for user
+  mistakes, print as one line (exit 2) instead of a traceback;
+
 * links: ``data.vocab_size -> model.config.vocab_size`` (after the data module is built),
   ``data.objective -> model.objective`` and ``data.max_length -> model.config.max_length``;
 * ``output_dir`` (default ``runs/<config name>``): checkpoints in ``output_dir/checkpoints``
@@ -31,9 +35,11 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from protein_lm.callbacks import split_checkpointing
 from protein_lm.datamodule import ProteinDataModule
+from protein_lm.errors import UserError
 from protein_lm.lit_module import ProteinLMModule
 
 DEFAULT_RUNS_DIR = "runs"
@@ -41,6 +47,13 @@ DEFAULT_RUNS_DIR = "runs"
 
 class ProteinLMCLI(LightningCLI):
     """LightningCLI with the project's links, output layout, loggers and defaults."""
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
+                     subparser_kwargs: dict[str, Any]) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        # jsonargparse names them `protein-lm [options] fit`; the top level has no options here.
+        for name, parser in getattr(self, "_subcommand_parsers", {}).items():
+            parser.prog = f"protein-lm {name}"
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D401 - Lightning hook
         parser.add_argument(
@@ -73,13 +86,50 @@ class ProteinLMCLI(LightningCLI):
         config = self.config_init if init else self.config
         return config if self.subcommand is None else config[self.subcommand]
 
-    def _output_dir(self) -> Path:
-        cfg = self._cfg()
+    def _output_dir(self, cfg: Any = None) -> Path:
+        cfg = self._cfg() if cfg is None else cfg
         if cfg.get("output_dir"):
             return Path(cfg["output_dir"])
         configs = cfg.get("config") or []
         name = Path(str(configs[-1])).stem if configs else "default"
         return Path(DEFAULT_RUNS_DIR) / name
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path best|last|PATH`` before Lightning reads the checkpoint's hyperparameters.
+
+        Lightning resolves ``best`` only from a callback of the *same* process (so ``test --ckpt_path
+        best`` in a new process fails), and ``last`` without a file silently uses random weights
+        outside ``fit``. Here both name files in ``output_dir/checkpoints``; a missing one is a
+        one-line error.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            cfg = self.config[subcommand]
+            cfg["ckpt_path"] = self._resolve_ckpt_path(subcommand, cfg)
+        super()._parse_ckpt_path()
+
+    def _resolve_ckpt_path(self, subcommand: str, cfg: Any) -> str | None:
+        ckpt = cfg.get("ckpt_path")
+        if not ckpt or ckpt == "hpc" or "://" in str(ckpt) or str(ckpt).startswith("registry"):
+            return ckpt  # Lightning's own keywords and remote paths
+        ckpt_cfg = cfg.get("checkpoint") or {}
+        dirpath = Path(ckpt_cfg.get("dirpath") or self._output_dir(cfg) / "checkpoints")
+        if ckpt == "best":
+            best = find_best_checkpoint(dirpath, ckpt_cfg.get("monitor") or "val/loss", ckpt_cfg.get("mode") or "min")
+            if best is None:
+                raise UserError(f"--ckpt_path best: no best checkpoint in {dirpath} (train with `protein-lm fit` "
+                                "first, or pass --output_dir / a checkpoint path)")
+            return str(best)
+        if ckpt == "last":
+            lasts = sorted(dirpath.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if lasts:
+                return str(lasts[-1])
+            if subcommand == "fit":
+                return ckpt  # nothing to resume yet: Lightning warns and starts from scratch
+            raise UserError(f"--ckpt_path last: no last checkpoint in {dirpath}")
+        if not Path(ckpt).is_file():
+            raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        return ckpt
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
@@ -149,6 +199,43 @@ class ProteinLMCLI(LightningCLI):
             print("\n".join(lines), flush=True)
 
 
+def find_best_checkpoint(dirpath: Path, monitor: str = "val/loss", mode: str = "min") -> Path | None:
+    """The checkpoint in ``dirpath`` (``last*.ckpt`` aside) with the best recorded ``monitor`` score.
+
+    The score is read from the checkpoint's own ModelCheckpoint state (memory-mapped, so a large
+    checkpoint costs little); files without one rank by modification time, after scored files.
+    With ``save_top_k=1`` there is normally a single candidate.
+    """
+    candidates = [p for p in Path(dirpath).glob("*.ckpt") if not p.name.startswith("last")]
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    sign = 1.0 if mode == "min" else -1.0
+
+    def rank(path: Path) -> tuple[int, float, float]:
+        score = _recorded_score(path, monitor)
+        mtime = path.stat().st_mtime
+        return (0, sign * score, -mtime) if score is not None else (1, 0.0, -mtime)
+
+    return min(candidates, key=rank)
+
+
+def _recorded_score(path: Path, monitor: str) -> float | None:
+    """``monitor``'s value for ``path`` as its ModelCheckpoint recorded it, or None."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable or not a Lightning checkpoint: ranked by age instead
+        return None
+    for state in (ckpt.get("callbacks") or {}).values():
+        if not isinstance(state, dict) or state.get("monitor") != monitor:
+            continue
+        for saved, score in (state.get("best_k_models") or {}).items():
+            if Path(saved).name == path.name and score is not None:
+                return float(score)
+        if Path(str(state.get("best_model_path", ""))).name == path.name and state.get("best_model_score") is not None:
+            return float(state["best_model_score"])
+    return None
+
+
 def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
@@ -182,6 +269,7 @@ def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
         run=run,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "protein-lm"},  # not `__main__.py` under `python -m protein_lm`
         auto_configure_optimizers=False,
     )
 
@@ -189,8 +277,28 @@ def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
 def run_lightning_cli(argv: list[str]) -> int:
     """Entry point used by :mod:`protein_lm.cli` for ``fit``, ``validate``, ``test``, ``predict``."""
     torch.set_float32_matmul_precision("high")
-    build_cli(list(argv))
+    try:
+        build_cli(list(argv))
+    except (ValueError, MisconfigurationException) as err:
+        # Lightning reports user mistakes (bad trainer flags, unusable ckpt_path, ...) as these;
+        # print them as one line. ValueErrors from elsewhere are bugs and keep their traceback.
+        if os.environ.get("PROTEIN_LM_TRACEBACK") or not _raised_by_lightning(err):
+            raise
+        raise UserError(" ".join(str(err).split()) or type(err).__name__) from None
     return 0
+
+
+def _raised_by_lightning(err: BaseException) -> bool:
+    """Whether ``err`` was raised inside Lightning itself (its innermost frame), not in our code or torch."""
+    if isinstance(err, MisconfigurationException):
+        return True
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    parts = Path(tb.tb_frame.f_code.co_filename).parts
+    return "pytorch_lightning" in parts or "lightning_fabric" in parts
 
 
 if __name__ == "__main__":  # pragma: no cover
