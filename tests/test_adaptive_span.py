@@ -141,7 +141,9 @@ def test_linear_span_equals_masked_quadratic(causal):
         pq, pk, v, z, ramp=6.0, causal=causal, key_padding_mask=kpm, chunk=16
     )
     ref = _ref_linear(pq, pk, v, z, 6.0, causal, kpm)
-    torch.testing.assert_close(out, ref)
+    real = ~kpm[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], ref[real])
+    assert (out[~real] == 0).all()  # padded queries are zeroed (architecture.md: padding zeroed before use)
 
 
 def test_linear_span_gradient_wrt_span():
@@ -209,3 +211,67 @@ def test_linear_span_ignores_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = adaptive_span_linear_attention(pq, pk, v, z, ramp=8.0, causal=False)
     torch.testing.assert_close(out.float(), ref, atol=1e-4, rtol=1e-4)
+
+
+def _kernel(backend: str, causal: bool, memory_slots: int = 0):
+    """An :class:`AdaptiveSpanKernel` as the model builds it (span 16 + ramp 16 = reach 32 < 100 pads)."""
+    from protein_lm.attention import FavorAttention
+    from protein_lm.attention.adaptive_span import AdaptiveSpanKernel
+    from protein_lm.attention.persistent import PersistentMemory
+
+    span = AdaptiveSpan(num_heads=2, max_span=128, ramp=16, init_span=16)
+    favor = None
+    if backend == "performer":
+        favor = FavorAttention(8, num_features=32, causal=causal, backend="torch", seed=0)
+    memory = PersistentMemory(2, 8, memory_slots) if memory_slots else None
+    return AdaptiveSpanKernel(span, causal, favor=favor, memory=memory)
+
+
+@pytest.mark.parametrize("memory_slots", [0, 3])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("backend", ["performer", "exact"])
+def test_span_kernel_invariant_to_long_padding(backend, causal, memory_slots):
+    """100 trailing pads (>> span + ramp), filled with huge or inf values: real outputs are the unpadded
+    ones, every output is finite, and gradients are finite (regression: Performer-span NaN)."""
+    torch.manual_seed(7)
+    kernel = _kernel(backend, causal, memory_slots)
+    b, h, real, pad, d = 2, 2, 24, 100, 8
+    q, k, v = (torch.randn(b, h, real, d) for _ in range(3))
+    ref = kernel(q, k, v)  # no padding at all
+    for fill in (0.0, 1e30, math.inf):
+        qp, kp, vp = (
+            torch.cat([x, torch.full((b, h, pad, d), fill)], dim=2).requires_grad_(True) for x in (q, k, v)
+        )
+        kpm = torch.zeros(b, real + pad, dtype=torch.bool)
+        kpm[:, real:] = True
+        out = kernel(qp, kp, vp, key_padding_mask=kpm)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out[:, :, :real], ref, atol=1e-5, rtol=1e-4)
+        (out[:, :, :real] ** 2).sum().backward()
+        for x in (qp, kp, vp, kernel.span.span_fraction):
+            assert torch.isfinite(x.grad).all()
+        assert (qp.grad[:, :, real:] == 0).all() and (vp.grad[:, :, real:] == 0).all()
+        kernel.zero_grad()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_linear_span_long_padding_float64(causal):
+    """Kernel level: huge/inf features and values at 100 padded positions leave the real rows
+    equal to the float64 reference on the real tokens only, and padded rows are exactly 0."""
+    torch.manual_seed(8)
+    b, h, real, pad, m, d = 2, 2, 20, 100, 8, 4
+    pq = torch.rand(b, h, real + pad, m, dtype=torch.float64) + 0.01
+    pk = torch.rand(b, h, real + pad, m, dtype=torch.float64) + 0.01
+    v = torch.randn(b, h, real + pad, d, dtype=torch.float64)
+    pk[:, :, real:] = 1e300
+    v[:, :, real:] = math.inf
+    pq[:, :, real:] = math.inf
+    kpm = torch.zeros(b, real + pad, dtype=torch.bool)
+    kpm[:, real:] = True
+    z = torch.tensor([3.0, 7.5], dtype=torch.float64)
+    out = adaptive_span_linear_attention(
+        pq, pk, v, z, ramp=4.0, causal=causal, key_padding_mask=kpm, chunk=16
+    )
+    assert torch.isfinite(out).all() and (out[:, :, real:] == 0).all()
+    ref = _ref_linear(pq[:, :, :real], pk[:, :, :real], v[:, :, :real], z, 4.0, causal)
+    torch.testing.assert_close(out[:, :, :real], ref)

@@ -266,3 +266,40 @@ def test_fair_configs_build_a_model_that_runs(name):
     model = ProteinLM(ModelConfig(**cfg["model"]["config"]))
     out = model(torch.randint(4, 24, (2, 16)))
     assert out.logits.shape == (2, 16, 33) and torch.isfinite(out.aux_loss)
+
+
+@pytest.mark.parametrize("name", _CONFIGS)
+def test_fair_configs_finite_and_invariant_to_long_padding(name):
+    """Regression: with >= span + ramp trailing pads, the Performer span path turned every output
+    into NaN ("non-finite training loss" at step 0). Each shipped FAIR config (small dims) must give
+    a finite loss / gradients and, at real positions, the logits of the unpadded sequence."""
+    from pathlib import Path
+
+    import yaml
+
+    from protein_lm.model import ModelConfig, ProteinLM
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / name).read_text())
+    small = {**_SMALL, "pkm_key_dim": 16} if "pkm_layers" in cfg["model"]["config"] else _SMALL
+    torch.manual_seed(0)
+    model = ProteinLM(ModelConfig(**{**cfg["model"]["config"], **small}))
+    real, pad = 24, 100  # 100 pads >> span_init + span_ramp = 32 (the configs' reach)
+    x = torch.randint(4, 24, (2, real))
+    xp = torch.cat([x, torch.randint(0, 33, (2, pad))], dim=1)
+    mask = torch.zeros(2, real + pad, dtype=torch.bool)
+    mask[:, real:] = True
+    mask[0, real - 5 :] = True  # ragged: row 0 has 19 real tokens
+    x[0, real - 5 :] = 1  # unpadded run: other tokens under row 0's mask than xp has
+    out = model(xp, mask)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.aux_loss)
+    target = torch.randint(4, 24, (2, real + pad))
+    loss = F.cross_entropy(out.logits[~mask], target[~mask]) + out.aux_loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    with torch.no_grad():
+        got = model(xp, mask).logits[:, :real]
+        want = model(x, mask[:, :real]).logits
+    keep = ~mask[:, :real]
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-4, rtol=1e-4)

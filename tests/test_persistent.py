@@ -61,7 +61,9 @@ def test_exact_probabilities_over_context_and_memory(causal):
     assert (p[..., :5] > 0).all()  # every query (also causal position 0) sees every slot
     vals = torch.cat([mv[None].expand(2, -1, -1, -1), v], dim=2)
     out = persistent_exact_attention(q, k, v, mk, mv, causal=causal, key_padding_mask=kpm)
-    torch.testing.assert_close(out, p @ vals)
+    real = ~kpm[:, None, :, None].expand_as(out)  # padded queries are zeroed before use: don't-care rows
+    torch.testing.assert_close(out[real], (p @ vals)[real])
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -127,3 +129,30 @@ def test_memory_with_adaptive_span_backends():
     ref = (a_ctx @ v + a_mem @ mv[None]) / (a_ctx.sum(-1, keepdim=True) + a_mem.sum(-1, keepdim=True))
     out = adaptive_span_linear_attention(pq, pk, v, z, ramp=4.0, memory_phi_k=pm, memory_v=mv, chunk=8)
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("favor", [False, True])
+def test_memory_invariant_to_long_inf_padding(favor, causal):
+    """100 trailing pads holding inf: real outputs equal the unpadded ones; outputs and grads finite."""
+    q, k, v = _qkv(b=2, h=2, length=12, d=8, dtype=torch.float32)
+    mem = PersistentMemory(2, 8, 3)
+    mk, mv = mem()
+    base = FavorAttention(8, num_features=16, causal=causal, backend="torch", seed=0) if favor else None
+
+    def run(q, k, v, kpm=None):
+        if favor:
+            return persistent_favor_attention(base, q, k, v, mk, mv, key_padding_mask=kpm)
+        return persistent_exact_attention(q, k, v, mk, mv, causal=causal, key_padding_mask=kpm)
+
+    ref = run(q, k, v)
+    qp, kp, vp = (
+        torch.cat([x, torch.full((2, 2, 100, 8), math.inf)], 2).requires_grad_(True) for x in (q, k, v)
+    )
+    kpm = torch.zeros(2, 112, dtype=torch.bool)
+    kpm[:, 12:] = True
+    out = run(qp, kp, vp, kpm)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :, :12], ref, atol=1e-5, rtol=1e-4)
+    out[:, :, :12].sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (qp, kp, vp))

@@ -113,6 +113,10 @@ def adaptive_span_exact_attention(
         ``(B, H, L, D)`` in ``v.dtype``.
     """
     b, h, length, d = q.shape
+    if key_padding_mask is not None:
+        # Zero padded q/k/v first: masking scores alone leaves 0 * inf = NaN in the value product
+        # and in the backward of ``q @ k^T`` (grad_q = grad_s @ k), which would reach real rows.
+        q, k, v = (_zero_padded(x, key_padding_mask) for x in (q, k, v))
     w = _reach(spans, ramp, length)
     bq = max(1, block_size or max(64, w))
     left, right = w, (0 if causal else w)
@@ -161,6 +165,14 @@ def adaptive_span_exact_attention(
         denom = e_ctx.sum(-1, keepdim=True).clamp_min(1e-30)  # rows with no key (padded query) -> 0
         out = (e_ctx / denom).to(v.dtype) @ windows(v).transpose(-1, -2)
     return out.reshape(b, h, nb * bq, d)[:, :, :length]
+
+
+def _zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """Zero padded positions of ``x (B, H, L, *)`` (``masked_fill``: also replaces inf/NaN there,
+    and its backward gives padded inputs a zero gradient instead of ``0 * inf``)."""
+    if key_padding_mask is None:
+        return x
+    return x.masked_fill(key_padding_mask.to(torch.bool)[:, None, :, None], 0.0)
 
 
 def _shift_right(x: Tensor, shifts: Tensor) -> Tensor:
@@ -231,11 +243,12 @@ def adaptive_span_linear_attention(
         spans: ``(H,)`` per-head spans in tokens (static spans only; fractional allowed).
         ramp: ramp width ``R``.
         causal: keys ``j <= i`` only; otherwise the window is symmetric in ``|i - j|``.
-        key_padding_mask: bool ``(B, L)``, True at padding (those keys' features are zeroed).
+        key_padding_mask: bool ``(B, L)``, True at padding (those keys' features and values are
+            zeroed before the prefix sums; padded queries get output 0).
         memory_phi_k: optional ``(B or 1, H, N, M)`` features of persistent-memory keys (computed
             with the same stabiliser as ``phi_k``); ``memory_v``: ``(H, N, D)``. Visible to every
             query with mask 1.
-        eps: floor of the normaliser (as in ``favor_causal``).
+        eps: queries whose normaliser is ``<= eps`` see no real key and get output 0.
         chunk: chunk size of the causal kernel.
 
     Returns:
@@ -254,13 +267,17 @@ def adaptive_span_linear_attention(
 def _span_linear(phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_phi_k, memory_v, eps, chunk):
     """Body of :func:`adaptive_span_linear_attention` (autocast disabled)."""
     dt = torch.promote_types(phi_q.dtype, torch.float32)
-    phi_q = phi_q.to(dt)
-    phi_k = phi_k.to(dt)
     spans = spans.to(dt)
-    if key_padding_mask is not None:
-        phi_k = phi_k.masked_fill(key_padding_mask[:, None, :, None].to(torch.bool), 0.0)
     ones = torch.ones_like(v[..., :1], dtype=dt)
     u = torch.cat([v.to(dt), ones], dim=-1)  # (B,H,L,D+1)
+    # Padded keys must contribute exactly 0 to every prefix sum: zero their features AND their
+    # values / normaliser column (and with them the position-weighted P1 term and the diagonal).
+    # Otherwise one inf/NaN value at a padded key turns into 0 * inf = NaN in the shared prefix
+    # sums and poisons every later (causal) or every (bidirectional) real query. Padded queries
+    # are zeroed too: they then see nothing and get output 0 below (not cancellation noise / eps).
+    phi_q = _zero_padded(phi_q.to(dt), key_padding_mask)
+    phi_k = _zero_padded(phi_k.to(dt), key_padding_mask)
+    u = _zero_padded(u, key_padding_mask)
     num = _causal_span_numerator(phi_q, phi_k, u, spans, ramp, chunk)
     if not causal:
         fut = _causal_span_numerator(phi_q.flip(2), phi_k.flip(2), u.flip(2), spans, ramp, chunk).flip(2)
@@ -270,7 +287,12 @@ def _span_linear(phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_
         mu = torch.cat([memory_v.to(dt), torch.ones_like(memory_v[..., :1], dtype=dt)], dim=-1)  # (H,N,D+1)
         state = torch.einsum("bhnm,hne->bhme", memory_phi_k.to(dt), mu)  # (B|1,H,M,D+1)
         num = num + phi_q @ state
-    out = num[..., :-1] / num[..., -1:].clamp_min(eps)  # as FAVOR+: exact ratio above eps
+    den = num[..., -1:]  # (B,H,L,1)
+    # Above eps: the exact ratio (as FAVOR+). At or below eps the query sees no real key (padded
+    # query, or all visible keys padded); its numerator is then only rounding left over by the
+    # cancelling prefix sums, and dividing it by eps would blow it up: output 0 instead. The
+    # clamp keeps the unused branch finite, so torch.where's backward stays NaN-free.
+    out = torch.where(den > eps, num[..., :-1] / den.clamp_min(eps), torch.zeros_like(num[..., :-1]))
     return out.to(v.dtype)
 
 
@@ -449,6 +471,10 @@ class AdaptiveSpanKernel(nn.Module):
         from protein_lm.attention.favor import favor_features
 
         assert self.favor is not None
+        # Padded queries zeroed before the feature map (favor_features only does this when queries
+        # and keys share L, not for the memory-prepended keys below): huge values there would give
+        # inf features, and an inf/NaN backward through the map even where the output is masked.
+        q = _zero_padded(q, key_padding_mask)
         if mem_k is None:
             phi_q, phi_k = favor_features(q, k, self.favor.projection, self.favor.kernel, key_padding_mask)
             return phi_q, phi_k, None

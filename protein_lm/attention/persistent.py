@@ -84,10 +84,17 @@ def prepend_memory(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Prepend ``N`` memory slots to keys/values and ``N`` zero dummy queries to queries.
 
+    Padded context positions of ``q, k, v`` are zeroed (so huge or non-finite padding cannot leak).
+
     ``q, k, v: (B, H, L, D)``, ``mem_k, mem_v: (H, N, D)`` -> ``(B, H, N + L, D)`` x3 and the padding
     mask extended with ``False`` (memory is never padding) to ``(B, N + L)``.
     """
     b, n = q.shape[0], mem_k.shape[1]
+    if key_padding_mask is not None:
+        # Zero padded q/k/v: the base kernels mask scores/features, but inf/NaN left in a padded
+        # value or key would still meet a 0 weight (0 * inf = NaN) forward or in the backward.
+        pad = key_padding_mask.to(torch.bool)[:, None, :, None]
+        q, k, v = (x.masked_fill(pad, 0.0) for x in (q, k, v))
     mk = mem_k.to(k.dtype).unsqueeze(0).expand(b, -1, -1, -1)
     mv = mem_v.to(v.dtype).unsqueeze(0).expand(b, -1, -1, -1)
     q2 = torch.cat([q.new_zeros(b, q.shape[1], n, q.shape[3]), q], dim=2)
