@@ -315,7 +315,7 @@ class ProteinLMModule(pl.LightningModule):
         self._check_finite(total)
         bsz = batch["input_ids"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=bsz)
-        if aux.requires_grad or bool(aux != 0):
+        if aux.requires_grad:  # models with span / memory penalties (no device sync for the rest)
             self.log("train/aux_loss", aux, on_step=True, on_epoch=False, batch_size=bsz)
         self.log("train/tokens", count.float(), on_step=True, on_epoch=False, reduce_fx="sum", batch_size=bsz)
         return total
