@@ -20,7 +20,7 @@ env:
 quickstart: env
 	$(PY) -m protein_lm fit --config configs/quickstart.yaml
 	$(PY) -m protein_lm analyze --checkpoint $(RUN)/checkpoints/last.ckpt \
-	    --fasta data/swissprot_sample.fasta.gz --max-sequences 100 --out $(RUN)/analysis
+	    --fasta data/swissprot_sample.fasta.gz --max-sequences 300 --out $(RUN)/analysis
 	@echo
 	@echo "checkpoints: $(RUN)/checkpoints/   metrics: $(RUN)/csv/version_*/metrics.csv"
 	@echo "heatmap    : $(RUN)/analysis/similarity_vs_blosum62.png   summary: $(RUN)/analysis/summary.json"
