@@ -22,17 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py; bench/ is on sys.path as a script)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
 
 
 def load_average() -> str:

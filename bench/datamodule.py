@@ -34,6 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py; bench/ is on sys.path as a script)
+
 from protein_lm.datamodule import ProteinDataModule  # noqa: E402
 
 CASES = [
@@ -45,16 +47,6 @@ CASES = [
     ("concat-causal L=8192 B=4", "concat", "causal", 8192, 4, None),
 ]
 TARGET = 10e6
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(
