@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_token_cache(tmp_path_factory):
+    """Token caches of this run go to a temp folder, not ~/.cache: runs never share or leak state.
+
+    Set in os.environ so the CLI subprocesses that tests start inherit it too."""
+    old = os.environ.get("PROTEIN_LM_CACHE")
+    os.environ["PROTEIN_LM_CACHE"] = str(tmp_path_factory.mktemp("protein_lm_cache"))
+    yield
+    if old is None:
+        os.environ.pop("PROTEIN_LM_CACHE", None)
+    else:
+        os.environ["PROTEIN_LM_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

@@ -180,3 +180,42 @@ def test_tiny_model_overfits_a_handful_of_sequences(attention, objective):
         loss_sum, correct, count = token_statistics(model(inputs).logits, labels)
     final = float(loss_sum / count)
     assert final < 0.25 * UNIGRAM_ENTROPY, f"{attention}/{objective}: loss {final:.3f} did not fall far enough"
+
+
+def test_rotary_matches_complex_rotation_and_depends_only_on_offset():
+    """RoPE against an independent complex-number formula; q.k then depends on i - j only."""
+    from protein_lm.model import RotaryEmbedding
+
+    torch.manual_seed(0)
+    d, length = 8, 12
+    rope = RotaryEmbedding(d)
+    q = torch.randn(1, 1, length, d)
+    k = torch.randn(1, 1, length, d)
+    rq, rk = rope(q, k)
+    pos = torch.arange(length, dtype=torch.float64)[:, None]
+    theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    z = torch.complex(q[0, 0, :, : d // 2].double(), q[0, 0, :, d // 2 :].double()) * torch.exp(1j * pos * theta)
+    torch.testing.assert_close(rq[0, 0].double(), torch.cat((z.real, z.imag), -1), atol=1e-5, rtol=1e-5)
+    # Same vector at every position: the score matrix is Toeplitz (offset-only) and not constant.
+    same_q, same_k = rope(q[:, :, :1].expand(1, 1, length, d), k[:, :, :1].expand(1, 1, length, d))
+    scores = (same_q @ same_k.transpose(-1, -2))[0, 0]
+    for offset in range(-length + 1, length):
+        diag = torch.diagonal(scores, offset)
+        torch.testing.assert_close(diag, diag[:1].expand_as(diag), atol=1e-4, rtol=1e-4)
+    assert scores.std() > 1e-2
+
+
+@pytest.mark.parametrize("attention", ["performer-softmax", "performer-relu", "exact"])
+def test_positions_reach_the_attention(attention):
+    """Without positions a bidirectional model is permutation-equivariant; with RoPE it is not."""
+    torch.manual_seed(0)
+    ids = torch.randint(4, 24, (1, 16))
+    perm = torch.randperm(16)
+    for position, equivariant in (("none", True), ("rotary", False)):
+        torch.manual_seed(1)
+        model = ProteinLM(ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, attention=attention,
+                                      num_features=32, position=position, feature_seed=0)).eval()
+        with torch.no_grad():
+            a = model(ids).logits[0, perm]
+            b = model(ids[:, perm]).logits[0]
+        assert torch.allclose(a, b, atol=1e-4) == equivariant, (attention, position)

@@ -41,4 +41,5 @@ def test_tokens_seen_matches_independent_count(sample_fasta, tmp_path):
     assert monitor.state_dict()["tokens_seen"] == expected
     rate = trainer.callback_metrics["perf/tokens_per_sec"]
     assert torch.isfinite(rate) and rate > 0
-    assert trainer.callback_metrics["perf/tokens_seen"] <= expected
+    # the last measurement is logged at the last step (6 % 2 == 0), so it counts every batch
+    assert trainer.callback_metrics["perf/tokens_seen"] == expected

@@ -8,8 +8,9 @@ import torch
 from protein_lm.cli import main
 from protein_lm.errors import UserError
 from protein_lm.outputs import write_atomically
+from tests.conftest import REPO
 
-SHIPPED = "checkpoints/performer-softmax-bid-swissprot2014.pt"
+SHIPPED = str(REPO / "checkpoints" / "performer-softmax-bid-swissprot2014.pt")
 
 
 def test_write_atomically_leaves_no_partial_file_on_failure(tmp_path):
