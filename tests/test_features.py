@@ -124,3 +124,13 @@ def test_features_are_float32_under_bf16_autocast_and_finite_for_huge_norms():
     for phi in (pq, pk, pr):
         assert phi.dtype == torch.float32 and torch.isfinite(phi).all()
     assert (pq > 0).any(-1).all()  # every query keeps its max feature (= 1/sqrt(M))
+
+
+def test_iid_rows_are_not_orthogonal_within_a_block():
+    """orthogonal=False must really draw i.i.d. rows (cosines spread like 1/sqrt(d), not zeros)."""
+    d = 16
+    w = draw_projection(d, d, orthogonal=False, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u = w / w.norm(dim=1, keepdim=True)
+    off_diagonal = (u @ u.T)[~torch.eye(d, dtype=torch.bool)]
+    assert off_diagonal.abs().max() > 0.3
+    assert 0.5 / math.sqrt(d) < off_diagonal.square().mean().sqrt() < 2.0 / math.sqrt(d)
