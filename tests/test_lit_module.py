@@ -176,3 +176,40 @@ def test_validation_logs_span_and_pkm_statistics(sample_fasta, tmp_path):
     assert float(logged["val/span/max"]) == pytest.approx(expected["span/max"])
     assert 0.0 < float(logged["val/pkm/0/used"]) <= 1.0
     assert float(logged["val/pkm/0/top99"]) >= float(logged["val/pkm/0/top50"]) >= 1
+
+
+def test_optimiser_schedule_per_group_matches_closed_form():
+    """Decaying groups follow warm-up + cosine (written out here); PKM values keep a constant LR."""
+    import math
+
+    from protein_lm.lit_module import ProteinLMModule
+    from protein_lm.model import ModelConfig
+
+    config = ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, attention="exact", pkm_layers=[1], pkm_num_keys=8,
+                         pkm_topk=4, pkm_heads=2, pkm_key_dim=16, pkm_value_lr=0.05)
+    module = ProteinLMModule(config=config, objective="mlm", lr=1e-3, warmup_steps=10, max_steps=110,
+                             min_lr_ratio=0.1, weight_decay=0.1, redraw_interval=None)
+    opt_cfg = module.configure_optimizers()
+    optimizer, scheduler = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
+    value_ids = {id(p) for n, p in module.model.named_parameters() if n.endswith("values.weight")}
+    assert value_ids, "the PKM layer has value parameters"
+    kinds = []
+    for group in optimizer.param_groups:
+        is_values = {id(p) for p in group["params"]} <= value_ids
+        kinds.append("values" if is_values else "decay" if group["weight_decay"] > 0 else "no_decay")
+        if is_values:
+            assert group["weight_decay"] == 0.0
+    assert set(kinds) == {"values", "decay", "no_decay"}
+
+    def expected(step: int) -> float:  # the documented schedule, independently written
+        if step < 10:
+            return 1e-3 * (step + 1) / 10
+        progress = min(1.0, (step - 10) / 100)
+        return 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    for step in range(130):
+        for kind, group in zip(kinds, optimizer.param_groups, strict=True):
+            want = 0.05 if kind == "values" else expected(step)
+            assert group["lr"] == pytest.approx(want, rel=1e-9), (step, kind)
+        optimizer.step()
+        scheduler.step()
