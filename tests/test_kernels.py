@@ -188,16 +188,22 @@ def test_gpu_large_norm_and_long(causal):
         assert torch.isfinite(t).all()
 
 
-def test_unsupported_shapes_fall_back_to_reference():
+def test_unsupported_shapes_fall_back_to_reference(monkeypatch):
     """Extra keys (persistent memory) or odd M: the PyTorch path, without touching Triton kernels."""
-    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+    from protein_lm.attention.features import softmax_features
+    from protein_lm.attention.kernels import favor_triton
 
-    q = torch.randn(1, 2, 8, 16)
-    k, v = torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
-    proj = torch.randn(24, 16)
-    out = favor_attention_triton(q, k, v, proj, "softmax", False, None, EPS)
-    ref = _reference(q, k, v, proj, "softmax", False, None)
-    assert torch.allclose(out, ref)
+    def no_kernels(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched for an unsupported shape")
+
+    monkeypatch.setattr(favor_triton._FavorTriton, "apply", no_kernels)
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
+    k, v = torch.randn(1, 2, 12, 16, dtype=torch.float64), torch.randn(1, 2, 12, 16, dtype=torch.float64)
+    proj = torch.randn(24, 16, dtype=torch.float64)
+    out = favor_triton.favor_attention_triton(q, k, v, proj, "softmax", False, None, EPS)
+    # explicit quadratic form D^-1 (phi(Q) phi(K)^T) V, not the linear-attention code under test
+    a = softmax_features(q, proj, is_query=True) @ softmax_features(k, proj, is_query=False).transpose(-1, -2)
+    torch.testing.assert_close(out, (a @ v) / a.sum(-1, keepdim=True), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.gpu
