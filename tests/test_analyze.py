@@ -255,3 +255,42 @@ def test_fallback_for_nonstandard_attention_gives_the_same_blocks(monkeypatch):
     monkeypatch.setattr(am, "_chunkable", lambda model: False)
     fallback = assemble(model, ids, mask, max_block_elements=2 * 2 * ids.shape[1] * 6)
     torch.testing.assert_close(chunked, fallback, rtol=1e-5, atol=1e-6)
+
+
+def test_analyze_mass_and_correlation_match_a_direct_computation(tmp_path, tiny_checkpoint, sample_fasta):
+    """mass.npy equals attention summed by residue type with plain loops over `model.attention_maps`
+    (not the row-block path); the best head's Pearson equals numpy's on similarity.csv vs Biopython."""
+    from Bio.Align import substitution_matrices
+
+    from protein_lm.cache import TokenCache, ensure_cache
+    from protein_lm.checkpoint import load_model
+    from protein_lm.tokenizer import CLS_ID, EOS_ID, TOKENS
+
+    out = tmp_path / "analysis"
+    argv = ["analyze", "--checkpoint", str(tiny_checkpoint), "--fasta", str(sample_fasta), "--out", str(out),
+            "--max-sequences", "3", "--max-length", "40"]
+    assert main(argv) == 0
+    model, _ = load_model(tiny_checkpoint)
+    cache = TokenCache(ensure_cache(sample_fasta))
+    aa_index = {a: i for i, a in enumerate(STANDARD_AA)}
+    layers, heads = model.config.depth, model.config.heads
+    expected = np.zeros((layers, heads, 20, 20))
+    for s in range(3):
+        residues = cache.sequence(s)[:40].tolist()
+        ids = torch.tensor([[CLS_ID, *residues, EOS_ID]])
+        letters = [None, *[TOKENS[t] for t in residues], None]
+        with torch.no_grad():
+            for layer, attn in model.attention_maps(ids):
+                attn = attn[0].double().numpy()  # (H, L, L)
+                for i, a in enumerate(letters):
+                    for j, b in enumerate(letters):
+                        if i != j and a in aa_index and b in aa_index:
+                            expected[layer, :, aa_index[a], aa_index[b]] += attn[:, i, j]
+    np.testing.assert_allclose(np.load(out / "mass.npy"), expected, rtol=1e-4, atol=1e-7)
+
+    summary = json.loads((out / "summary.json").read_text())
+    _, _, sim = _read_matrix_csv(out / "similarity.csv")
+    blosum = substitution_matrices.load("BLOSUM62")
+    ref = np.array([[blosum[a][b] for b in STANDARD_AA] for a in STANDARD_AA], dtype=float)
+    upper = np.triu_indices(20, k=1)
+    assert summary["blosum62_pearson"] == pytest.approx(np.corrcoef(sim[upper], ref[upper])[0, 1], abs=1e-4)
