@@ -179,8 +179,11 @@ def test_model_options_train_and_respect_padding(attention, causal, fair):
     torch.testing.assert_close(model(x, pad).logits[~pad], model(x2, pad).logits[~pad], atol=1e-5, rtol=1e-4)
     (_, maps), *_ = list(model.attention_maps(x, pad, layers=[0]))
     assert maps.shape == (2, 4, 40, 40)
-    rows = maps[0].sum(-1)
-    assert (rows <= 1 + 1e-4).all() and (rows > 0).all()
+    rows = maps[0].sum(-1)  # batch row 0 has no padding
+    if "persistent_memory" in _FAIR[fair]:
+        assert (rows < 1 - 1e-6).all() and (rows > 0).all()  # the rest of each row sits on the memory slots
+    else:
+        torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-4, rtol=0)
     if fair == "all_attention":
         assert all(block.ffn is None for block in model.blocks)
 
