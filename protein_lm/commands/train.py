@@ -159,6 +159,10 @@ class ProteinLMCLI(LightningCLI):
                     loggers.append(wandb_logger)
         kwargs["logger"] = loggers
         extra = [LearningRateMonitor(logging_interval="step")] if self.subcommand == "fit" and loggers else []
+        if self.subcommand == "predict":
+            from protein_lm.predictions import PredictionWriter
+
+            extra.append(PredictionWriter(self._cfg()["output_dir"]))
         trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         # The `checkpoint:` group becomes best-on-val/loss + an unmonitored last.ckpt (callbacks.py).
         keys = [c for c in self._parser(self.subcommand).callback_keys if c != "checkpoint"]
@@ -176,6 +180,12 @@ class ProteinLMCLI(LightningCLI):
 
     def after_test(self) -> None:
         self._report(checkpoints=False)
+
+    def after_predict(self) -> None:
+        for cb in self.trainer.callbacks:
+            if type(cb).__name__ == "PredictionWriter" and self.trainer.global_rank == 0:
+                for path in cb.written:
+                    print(f"predictions:     {path.resolve()}", flush=True)
 
     def _report(self, checkpoints: bool = True) -> None:
         trainer = self.trainer
