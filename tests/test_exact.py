@@ -6,17 +6,13 @@ import pytest
 import torch
 
 from protein_lm.attention import exact_attention
+from tests.helpers.references import allowed_pairs
 
 
 def explicit_softmax(q, k, v, causal=False, key_padding_mask=None):
     s = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
     lq, lk = s.shape[-2:]
-    allowed = torch.ones(lq, lk, dtype=torch.bool)
-    if causal:
-        allowed = allowed.tril()
-    allowed = allowed.expand(q.shape[0], 1, lq, lk)
-    if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    allowed = allowed_pairs(q.shape[0], lq, lk, causal, key_padding_mask)
     p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
     return p @ v.double()
 

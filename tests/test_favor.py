@@ -9,6 +9,7 @@ import torch
 
 from protein_lm.attention import FavorAttention, exact_attention, implied_attention
 from protein_lm.attention import favor as favor_mod
+from tests.helpers.references import allowed_pairs
 
 
 def _ref_features(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -25,12 +26,7 @@ def explicit_reference(q, k, v, w, kernel, causal=False, key_padding_mask=None):
     """``D^-1 (phi(Q) phi(K)^T (.) mask) V`` with the L x L matrix formed explicitly, float64."""
     a = _ref_features(q, w, kernel) @ _ref_features(k, w, kernel).transpose(-1, -2)  # (B,H,L,L)
     lq, lk = a.shape[-2:]
-    allowed = torch.ones(lq, lk, dtype=torch.bool)
-    if causal:
-        allowed = allowed.tril()
-    allowed = allowed.expand(q.shape[0], 1, lq, lk)
-    if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask[:, None, None, :]
+    allowed = allowed_pairs(q.shape[0], lq, lk, causal, key_padding_mask)
     a = a * allowed
     return (a @ v.double()) / a.sum(-1, keepdim=True)
 

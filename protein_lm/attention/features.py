@@ -93,6 +93,16 @@ def _as_bool_mask(key_padding_mask: Tensor | None, x: Tensor) -> Tensor | None:
     return key_padding_mask[:, None, :, None]
 
 
+def _feature_input(x: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``x`` in the feature dtype with padded rows zeroed (so inf/NaN there cannot leak into sums),
+    and the ``(B, 1, L, 1)`` mask (or None). Shared first step of every feature map."""
+    mask = _as_bool_mask(key_padding_mask, x)
+    x = x.to(feature_dtype(x.dtype))
+    if mask is not None:
+        x = x.masked_fill(mask, 0.0)
+    return x, mask
+
+
 def softmax_features(
     x: Tensor,
     projection: Tensor,
@@ -115,12 +125,9 @@ def softmax_features(
     Returns:
         ``(B, H, L, M)`` features in float32 (float64 for float64 input).
     """
-    dt = feature_dtype(x.dtype)
-    mask = _as_bool_mask(key_padding_mask, x)
+    x, mask = _feature_input(x, key_padding_mask)
+    dt = x.dtype
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(dt)
-        if mask is not None:
-            x = x.masked_fill(mask, 0.0)
         d = x.shape[-1]
         log_scale = 0.5 * math.log(projection.shape[0])  # the 1/sqrt(M) factor, folded into the exponent
         x = x * d**-0.25
@@ -167,13 +174,9 @@ def relu_features(
     Returns:
         ``(B, H, L, M)`` features in float32 (float64 for float64 input).
     """
-    dt = feature_dtype(x.dtype)
-    mask = _as_bool_mask(key_padding_mask, x)
+    x, mask = _feature_input(x, key_padding_mask)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(dt)
-        if mask is not None:
-            x = x.masked_fill(mask, 0.0)
-        phi = torch.relu(x @ projection.to(dt).transpose(0, 1)) + eps
+        phi = torch.relu(x @ projection.to(x.dtype).transpose(0, 1)) + eps
         if mask is not None:
             phi = phi.masked_fill(mask, 0.0)
     return phi
