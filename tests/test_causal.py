@@ -123,3 +123,46 @@ def test_early_positions_exact_despite_global_key_shift(d):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
     out.square().sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("kernel", ["relu", "softmax"])
+def test_leading_padding_gradients_match_explicit_quadratic(kernel):
+    """Queries that see no real key (leading padding) have normaliser 0, floored at eps, so their
+    dN = dO / eps is huge. Those rows must not leak into other rows' gradients: the chunk states
+    once came from ``inclusive - own chunk``, which cancelled catastrophically (20-50% error in
+    dK, dV of the first chunk). Checked against the explicit masked quadratic formula in float64
+    with several chunks, so the carried states are exercised."""
+    from protein_lm.attention.favor import favor_causal, favor_features
+    from protein_lm.attention.features import draw_projection
+
+    g = torch.Generator().manual_seed(3)
+    b, h, length, d, m = 2, 2, 70, 8, 16
+    q, k, v = (torch.randn(b, h, length, d, generator=g, dtype=torch.float64) for _ in range(3))
+    proj = draw_projection(m, d, generator=g).double()
+    pad = torch.zeros(b, length, dtype=torch.bool)
+    pad[1, :5] = True  # queries 0..4 of sequence 1 see only padding
+    grad = torch.randn(b, h, length, d, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*ins)
+        out.backward(grad)
+        return out.detach(), [t.grad for t in ins]
+
+    def chunked(q_, k_, v_):
+        pq, pk = favor_features(q_, k_, proj, kernel, pad)
+        return favor_causal(pq, pk, v_, pad, 1e-30, chunk_size=16)
+
+    def explicit(q_, k_, v_):
+        pq, pk = favor_features(q_, k_, proj, kernel, pad)
+        pk = pk.masked_fill(pad[:, None, :, None], 0.0)
+        a = (pq @ pk.transpose(-1, -2)).tril()  # (B, H, L, L)
+        vz = v_.masked_fill(pad[:, None, :, None], 0.0)
+        return (a @ vz) / a.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    out, got = grads(chunked)
+    ref_out, want = grads(explicit)
+    torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-12)
+    for name, a, r in zip("qkv", got, want, strict=True):
+        err = ((a - r).norm() / r.norm()).item()
+        assert err < 1e-9, (name, err)

@@ -74,15 +74,26 @@ def _causal_linear_forward(
         qb, kb, vb = qc[..., sl, :, :], kc[..., sl, :, :], vc[..., sl, :, :]
         kv = kb.transpose(-1, -2) @ vb  # (..., g, M, E): each chunk's contribution
         incl = kv.flip(-3).cumsum(dim=-3).flip(-3) if reverse else kv.cumsum(dim=-3)
+        del kv
+        # State entering each chunk: the inclusive sums shifted by one chunk. Not `incl - kv`, which
+        # cancels catastrophically when one chunk holds huge values (in backward, dN = dO / eps of
+        # queries that see no real key, e.g. under leading padding: 20-50% error in dK, dV).
+        excl = torch.zeros_like(incl)
+        if reverse:
+            excl[..., :-1, :, :] = incl[..., 1:, :, :]
+        else:
+            excl[..., 1:, :, :] = incl[..., :-1, :, :]
+        total = incl[..., :1, :, :] if reverse else incl[..., -1:, :, :]
         if state is not None:
-            incl += state
-        state = (incl[..., :1, :, :] if reverse else incl[..., -1:, :, :]).clone()
-        excl = incl.sub_(kv)  # state entering each chunk
+            excl += state
+            total = total + state
+        state = total.clone()
+        del incl
         ob = qb @ excl
         scores = (qb @ kb.transpose(-1, -2)).masked_fill_(excluded, 0.0)  # (..., g, C, C)
         ob += scores @ vb
         out[..., sl, :, :] = ob
-        del kv, incl, excl, scores, ob
+        del excl, scores, ob
     out = out.reshape(*batch, n * c, e)
     return out[..., :length, :] if pad else out
 

@@ -95,6 +95,14 @@ def _rows_valid(PAD, b, rows, L, HAS_PAD: tl.constexpr):
     return valid
 
 
+@triton.jit
+def _state_tile(S0, Z0, st, j: tl.constexpr, w0, offs_bm, M: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
+    """Slice ``j`` of a ``(M, D)`` state and its ``(M,)`` normaliser state."""
+    s = tl.load(S0 + st * M * D + j * BM * D + w0)
+    z = tl.load(Z0 + st * M + j * BM + offs_bm)
+    return s, z
+
+
 # --------------------------------------------------------------------------------------------- #
 # kernels
 #
@@ -280,16 +288,13 @@ def _fwd_kernel(
     else:
         st = bh.to(tl.int64)
     gmax = tl.load(GMAX + bh)
-    s0 = tl.load(S0 + st * M * D + w0)
-    z0 = tl.load(Z0 + st * M + offs_bm)
-    if NS >= 2:
-        s1 = tl.load(S0 + st * M * D + BM * D + w0)
-        z1 = tl.load(Z0 + st * M + BM + offs_bm)
-    if NS >= 4:
-        s2 = tl.load(S0 + st * M * D + 2 * BM * D + w0)
-        z2 = tl.load(Z0 + st * M + 2 * BM + offs_bm)
-        s3 = tl.load(S0 + st * M * D + 3 * BM * D + w0)
-        z3 = tl.load(Z0 + st * M + 3 * BM + offs_bm)
+    if CAUSAL:  # running states live in registers; bidirectional ones are re-read per tile (L2)
+        s0, z0 = _state_tile(S0, Z0, st, 0, w0, offs_bm, M, D, BM)
+        if NS >= 2:
+            s1, z1 = _state_tile(S0, Z0, st, 1, w0, offs_bm, M, D, BM)
+        if NS >= 4:
+            s2, z2 = _state_tile(S0, Z0, st, 2, w0, offs_bm, M, D, BM)
+            s3, z3 = _state_tile(S0, Z0, st, 3, w0, offs_bm, M, D, BM)
     start = sp * split_len
     for t0 in range(0, split_len, T):
         rows = start + t0 + offs_t
@@ -307,6 +312,8 @@ def _fwd_kernel(
         den = tl.zeros([T], dtype=tl.float32)
         a = tl.zeros([T, T], dtype=tl.float32)
         m_row = tl.full([T], _NEG_K, tl.float32)
+        if not CAUSAL:
+            s0, z0 = _state_tile(S0, Z0, st, 0, w0, offs_bm, M, D, BM)
         s0, z0, num, den, a, m_row = _fwd_slice(
             q,
             k,
@@ -329,6 +336,8 @@ def _fwd_kernel(
             CAUSAL,
         )
         if NS >= 2:
+            if not CAUSAL:
+                s1, z1 = _state_tile(S0, Z0, st, 1, w0, offs_bm, M, D, BM)
             s1, z1, num, den, a, m_row = _fwd_slice(
                 q,
                 k,
@@ -351,6 +360,8 @@ def _fwd_kernel(
                 CAUSAL,
             )
         if NS >= 4:
+            if not CAUSAL:
+                s2, z2 = _state_tile(S0, Z0, st, 2, w0, offs_bm, M, D, BM)
             s2, z2, num, den, a, m_row = _fwd_slice(
                 q,
                 k,
@@ -372,6 +383,8 @@ def _fwd_kernel(
                 SPLIT_W,
                 CAUSAL,
             )
+            if not CAUSAL:
+                s3, z3 = _state_tile(S0, Z0, st, 3, w0, offs_bm, M, D, BM)
             s3, z3, num, den, a, m_row = _fwd_slice(
                 q,
                 k,
@@ -500,16 +513,13 @@ def _bwd_dq_kernel(
     else:
         st = bh.to(tl.int64)
     gmax = tl.load(GMAX + bh)
-    s0 = tl.load(S0 + st * M * D + w0)
-    z0 = tl.load(Z0 + st * M + offs_bm)
-    if NS >= 2:
-        s1 = tl.load(S0 + st * M * D + BM * D + w0)
-        z1 = tl.load(Z0 + st * M + BM + offs_bm)
-    if NS >= 4:
-        s2 = tl.load(S0 + st * M * D + 2 * BM * D + w0)
-        z2 = tl.load(Z0 + st * M + 2 * BM + offs_bm)
-        s3 = tl.load(S0 + st * M * D + 3 * BM * D + w0)
-        z3 = tl.load(Z0 + st * M + 3 * BM + offs_bm)
+    if CAUSAL:  # running states live in registers; bidirectional ones are re-read per tile (L2)
+        s0, z0 = _state_tile(S0, Z0, st, 0, w0, offs_bm, M, D, BM)
+        if NS >= 2:
+            s1, z1 = _state_tile(S0, Z0, st, 1, w0, offs_bm, M, D, BM)
+        if NS >= 4:
+            s2, z2 = _state_tile(S0, Z0, st, 2, w0, offs_bm, M, D, BM)
+            s3, z3 = _state_tile(S0, Z0, st, 3, w0, offs_bm, M, D, BM)
     start = sp * split_len
     for t0 in range(0, split_len, T):
         rows = start + t0 + offs_t
@@ -533,6 +543,8 @@ def _bwd_dq_kernel(
             v = q
             p = dn
         dq = tl.zeros([T, D], dtype=tl.float32)
+        if not CAUSAL:
+            s0, z0 = _state_tile(S0, Z0, st, 0, w0, offs_bm, M, D, BM)
         s0, z0, dq = _dq_slice(
             q,
             k,
@@ -557,6 +569,8 @@ def _bwd_dq_kernel(
             CAUSAL,
         )
         if NS >= 2:
+            if not CAUSAL:
+                s1, z1 = _state_tile(S0, Z0, st, 1, w0, offs_bm, M, D, BM)
             s1, z1, dq = _dq_slice(
                 q,
                 k,
@@ -581,6 +595,8 @@ def _bwd_dq_kernel(
                 CAUSAL,
             )
         if NS >= 4:
+            if not CAUSAL:
+                s2, z2 = _state_tile(S0, Z0, st, 2, w0, offs_bm, M, D, BM)
             s2, z2, dq = _dq_slice(
                 q,
                 k,
@@ -604,6 +620,8 @@ def _bwd_dq_kernel(
                 SPLIT_W,
                 CAUSAL,
             )
+            if not CAUSAL:
+                s3, z3 = _state_tile(S0, Z0, st, 3, w0, offs_bm, M, D, BM)
             s3, z3, dq = _dq_slice(
                 q,
                 k,
@@ -726,16 +744,13 @@ def _bwd_dkv_kernel(
     else:
         st = bh.to(tl.int64)
     gmax = tl.load(GMAX + bh)
-    g0 = tl.load(G0 + st * M * D + w0)
-    gz0 = tl.load(GZ0 + st * M + offs_bm)
-    if NS >= 2:
-        g1 = tl.load(G0 + st * M * D + BM * D + w0)
-        gz1 = tl.load(GZ0 + st * M + BM + offs_bm)
-    if NS >= 4:
-        g2 = tl.load(G0 + st * M * D + 2 * BM * D + w0)
-        gz2 = tl.load(GZ0 + st * M + 2 * BM + offs_bm)
-        g3 = tl.load(G0 + st * M * D + 3 * BM * D + w0)
-        gz3 = tl.load(GZ0 + st * M + 3 * BM + offs_bm)
+    if CAUSAL:  # running states live in registers; bidirectional ones are re-read per tile (L2)
+        g0, gz0 = _state_tile(G0, GZ0, st, 0, w0, offs_bm, M, D, BM)
+        if NS >= 2:
+            g1, gz1 = _state_tile(G0, GZ0, st, 1, w0, offs_bm, M, D, BM)
+        if NS >= 4:
+            g2, gz2 = _state_tile(G0, GZ0, st, 2, w0, offs_bm, M, D, BM)
+            g3, gz3 = _state_tile(G0, GZ0, st, 3, w0, offs_bm, M, D, BM)
     start = sp * split_len
     n_t = tl.cdiv(split_len, T)
     for i in range(0, n_t):
@@ -765,6 +780,8 @@ def _bwd_dkv_kernel(
         at = tl.zeros([T, T], dtype=tl.float32)
         dk = tl.zeros([T, D], dtype=tl.float32)
         dv = tl.zeros([T, D], dtype=tl.float32)
+        if not CAUSAL:
+            g0, gz0 = _state_tile(G0, GZ0, st, 0, w0, offs_bm, M, D, BM)
         g0, gz0, dk, dv, at = _dkv_slice(
             k,
             v,
@@ -792,6 +809,8 @@ def _bwd_dkv_kernel(
             CAUSAL,
         )
         if NS >= 2:
+            if not CAUSAL:
+                g1, gz1 = _state_tile(G0, GZ0, st, 1, w0, offs_bm, M, D, BM)
             g1, gz1, dk, dv, at = _dkv_slice(
                 k,
                 v,
@@ -819,6 +838,8 @@ def _bwd_dkv_kernel(
                 CAUSAL,
             )
         if NS >= 4:
+            if not CAUSAL:
+                g2, gz2 = _state_tile(G0, GZ0, st, 2, w0, offs_bm, M, D, BM)
             g2, gz2, dk, dv, at = _dkv_slice(
                 k,
                 v,
@@ -845,6 +866,8 @@ def _bwd_dkv_kernel(
                 SPLIT_W,
                 CAUSAL,
             )
+            if not CAUSAL:
+                g3, gz3 = _state_tile(G0, GZ0, st, 3, w0, offs_bm, M, D, BM)
             g3, gz3, dk, dv, at = _dkv_slice(
                 k,
                 v,
@@ -1042,7 +1065,8 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
         s0 = _exclusive_scan(sp)  # state entering each split
         z0 = _exclusive_scan(zp)
     else:
-        s0 = sp.sum(dim=1).contiguous()
+        # the kernels multiply the state in the input dtype anyway: cast once here, halving its reads
+        s0 = sp.sum(dim=1).to(q.dtype).contiguous()
         z0 = zp.sum(dim=1).contiguous()
     del sp, zp
     o = torch.empty(q.shape, device=dev, dtype=v.dtype)
@@ -1109,7 +1133,7 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wf, split_w, s0, z0, gma
         g0 = _exclusive_scan(gp, reverse=True)  # suffix state after each split
         gz0 = _exclusive_scan(gzp, reverse=True)
     else:
-        g0 = gp.sum(dim=1).contiguous()
+        g0 = gp.sum(dim=1).to(q.dtype).contiguous()
         gz0 = gzp.sum(dim=1).contiguous()
     del gp, gzp
     dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
