@@ -49,8 +49,10 @@ def main() -> int:
     args = p.parse_args()
     b, length = max(1, args.tokens // args.length), args.length
     torch.manual_seed(0)
-    q, k, v = (torch.randn(b, args.heads, length, args.dim, device="cuda", dtype=torch.bfloat16,
-                           requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(b, args.heads, length, args.dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
     proj = torch.randn(args.features, args.dim, device="cuda")
     do = torch.randn_like(q)
     rows = []
@@ -61,22 +63,38 @@ def main() -> int:
             os.environ["FAVOR_TRITON_CFG"] = f"{warps},1"
             opts = {"tile": tile, "walk_split": None if causal else walk * tile}
 
-            def step():
+            def step(kernel=kernel, causal=causal, opts=opts):
                 out = favor_attention_triton(q, k, v, proj, kernel, causal, **opts)
                 torch.autograd.grad(out, (q, k, v), do)
 
             try:
                 ms = triton.testing.do_bench(step, warmup=10, rep=40)
-                row = {"kernel": kernel, "causal": causal, "tile": tile, "walk_tiles": walk, "warps": warps,
-                       "ms": round(ms, 3), "regs_spills": spills()}
+                row = {
+                    "kernel": kernel,
+                    "causal": causal,
+                    "tile": tile,
+                    "walk_tiles": walk,
+                    "warps": warps,
+                    "ms": round(ms, 3),
+                    "regs_spills": spills(),
+                }
             except Exception as exc:  # a geometry the compiler rejects (e.g. shared memory): record it
-                row = {"kernel": kernel, "causal": causal, "tile": tile, "walk_tiles": walk, "warps": warps,
-                       "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+                row = {
+                    "kernel": kernel,
+                    "causal": causal,
+                    "tile": tile,
+                    "walk_tiles": walk,
+                    "warps": warps,
+                    "error": f"{type(exc).__name__}: {str(exc)[:200]}",
+                }
             rows.append(row)
             print(json.dumps(row), flush=True)
     os.environ.pop("FAVOR_TRITON_CFG", None)
-    result = {"gpu": torch.cuda.get_device_name(0), "shape": {"B": b, "H": args.heads, "L": length,
-              "D": args.dim, "M": args.features, "dtype": "bf16"}, "rows": rows}
+    result = {
+        "gpu": torch.cuda.get_device_name(0),
+        "shape": {"B": b, "H": args.heads, "L": length, "D": args.dim, "M": args.features, "dtype": "bf16"},
+        "rows": rows,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"{'case':<16}{'best ms':>9}  setting")
@@ -84,8 +102,10 @@ def main() -> int:
         ok = [r for r in rows if r["kernel"] == kernel and r["causal"] == causal and "ms" in r]
         if ok:
             best = min(ok, key=lambda r: r["ms"])
-            print(f"{kernel + ('-causal' if causal else '-bid'):<16}{best['ms']:>9.3f}  tile {best['tile']}"
-                  f" walk {best['walk_tiles']} warps {best['warps']}")
+            print(
+                f"{kernel + ('-causal' if causal else '-bid'):<16}{best['ms']:>9.3f}  tile {best['tile']}"
+                f" walk {best['walk_tiles']} warps {best['warps']}"
+            )
     return 0
 
 

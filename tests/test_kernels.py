@@ -118,6 +118,7 @@ def interpreted():
     if not sys.platform.startswith("linux"):
         pytest.skip("Triton's interpreter is only installed on Linux")
     import triton  # noqa: F401
+
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, __file__, "--interpret"],
@@ -222,7 +223,6 @@ def test_unsupported_shapes_fall_back_to_reference(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_favor_module_dispatches_to_triton():
     from protein_lm.attention.favor import FavorAttention
-
     from protein_lm.attention.kernels import favor_triton
 
     launched = []
