@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("protein_lm.commands.export", "checkpoint -> weights-only file (no optimiser state)"),
     "convert": ("protein_lm.commands.convert", "exact-attention checkpoint -> Performer checkpoint"),
     "analyze": ("protein_lm.commands.analyze", "attention -> amino-acid similarity, BLOSUM62 comparison, heatmaps"),
+    "spans": ("protein_lm.commands.spans", "adaptive attention span per layer and head -> figure (+ JSON)"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a model (LightningCLI; --config configs/<name>.yaml)",

@@ -97,6 +97,8 @@ class ModelConfig:
         span_ramp: width R of the soft mask's linear ramp.
         span_init: initial span in tokens.
         span_loss_coef: lambda of the L1 span penalty (added to ``aux_loss``).
+        span_dynamic: per-token spans ``z_t = S * sigmoid(v^T x_t + b)`` predicted from the layer
+            input instead of one learned span per head (both backends; Performer: banded).
         persistent_memory: N persistent key/value slots per head and layer (0 = off).
         replace_ffn: drop the feed-forward sublayer (all-attention layer; needs persistent_memory).
         pkm_layers: block indices (negative from the end) that get a product-key memory.
@@ -133,6 +135,7 @@ class ModelConfig:
     span_ramp: float = 32.0
     span_init: float = 0.0
     span_loss_coef: float = 2e-6
+    span_dynamic: bool = False
     persistent_memory: int = 0
     replace_ffn: bool = False
     pkm_layers: list[int] = dataclasses.field(default_factory=list)
@@ -155,6 +158,8 @@ class ModelConfig:
             raise ValueError(f"rotary positions need an even head dimension, got {self.dim // self.heads}")
         if self.replace_ffn and self.persistent_memory <= 0:
             raise ValueError("replace_ffn (all-attention) needs persistent_memory > 0")
+        if self.span_dynamic and not self.adaptive_span:
+            raise ValueError("span_dynamic needs adaptive_span: true")
         if self.persistent_memory < 0:
             raise ValueError(f"persistent_memory must be >= 0, got {self.persistent_memory}")
         self.pkm_layers = [int(i) for i in self.pkm_layers]
@@ -299,7 +304,8 @@ class SelfAttention(nn.Module):
         # x: (B, L, dim); padding_mask: (B, L) True at padding
         b, length, _ = x.shape
         q, k, v = self.project(x)
-        y = self.kernel(q, k, v, key_padding_mask=padding_mask)  # (B, H, L, D)
+        extra = {"x": x} if getattr(self.kernel, "needs_layer_input", False) else {}  # dynamic spans
+        y = self.kernel(q, k, v, key_padding_mask=padding_mask, **extra)  # (B, H, L, D)
         y = y.transpose(1, 2).reshape(b, length, self.heads * self.head_dim)
         return self.dropout(self.out(y))
 
@@ -307,7 +313,8 @@ class SelfAttention(nn.Module):
         """Attention weights ``(B, H, L, L)`` for analysis (implied attention for Performer)."""
         q, k, _ = self.project(x)
         if callable(getattr(self.kernel, "attention_probs", None)):  # exact, span, memory kernels
-            return self.kernel.attention_probs(q, k, key_padding_mask=padding_mask)
+            extra = {"x": x} if getattr(self.kernel, "needs_layer_input", False) else {}
+            return self.kernel.attention_probs(q, k, key_padding_mask=padding_mask, **extra)
         return implied_attention(
             q,
             k,
@@ -329,7 +336,13 @@ def build_fair_kernel(base: nn.Module, config: ModelConfig) -> nn.Module:
         memory = PersistentMemory(config.heads, config.head_dim, config.persistent_memory)
     if config.adaptive_span:
         span = AdaptiveSpan(
-            config.heads, config.span_max, config.span_ramp, config.span_init, config.span_loss_coef
+            config.heads,
+            config.span_max,
+            config.span_ramp,
+            config.span_init,
+            config.span_loss_coef,
+            dynamic=config.span_dynamic,
+            dim=config.dim,
         )
         favor = None if config.attention == "exact" else base
         return AdaptiveSpanKernel(span, config.causal, favor=favor, memory=memory)

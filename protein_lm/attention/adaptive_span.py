@@ -28,6 +28,10 @@ Two backends, both exact for the same mask:
   t* -- computed by the chunked O(L (M + E)) memory kernel of :mod:`protein_lm.attention.causal`
   (one call, the three shifts stacked on the batch axis). The future half of a bidirectional
   window is the same computation on the reversed sequence, minus the double-counted diagonal.
+  Dynamic (per-query) spans have per-query breakpoints, so the shared prefix sums no longer serve
+  every query; :func:`adaptive_span_linear_attention` then takes the banded route of the exact
+  backend with feature products ``phi_q . phi_k`` as scores: ``O(L * (Bq + 2w) * (M + D))``, linear
+  in ``L`` for a fixed largest span (see :func:`_span_linear_dynamic`).
 
 Spans are stored as a fraction of ``S`` (``z = S * span_fraction``) so that an optimiser step of a
 given size moves the span by a number of tokens proportional to ``S``; the fraction is clamped to
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "AdaptiveSpan",
+    "SpanPredictor",
     "AdaptiveSpanKernel",
     "span_mask",
     "adaptive_span_exact_attention",
@@ -77,6 +83,45 @@ def _reach(spans: Tensor, ramp: float, length: int) -> int:
     """Largest distance with a non-zero mask: ``m(x) > 0  <=>  x < R + z``."""
     zmax = float(spans.detach().max()) if spans.numel() else 0.0
     return max(0, min(length - 1, math.ceil(ramp + zmax) - 1))
+
+
+class _Band(NamedTuple):
+    """Geometry of the banded (windowed) computation shared by the exact and dynamic-linear paths.
+
+    Queries are cut into ``nb`` blocks of ``bq`` tokens (the last one padded by ``tail``); block
+    ``b`` meets the ``win = left + bq + right`` keys ``[b*bq - left, (b+1)*bq + right)``.
+    """
+
+    bq: int
+    left: int
+    right: int
+    nb: int
+    win: int
+    tail: int
+
+    @staticmethod
+    def make(length: int, reach: int, causal: bool, block_size: int | None) -> _Band:
+        """Band for keys up to ``reach`` tokens away (causal: on the left only)."""
+        bq = max(1, block_size or max(64, reach))
+        left, right = reach, (0 if causal else reach)
+        if bq + left + right >= length:  # a band as wide as the sequence: one block, no padding
+            bq, left, right = length, 0, 0
+        nb = math.ceil(length / bq)
+        return _Band(bq, left, right, nb, bq + left + right, nb * bq - length)
+
+    def windows(self, x: Tensor) -> Tensor:
+        """Keys / values per query block: ``(B,H,L,F) -> (B,H,nb,F,win)`` (zeros outside ``[0, L)``)."""
+        return F.pad(x, (0, 0, self.left, self.tail + self.right)).unfold(2, self.win, self.bq)
+
+    def queries(self, x: Tensor) -> Tensor:
+        """Query blocks: ``(B,H,L,F) -> (B,H,nb,Bq,F)``."""
+        b, h, _, f = x.shape
+        return F.pad(x, (0, 0, 0, self.tail)).reshape(b, h, self.nb, self.bq, f)
+
+    def offsets(self, device: torch.device) -> Tensor:
+        """``i - j`` for every (query row, window column) of a block: ``(Bq, win)`` long."""
+        rows = torch.arange(self.bq, device=device)[:, None] + self.left
+        return rows - torch.arange(self.win, device=device)[None, :]
 
 
 def adaptive_span_exact_attention(
@@ -117,24 +162,16 @@ def adaptive_span_exact_attention(
         # Zero padded q/k/v first: masking scores alone leaves 0 * inf = NaN in the value product
         # and in the backward of ``q @ k^T`` (grad_q = grad_s @ k), which would reach real rows.
         q, k, v = (_zero_padded(x, key_padding_mask) for x in (q, k, v))
-    w = _reach(spans, ramp, length)
-    bq = max(1, block_size or max(64, w))
-    left, right = w, (0 if causal else w)
-    if bq + left + right >= length:  # a band as wide as the sequence: one block, no padding
-        bq, left, right = length, 0, 0
-    nb = math.ceil(length / bq)
-    win = bq + left + right
-    tail = nb * bq - length
-
-    def windows(x: Tensor) -> Tensor:  # (B,H,L,D) -> (B,H,nb,D,win)
-        return F.pad(x, (0, 0, left, tail + right)).unfold(2, win, bq)
+    band = _Band.make(length, _reach(spans, ramp, length), causal, block_size)
+    bq, nb, tail = band.bq, band.nb, band.tail
+    windows = band.windows
 
     ct = torch.promote_types(q.dtype, torch.float32)  # softmax in >= float32, also under autocast
-    qb = F.pad(q, (0, 0, 0, tail)).reshape(b, h, nb, bq, d)
+    qb = band.queries(q)  # (B,H,nb,Bq,D)
     scores = (qb @ windows(k)).to(ct) * d**-0.5  # (B,H,nb,Bq,win)
 
     dev = q.device
-    rel = torch.arange(bq, device=dev)[:, None] + left - torch.arange(win, device=dev)[None, :]  # i - j
+    rel = band.offsets(dev)  # (Bq,win): i - j
     dist = rel.abs().to(ct)
     if spans.dim() == 1:  # static: (H,) -> (1,H,1,Bq,win)
         mask = span_mask(dist, spans.to(ct)[:, None, None], ramp)[None, :, None]
@@ -144,7 +181,7 @@ def adaptive_span_exact_attention(
     valid = torch.ones(b, length, dtype=torch.bool, device=dev)
     if key_padding_mask is not None:
         valid = ~key_padding_mask.to(torch.bool)
-    valid = F.pad(valid, (left, tail + right), value=False).unfold(1, win, bq)  # (B,nb,win)
+    valid = F.pad(valid, (band.left, tail + band.right), value=False).unfold(1, band.win, bq)  # (B,nb,win)
     keep = valid[:, None, :, None, :] & (mask > 0)
     if causal:
         keep = keep & (rel >= 0)
@@ -231,45 +268,87 @@ def adaptive_span_linear_attention(
     memory_v: Tensor | None = None,
     eps: float = 1e-6,
     chunk: int = 64,
+    block_size: int | None = None,
 ) -> Tensor:
-    """Linear-time FAVOR+ attention with the adaptive-span mask (exact for the given features).
+    """FAVOR+ attention with the adaptive-span mask (exact for the given features), linear in ``L``.
 
     Computes ``out_i = sum_j m(|i-j|) A_ij v_j / sum_j m(|i-j|) A_ij`` with ``A_ij = phi_q_i . phi_k_j``
-    (plus unmasked persistent-memory slots, if given) without forming ``A``.
+    (plus unmasked persistent-memory slots, if given) without forming the ``L x L`` matrix ``A``.
+
+    * Static spans ``(H,)``: shifted prefix sums (module docstring), ``O(L (M + D))`` memory,
+      ``O(L M D)`` time, independent of the span.
+    * Dynamic spans ``(B, H, L)`` (one span per query): banded, see :func:`_span_linear_dynamic`;
+      ``O(L (Bq + 2w) (M + D))`` time and ``O(L (Bq + 2w))`` memory with ``w = ceil(R + max z) - 1``.
 
     Args:
         phi_q, phi_k: ``(B, H, L, M)`` positive features (e.g. from ``softmax_features``).
         v: ``(B, H, L, D)``.
-        spans: ``(H,)`` per-head spans in tokens (static spans only; fractional allowed).
+        spans: ``(H,)`` per-head spans or ``(B, H, L)`` per-query spans, in tokens (fractional allowed).
         ramp: ramp width ``R``.
         causal: keys ``j <= i`` only; otherwise the window is symmetric in ``|i - j|``.
         key_padding_mask: bool ``(B, L)``, True at padding (those keys' features and values are
-            zeroed before the prefix sums; padded queries get output 0).
+            zeroed before use; padded queries get output 0).
         memory_phi_k: optional ``(B or 1, H, N, M)`` features of persistent-memory keys (computed
             with the same stabiliser as ``phi_k``); ``memory_v``: ``(H, N, D)``. Visible to every
             query with mask 1.
         eps: queries whose normaliser is ``<= eps`` see no real key and get output 0.
-        chunk: chunk size of the causal kernel.
+        chunk: chunk size of the causal kernel (static spans).
+        block_size: query block size of the banded path (dynamic spans; default ``max(64, w)``).
 
     Returns:
-        ``(B, H, L, D)`` in ``v.dtype``. Memory O(L (M + D)); precision: the ``P1`` sums carry
-        positions ``j``, so float32 cancellation grows like ``L / span`` (see docs/fair_mechanisms.md).
+        ``(B, H, L, D)`` in ``v.dtype``. Static-span precision: the ``P1`` sums carry positions
+        ``j``, so float32 cancellation grows like ``L / span`` (see docs/fair_mechanisms.md); the
+        banded dynamic path sums only positive terms and has no such cancellation.
     """
-    if spans.dim() != 1:
-        raise NotImplementedError("the linear-time span kernel takes static per-head spans (H,)")
+    if spans.dim() not in (1, 3):
+        raise ValueError(f"spans must be (H,) or (B, H, L), got shape {tuple(spans.shape)}")
     # The prefix sums carry absolute positions and cancel in pairs: never let autocast run them in bf16.
     with torch.autocast(device_type=phi_q.device.type, enabled=False):
+        if spans.dim() == 3:
+            return _span_linear_dynamic(
+                phi_q,
+                phi_k,
+                v,
+                spans,
+                ramp,
+                causal,
+                key_padding_mask,
+                memory_phi_k,
+                memory_v,
+                eps,
+                block_size,
+            )
         return _span_linear(
             phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_phi_k, memory_v, eps, chunk
         )
 
 
+def _with_ones(v: Tensor, dt: torch.dtype) -> Tensor:
+    """``u = [v, 1]``: the extra column carries the normaliser through the same sums. ``(..., D+1)``."""
+    return torch.cat([v.to(dt), torch.ones_like(v[..., :1], dtype=dt)], dim=-1)
+
+
+def _finish(
+    num: Tensor, phi_q: Tensor, memory_phi_k: Tensor | None, memory_v: Tensor | None, eps: float
+) -> Tensor:
+    """Add the persistent-memory slots (mask 1) to ``num = [numerator, normaliser]`` and divide."""
+    if memory_phi_k is not None and memory_phi_k.shape[2] > 0:
+        mu = _with_ones(memory_v, num.dtype)  # (H,N,D+1)
+        state = torch.einsum("bhnm,hne->bhme", memory_phi_k.to(num.dtype), mu)  # (B|1,H,M,D+1)
+        num = num + phi_q @ state
+    den = num[..., -1:]  # (B,H,L,1)
+    # Above eps: the exact ratio (as FAVOR+). At or below eps the query sees no real key (padded
+    # query, or all visible keys padded); its numerator is then 0 (banded) or only rounding left
+    # over by the cancelling prefix sums (static), and dividing it by eps would blow it up: output 0. The
+    # clamp keeps the unused branch finite, so torch.where's backward stays NaN-free.
+    return torch.where(den > eps, num[..., :-1] / den.clamp_min(eps), torch.zeros_like(num[..., :-1]))
+
+
 def _span_linear(phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_phi_k, memory_v, eps, chunk):
-    """Body of :func:`adaptive_span_linear_attention` (autocast disabled)."""
+    """Static-span body of :func:`adaptive_span_linear_attention` (autocast disabled)."""
     dt = torch.promote_types(phi_q.dtype, torch.float32)
     spans = spans.to(dt)
-    ones = torch.ones_like(v[..., :1], dtype=dt)
-    u = torch.cat([v.to(dt), ones], dim=-1)  # (B,H,L,D+1)
+    u = _with_ones(v, dt)  # (B,H,L,D+1)
     # Padded keys must contribute exactly 0 to every prefix sum: zero their features AND their
     # values / normaliser column (and with them the position-weighted P1 term and the diagonal).
     # Otherwise one inf/NaN value at a padded key turns into 0 * inf = NaN in the shared prefix
@@ -283,17 +362,60 @@ def _span_linear(phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_
         fut = _causal_span_numerator(phi_q.flip(2), phi_k.flip(2), u.flip(2), spans, ramp, chunk).flip(2)
         diag = (phi_q * phi_k).sum(-1, keepdim=True) * u  # m(0) = 1 counted in both halves
         num = num + fut - diag
-    if memory_phi_k is not None and memory_phi_k.shape[2] > 0:
-        mu = torch.cat([memory_v.to(dt), torch.ones_like(memory_v[..., :1], dtype=dt)], dim=-1)  # (H,N,D+1)
-        state = torch.einsum("bhnm,hne->bhme", memory_phi_k.to(dt), mu)  # (B|1,H,M,D+1)
-        num = num + phi_q @ state
-    den = num[..., -1:]  # (B,H,L,1)
-    # Above eps: the exact ratio (as FAVOR+). At or below eps the query sees no real key (padded
-    # query, or all visible keys padded); its numerator is then only rounding left over by the
-    # cancelling prefix sums, and dividing it by eps would blow it up: output 0 instead. The
-    # clamp keeps the unused branch finite, so torch.where's backward stays NaN-free.
-    out = torch.where(den > eps, num[..., :-1] / den.clamp_min(eps), torch.zeros_like(num[..., :-1]))
-    return out.to(v.dtype)
+    return _finish(num, phi_q, memory_phi_k, memory_v, eps).to(v.dtype)
+
+
+def _span_linear_dynamic(
+    phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_phi_k, memory_v, eps, block_size
+):
+    """Per-query (dynamic) spans ``z_i`` on positive features, banded (autocast disabled).
+
+    Why not prefix sums: query ``i`` needs ``P(i - ceil(z_i))`` and ``P(i - ceil(z_i + R))`` at its
+    own breakpoints, i.e. a gather of ``M x (D+1)`` prefix states per query -- ``O(L M D)`` memory.
+    Instead, as in :func:`adaptive_span_exact_attention`, every query block of ``Bq`` tokens meets
+    only the keys within the largest reach ``w = ceil(R + max z) - 1 <= ceil(R + S) - 1``; inside the
+    band the scores are the feature products ``A_ij = phi_q_i . phi_k_j >= 0`` times the query's own
+    mask ``m_{z_i}(|i - j|)``, summed against ``u = [v, 1]`` (numerator and normaliser together).
+    Cost ``O(L (Bq + 2w) (M + D + 1))`` time and ``O(L (Bq + 2w))`` memory for the scores (causal:
+    ``Bq + w``): linear in ``L`` for a fixed max span ``S``, like the trimmed exact backend (with
+    ``M`` in place of ``D`` for the scores). Same contract as the static path: padded keys and
+    queries zeroed first, memory slots with mask 1 in the normaliser, ``eps`` floor with output 0.
+    Gradients reach ``z`` (and so the span predictor) through the mask's ramp.
+    """
+    dt = torch.promote_types(phi_q.dtype, torch.float32)
+    b, h, length, _ = phi_q.shape
+    phi_q = _zero_padded(phi_q.to(dt), key_padding_mask)
+    phi_k = _zero_padded(phi_k.to(dt), key_padding_mask)
+    u = _zero_padded(_with_ones(v, dt), key_padding_mask)  # (B,H,L,D+1)
+    spans = spans.to(dt)
+    if key_padding_mask is not None:  # padded queries output 0 anyway: keep them from widening the band
+        spans = spans.masked_fill(key_padding_mask.to(torch.bool)[:, None, :], 0.0)
+    band = _Band.make(length, _reach(spans, ramp, length), causal, block_size)
+    a = band.queries(phi_q) @ band.windows(phi_k)  # (B,H,nb,Bq,win); keys outside [0, L) are 0
+    rel = band.offsets(phi_q.device)  # (Bq,win): i - j
+    zq = F.pad(spans, (0, band.tail)).reshape(b, h, band.nb, band.bq, 1)
+    mask = span_mask(rel.abs().to(dt), zq, ramp)  # (B,H,nb,Bq,win)
+    if causal:
+        mask = mask * (rel >= 0).to(dt)
+    num = (a * mask) @ band.windows(u).transpose(-1, -2)  # (B,H,nb,Bq,D+1)
+    num = num.reshape(b, h, band.nb * band.bq, -1)[:, :, :length]
+    return _finish(num, phi_q, memory_phi_k, memory_v, eps).to(v.dtype)
+
+
+class SpanPredictor(nn.Module):
+    """``x (B, L, dim) -> v^T x + b (B, L, H)``: the logits of dynamic spans.
+
+    Deliberately not an ``nn.Linear``: the model's weight initialisation re-draws every
+    ``nn.Linear`` (normal weights, zero bias), which would erase the bias that sets the initial span.
+    """
+
+    def __init__(self, dim: int, num_heads: int, init_logit: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_heads, dim))  # (H, dim): starts input-independent
+        self.bias = nn.Parameter(torch.full((num_heads,), float(init_logit)))  # (H,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
 
 
 class AdaptiveSpan(nn.Module):
@@ -303,9 +425,9 @@ class AdaptiveSpan(nn.Module):
         num_heads: ``H``.
         max_span: ``S``, the largest span in tokens.
         ramp: ``R``, width of the linear ramp of the soft mask.
-        init_span: initial span in tokens (static: every head; dynamic: via the bias).
+        init_span: initial span in tokens (static: every head; dynamic: via the bias, with ``v = 0``).
         loss_coef: ``lambda`` of the L1 penalty ``lambda * sum_h z_h`` (tokens).
-        dynamic: per-token spans predicted from the layer input (exact backend only).
+        dynamic: per-token spans predicted from the layer input (both backends).
         dim: model width, required when ``dynamic``.
     """
 
@@ -328,16 +450,18 @@ class AdaptiveSpan(nn.Module):
         if dynamic:
             if dim is None:
                 raise ValueError("dynamic spans need `dim`")
-            self.span_predictor = nn.Linear(dim, num_heads)
-            nn.init.zeros_(self.span_predictor.weight)
             f = min(max(frac, 1e-4), 1 - 1e-4)
-            nn.init.constant_(self.span_predictor.bias, math.log(f / (1 - f)))
+            self.span_predictor = SpanPredictor(dim, num_heads, math.log(f / (1 - f)))
             self.register_parameter("span_fraction", None)
         else:
+            self.span_predictor = None
             self.span_fraction = nn.Parameter(torch.full((num_heads,), frac))
         for p in self.parameters():  # read by lit_module.param_groups: spans get no weight decay
             p.optim_overrides = {"weight_decay": 0.0}
-        self._last_dynamic: Tensor | None = None
+        # Dynamic: per-head mean span over the real tokens of the last recorded forward, (H,), with
+        # its graph (the aux loss of that forward), and the number of tokens it averages.
+        self._last_mean: Tensor | None = None
+        self._last_count: Tensor | None = None
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -345,43 +469,68 @@ class AdaptiveSpan(nn.Module):
         if self.span_fraction is not None:
             self.span_fraction.clamp_(0.0, 1.0)
 
-    def spans(self, x: Tensor | None = None) -> Tensor:
-        """Spans in tokens: static ``(H,)``; dynamic ``(B, H, L)`` from the layer input ``x (B, L, dim)``."""
-        if self.dynamic:
-            if x is None:
-                raise ValueError("dynamic spans need the layer input x")
-            z = self.max_span * torch.sigmoid(self.span_predictor(x).float()).transpose(1, 2)  # (B,H,L)
-            self._last_dynamic = z
-            return z
-        self.clamp_()
-        return self.max_span * self.span_fraction
+    def spans(
+        self, x: Tensor | None = None, key_padding_mask: Tensor | None = None, record: bool = True
+    ) -> Tensor:
+        """Spans in tokens: static ``(H,)``; dynamic ``(B, H, L)`` from the layer input ``x (B, L, dim)``.
+
+        Dynamic spans are recorded (``record=True``) for the aux loss and logging as their per-head
+        mean over the real (``key_padding_mask`` False) tokens of ``x``; padded tokens neither pay
+        the penalty nor enter the statistics.
+        """
+        if not self.dynamic:
+            self.clamp_()
+            return self.max_span * self.span_fraction
+        if x is None:
+            raise ValueError("dynamic spans need the layer input x")
+        logits = self.span_predictor(x)  # (B,L,H); >= float32 (bf16 under autocast), float64 stays
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        z = self.max_span * torch.sigmoid(logits).transpose(1, 2)  # (B,H,L)
+        if record:
+            if key_padding_mask is None:
+                self._last_mean = z.mean(dim=(0, 2))
+                self._last_count = torch.tensor(float(z.shape[0] * z.shape[2]))
+            else:
+                real = (~key_padding_mask.to(torch.bool))[:, None, :].to(z.dtype)  # (B,1,L)
+                count = real.sum()  # stays on the device: no host sync per forward
+                self._last_mean = (z * real).sum(dim=(0, 2)) / count.clamp_min(1.0)
+                self._last_count = count.detach()
+        return z
+
+    @property
+    def last_num_tokens(self) -> int:
+        """Dynamic: how many real tokens the last recorded per-head mean averages (0 before any)."""
+        return 0 if self._last_count is None else int(self._last_count)
 
     def current_spans(self) -> Tensor:
-        """Detached spans for logging: static ``(H,)``; dynamic: mean over the last batch's tokens."""
+        """Detached spans for logging: static ``(H,)``; dynamic: mean over the last batch's real tokens."""
         with torch.no_grad():
             if self.dynamic:
-                if self._last_dynamic is None:
+                if self._last_mean is None:
                     return torch.full((self.num_heads,), float("nan"))
-                return self._last_dynamic.detach().float().mean(dim=(0, 2)).cpu()
+                return self._last_mean.detach().float().cpu()
             return (self.max_span * self.span_fraction.clamp(0, 1)).detach().float().cpu()
 
     def aux_loss(self) -> Tensor:
-        """``lambda * sum_h z_h`` (dynamic: ``z_h`` averaged over the last batch's tokens)."""
+        """``lambda * sum_h z_h`` (dynamic: ``z_h`` averaged over the last batch's real tokens)."""
         if self.dynamic:
-            if self._last_dynamic is None:
+            if self._last_mean is None:
                 return self.span_predictor.bias.new_zeros(())
-            return self.loss_coef * self._last_dynamic.mean(dim=(0, 2)).sum()
+            return self.loss_coef * self._last_mean.sum()
         return self.loss_coef * (self.max_span * self.span_fraction.clamp(0, 1)).sum()
 
     def attend_exact(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor | None = None, **kwargs) -> Tensor:
         """:func:`adaptive_span_exact_attention` with this module's spans (``x`` for dynamic spans)."""
-        return adaptive_span_exact_attention(q, k, v, self.spans(x), self.ramp, **kwargs)
+        z = self.spans(x, kwargs.get("key_padding_mask"))
+        return adaptive_span_exact_attention(q, k, v, z, self.ramp, **kwargs)
 
-    def attend_linear(self, phi_q: Tensor, phi_k: Tensor, v: Tensor, **kwargs) -> Tensor:
-        """:func:`adaptive_span_linear_attention` with this module's (static) spans."""
-        if self.dynamic:
-            raise NotImplementedError("dynamic spans are supported by the exact backend only")
-        return adaptive_span_linear_attention(phi_q, phi_k, v, self.spans(), self.ramp, **kwargs)
+    def attend_linear(
+        self, phi_q: Tensor, phi_k: Tensor, v: Tensor, x: Tensor | None = None, **kwargs
+    ) -> Tensor:
+        """:func:`adaptive_span_linear_attention` with this module's spans (``x`` for dynamic spans:
+        then the banded per-query path)."""
+        z = self.spans(x, kwargs.get("key_padding_mask"))
+        return adaptive_span_linear_attention(phi_q, phi_k, v, z, self.ramp, **kwargs)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, max_span={self.max_span}, ramp={self.ramp}, dynamic={self.dynamic}"
@@ -438,10 +587,12 @@ class AdaptiveSpanKernel(nn.Module):
     """Attention kernel with an adaptive span, optionally with persistent memory slots.
 
     Same call signature as ``FavorAttention`` / the model's exact kernel:
-    ``forward(q, k, v, key_padding_mask=None) -> (B, H, L, D)``.
+    ``forward(q, k, v, key_padding_mask=None) -> (B, H, L, D)``; with dynamic spans it also needs
+    the layer input, ``forward(q, k, v, key_padding_mask, x=x (B, L, dim))`` -- the attribute
+    :attr:`needs_layer_input` tells the caller (``SelfAttention``) to pass it.
 
     Args:
-        span: the layer's :class:`AdaptiveSpan` (static spans).
+        span: the layer's :class:`AdaptiveSpan` (static or dynamic spans).
         causal: unidirectional attention.
         favor: a ``FavorAttention`` whose projection / kernel give the features (Performer
             backend); ``None`` selects the exact (trimmed, banded) softmax backend.
@@ -457,9 +608,17 @@ class AdaptiveSpanKernel(nn.Module):
         memory: nn.Module | None = None,
     ):
         super().__init__()
-        if span.dynamic:
-            raise ValueError("AdaptiveSpanKernel takes static spans (dynamic spans need the layer input)")
         self.span, self.causal, self.favor, self.memory = span, causal, favor, memory
+
+    @property
+    def needs_layer_input(self) -> bool:
+        """True for dynamic spans: ``forward`` / ``attention_probs`` then need ``x=`` (the layer input)."""
+        return self.span.dynamic
+
+    def _spans(self, x: Tensor | None, key_padding_mask: Tensor | None, record: bool = True) -> Tensor:
+        if self.span.dynamic and x is None:
+            raise ValueError("dynamic spans need the layer input: call the kernel with x=(B, L, dim)")
+        return self.span.spans(x, key_padding_mask, record=record)
 
     def _memory(self) -> tuple[Tensor | None, Tensor | None]:
         if self.memory is None or self.memory.num_slots == 0:
@@ -486,8 +645,10 @@ class AdaptiveSpanKernel(nn.Module):
         phi_q, phi_all = favor_features(q, keys, self.favor.projection, self.favor.kernel, kpm)
         return phi_q, phi_all[:, :, n:], phi_all[:, :, :n]
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        spans = self.span.spans()
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None, x: Tensor | None = None
+    ) -> Tensor:
+        spans = self._spans(x, key_padding_mask)  # (H,) or (B,H,L)
         mem_k, mem_v = self._memory()
         if self.favor is None:
             return adaptive_span_exact_attention(
@@ -508,17 +669,20 @@ class AdaptiveSpanKernel(nn.Module):
         )
 
     @torch.no_grad()
-    def attention_probs(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def attention_probs(
+        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None, x: Tensor | None = None
+    ) -> Tensor:
         """Attention over the context ``(B, H, L, L)`` with the span mask (O(L^2); for analysis).
 
-        Rows sum to 1 minus the mass on persistent-memory slots (if any).
+        Rows sum to 1 minus the mass on persistent-memory slots (if any). Dynamic spans need ``x``
+        (and are not recorded: analysis does not change the logged spans or the aux loss).
         """
         length = q.shape[2]
         i = torch.arange(length, device=q.device)
         dist = (i[:, None] - i[None, :]).abs().float()
-        m = span_mask(dist, self.span.spans().detach().float()[:, None, None], self.span.ramp)[
-            None
-        ]  # (1,H,L,L)
+        z = self._spans(x, key_padding_mask, record=False).detach().float()
+        zq = z[..., None] if z.dim() == 3 else z[None, :, None, None]  # (B|1,H,L|1,1)
+        m = span_mask(dist, zq, self.span.ramp)  # (B|1,H,L,L)
         allowed = torch.ones(length, length, dtype=torch.bool, device=q.device)
         if self.causal:
             allowed = allowed.tril()
