@@ -36,13 +36,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="bench/results/swissprot_h100")
     p.add_argument("--out", default="docs/results")
+    p.add_argument("--prefix", default="", help="prefix of the figure file names (one campaign per prefix)")
     args = p.parse_args()
     res, out = Path(args.results), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = json.loads((res / "summary.json").read_text())
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=False)
-    for ax, (setting, title) in zip(axes, SETTINGS.items(), strict=True):
+    settings = {s: t for s, t in SETTINGS.items() if any(r["setting"] == s for r in summary["runs"].values())}
+    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4.2), sharey=False, squeeze=False)
+    for ax, (setting, title) in zip(axes[0], settings.items(), strict=True):
         for attention in ATTENTIONS:
             steps, ppl = series(res / f"{setting}_{attention}.metrics.csv", "val/perplexity")
             ax.plot(steps, ppl, marker="o", ms=3, label=attention)
@@ -51,9 +53,12 @@ def main() -> None:
         ax.set_ylabel("validation perplexity")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Swiss-Prot 2014 subset, equal budgets (800 steps), {summary['gpu']} (9 runs sharing the GPU)")
+    n_runs = len(summary["runs"])
+    fig.suptitle(f"Swiss-Prot 2014 subset, equal budgets ({summary['steps']} steps), {summary['gpu']}"
+                 f" ({n_runs} runs sharing the GPU)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=120)
+    curves, transfer_png = out / f"{args.prefix}learning_curves.png", out / f"{args.prefix}transfer.png"
+    fig.savefig(curves, dpi=120)
     plt.close(fig)
 
     transfer = summary["transfer"]
@@ -69,9 +74,9 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out / "transfer.png", dpi=120)
+    fig.savefig(transfer_png, dpi=120)
     plt.close(fig)
-    print(f"wrote {out / 'learning_curves.png'} and {out / 'transfer.png'}")
+    print(f"wrote {curves} and {transfer_png}")
 
 
 if __name__ == "__main__":
