@@ -32,12 +32,14 @@ class RecordBatches(Callback):
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
         self.train: list[str] = []
+        self.train_tokens: list[int] = []  # real (non-padding) input tokens per training batch
         self._val_tokens = 0
         self.metrics: list[dict[str, float]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         ids = batch["input_ids"].cpu().numpy().tobytes()
         self.train.append(hashlib.sha1(ids).hexdigest())
+        self.train_tokens.append(int((~batch["padding_mask"]).sum()))
 
     def on_validation_start(self, trainer, pl_module):
         self._val_tokens = 0
@@ -56,5 +58,6 @@ class RecordBatches(Callback):
     def on_train_end(self, trainer, pl_module):
         path = Path(self.out_dir) / f"rank{trainer.global_rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"world_size": trainer.world_size, "train": self.train, "metrics": self.metrics}
+        record = {"world_size": trainer.world_size, "train": self.train, "train_tokens": self.train_tokens,
+                  "metrics": self.metrics}
         path.write_text(json.dumps(record))
