@@ -37,7 +37,8 @@ def _read(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise UserError(f"{path}: cannot read as a protein_lm checkpoint ({type(err).__name__}: {err})") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # torch's text runs to pages
+        raise UserError(f"{path}: cannot read as a protein_lm checkpoint ({type(err).__name__}: {first})") from err
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a protein_lm checkpoint (top level is {type(data).__name__})")
     return data

@@ -122,6 +122,12 @@ def test_load_model_rejects_other_files(tmp_path):
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="cannot read"):
         load_model(tmp_path / "junk.ckpt")
+    # a pickle that weights_only refuses: torch's explanation is pages long, ours stays one line
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"config": pl.Trainer}, unsafe)
+    with pytest.raises(UserError, match="cannot read") as err:
+        load_model(unsafe)
+    assert "\n" not in str(err.value)
 
 
 def test_model_trained_with_forced_triton_loads_and_runs_on_cpu(checkpoints, tmp_path):
