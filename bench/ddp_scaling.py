@@ -11,13 +11,14 @@ run processes twice the tokens per step (weak scaling). Validation runs once, at
 
 Throughput is measured by :class:`StepTimer` (added to each run as a callback): after
 ``--warmup-steps`` optimiser steps it synchronises the device and starts a clock, counts the
-non-padding input tokens of **every rank** (summed across ranks with an all-reduce at the end —
-exact, not rank 0's count times the world size), and stops the clock at the end of the last
+non-padding input tokens of **every rank** (summed across ranks with an all-reduce at the end),
+and stops the clock at the end of the last
 training batch, before the final validation. So the figure is global steady-state training
 tokens/s, data loading and optimiser included, start-up and validation excluded. For comparison
 the summary also carries ``protein_lm.monitoring.ThroughputMonitor``'s figure (median of its
-50-step windows): that callback counts rank 0's tokens times the world size, which equals the
-global count only on average (ranks draw different proteins, so their padding differs).
+50-step windows; it also sums every rank's real tokens, since this session — the campaign-D
+numbers in docs/results.md were measured while it still counted rank 0's tokens × world size,
+which equals the global count only on average, as ranks pad differently).
 
 Also reported: peak GPU memory of every rank (``torch.cuda.max_memory_allocated``), the final
 validation loss / accuracy of each run, the scaling efficiency tok/s(2) / (2 · tok/s(1)), and a
@@ -128,7 +129,7 @@ def run_command(devices: int, args: argparse.Namespace, out: Path, backend: str 
 
 
 def monitor_rate(run_dir: Path) -> float | None:
-    """Median of ThroughputMonitor's windows (rank 0's tokens x world size per second)."""
+    """Median of ThroughputMonitor's windows (global real tokens per second)."""
     from bench.swissprot_runs import last_metrics_series
 
     values = [r["perf/tokens_per_sec"] for r in last_metrics_series(run_dir, ("perf/tokens_per_sec",))

@@ -37,6 +37,7 @@ class ThroughputMonitor(Callback):
         self._pending: torch.Tensor | None = None  # this rank's real tokens since the last flush
         self._tokens_seen = 0  # all ranks, up to the last flush
         self._t0: float | None = None
+        self._last_step = -1  # global_step of the last measurement (repeats under grad accumulation)
 
     def state_dict(self) -> dict:
         return {"tokens_seen": self._tokens_seen}
@@ -47,11 +48,14 @@ class ThroughputMonitor(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         ids = batch["input_ids"]
         mask = batch.get("padding_mask")
-        n = (mask.numel() - mask.sum()) if mask is not None else torch.tensor(ids.numel(), device=ids.device)
+        n = (mask.numel() - mask.sum()) if mask is not None else ids.numel()
         self._pending = n if self._pending is None else self._pending + n
         step = trainer.global_step
-        if step < self.warmup_steps:
+        # With gradient accumulation global_step repeats over micro-batches: measure once per
+        # optimiser step (the same decision on every rank, so the collectives stay matched).
+        if step < self.warmup_steps or step == self._last_step:
             return
+        self._last_step = step
         if self._t0 is None:  # first step after warm-up: start the clock
             self._flush(trainer)
             self._synchronize(pl_module)
@@ -76,10 +80,8 @@ class ThroughputMonitor(Callback):
 
     def _flush(self, trainer) -> int:
         """Sum the pending counts of all ranks into ``tokens_seen``; return that sum."""
-        if self._pending is None:
-            local = torch.zeros((), dtype=torch.long, device=trainer.strategy.root_device)
-        else:
-            local = self._pending.to(torch.long)
+        pending = 0 if self._pending is None else self._pending
+        local = torch.as_tensor(pending, device=trainer.strategy.root_device).to(torch.long)
         total = int(trainer.strategy.reduce(local, reduce_op="sum"))
         self._pending = None
         self._tokens_seen += total

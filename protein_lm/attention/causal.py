@@ -38,8 +38,10 @@ DEFAULT_BLOCK_BYTES_CUDA = 256 << 20
 
 
 def _block_chunks(batch: int, n: int, c: int, m: int, e: int, elem: int, budget: int) -> int:
-    """Chunks per block so that a block's states (g*M*E) and scores (g*C*C) fit ``budget`` bytes."""
-    per_chunk = batch * (m * e + c * c + c * e) * elem
+    """Chunks per block so that a block's states and scores fit ``budget`` bytes: it counts two
+    ``g*M*E`` state buffers (inclusive sums and their shifted copy; the reverse scan's flips briefly
+    need a third), ``g*C*C`` scores and two ``g*C*E`` outputs."""
+    per_chunk = batch * (2 * m * e + c * c + 2 * c * e) * elem
     return max(1, min(n, budget // max(1, per_chunk)))
 
 
@@ -83,12 +85,11 @@ def _causal_linear_forward(
             excl[..., :-1, :, :] = incl[..., 1:, :, :]
         else:
             excl[..., 1:, :, :] = incl[..., :-1, :, :]
-        total = incl[..., :1, :, :] if reverse else incl[..., -1:, :, :]
+        total = incl[..., :1, :, :] if reverse else incl[..., -1:, :, :]  # a view of incl
         if state is not None:
             excl += state
-            total = total + state
-        state = total.clone()
-        del incl
+        state = total.clone() if state is None else total + state  # a copy: incl can go now
+        del incl, total
         ob = qb @ excl
         scores = (qb @ kb.transpose(-1, -2)).masked_fill_(excluded, 0.0)  # (..., g, C, C)
         ob += scores @ vb

@@ -44,15 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:1, ...")
 
 
-def _batches(args: argparse.Namespace, device):
-    """``(input_ids, padding_mask)`` batches of the first records of ``--fasta``."""
+def _batches(args: argparse.Namespace, device, max_residues: int):
+    """``(input_ids, padding_mask)`` batches of the first records of ``--fasta``, each cropped to
+    ``max_residues``."""
     from protein_lm.analysis.spans import batch_sequences
     from protein_lm.commands.analyze import read_sequences
 
     fasta = Path(args.fasta)
     if not fasta.is_file():
         raise UserError(f"{fasta}: FASTA file not found (--fasta)")
-    seqs = [t[: args.max_length] for _, t in read_sequences(fasta, args.max_sequences)]
+    seqs = [t[:max_residues] for _, t in read_sequences(fasta, args.max_sequences)]
     if not seqs:
         raise UserError(f"{fasta}: no sequences")
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
@@ -77,14 +78,15 @@ def run(args: argparse.Namespace) -> int:
     from protein_lm.devices import resolve_device
 
     device = resolve_device(args.device)
-    try:
-        model, _ = load_model(args.checkpoint, map_location="cpu")
-    except UserError as err:  # torch.load's own message can run over many lines: keep the first
-        lines = str(err).splitlines() or [""]
-        raise UserError(lines[0] + (" ...)" if len(lines) > 1 else "")) from None
+    model, _ = load_model(args.checkpoint, map_location="cpu")
     model = model.to(device).eval()
     dynamic = model.config.span_dynamic and model.config.adaptive_span
-    batches = _batches(args, device) if dynamic and args.fasta else None
+    max_residues = args.max_length
+    if model.config.position == "learned":  # no position embedding beyond the trained window
+        max_residues = min(max_residues, model.config.max_length - 2)
+    batches = _batches(args, device, max_residues) if dynamic and args.fasta else None
+    if args.fasta and not dynamic:
+        print("spans: --fasta ignored: static spans are read from the weights", file=sys.stderr)
     try:
         report = head_spans(model, batches)
     except UserError as err:  # name the checkpoint: "no adaptive span", "dynamic spans need --fasta"
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     report.source = str(args.checkpoint)
     if dynamic:
         report.extra.update(
-            fasta=str(args.fasta), max_sequences=args.max_sequences, max_length=args.max_length
+            fasta=str(args.fasta), max_sequences=args.max_sequences, max_residues=max_residues
         )
     save_figure(plot_spans(report, kind=args.kind), args.out, "--out")
     if args.json:
