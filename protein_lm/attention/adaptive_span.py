@@ -14,21 +14,16 @@ Two backends, both exact for the same mask:
 * :func:`adaptive_span_exact_attention` -- softmax attention computed block by block over a band:
   keys farther than the largest current reach ``w = ceil(R + max z) - 1`` are never touched, so
   compute and memory scale with ``L * w`` instead of ``L^2`` ("trimming").
-* :func:`adaptive_span_linear_attention` -- FAVOR+ (any positive feature map) in linear time. The
-  mask is piecewise linear in distance: ``R * m_z(x) = relu(z + R - x) - relu(z - x)``. For a
-  threshold ``a`` and ``s = ceil(a)``,
-  ``sum_{j <= i} relu(a - i + j) f_j = (a - i) (P0(i) - P0(i - s)) + (P1(i) - P1(i - s))`` with
-  prefix sums ``P0(t) = sum_{j<=t} phi(k_j) u_j^T`` and ``P1(t) = sum_{j<=t} j phi(k_j) u_j^T``
-  (``u = [v, 1]`` carries the values and the normaliser). The two ``P(i)`` terms cancel between the
-  two thresholds, leaving::
-
-      R * N_i = R * Y0(0) - (a1 - i) Y0(s1) - Y1(s1) + (a0 - i) Y0(s0) + Y1(s0)
-
-  where ``Ys(t) = phi(q_i) . P(i - t)`` is *causal linear attention against keys shifted right by
-  t* -- computed by the chunked O(L (M + E)) memory kernel of :mod:`protein_lm.attention.causal`
-  (one call, the three shifts stacked on the batch axis). The future half of a bidirectional
-  window is the same computation on the reversed sequence, minus the double-counted diagonal.
-  Dynamic (per-query) spans have per-query breakpoints, so the shared prefix sums no longer serve
+* :func:`adaptive_span_linear_attention` -- FAVOR+ (any positive feature map) in linear time. With
+  one span per head, the mask is exactly 1 for distances below ``z`` and non-trivial only on a
+  ramp of ``R`` tokens. In chunks of ``C`` tokens, every key chunk lying wholly inside the flat part
+  of a query chunk's window enters through its ``M x (D+1)`` state ``phi_k^T [v, 1]`` (a banded
+  sum of chunk states), and the few chunk pairs that straddle the window's edge or ramp are exact
+  masked ``C x C`` blocks (see :func:`_span_numerator`). Every term is non-negative in the
+  normaliser: no window is ever formed as a difference of prefix sums over the whole sequence,
+  which cancelled catastrophically (and diverged training to NaN) once a window held features far
+  below the sequence's largest.
+  Dynamic (per-query) spans have per-query windows, so the shared chunk states no longer serve
   every query; :func:`adaptive_span_linear_attention` then takes the banded route of the exact
   backend with feature products ``phi_q . phi_k`` as scores: ``O(L * (Bq + 2w) * (M + D))``, linear
   in ``L`` for a fixed largest span (see :func:`_span_linear_dynamic`).
@@ -48,6 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "AdaptiveSpan",
@@ -212,48 +208,129 @@ def _zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
     return x.masked_fill(key_padding_mask.to(torch.bool)[:, None, :, None], 0.0)
 
 
-def _shift_right(x: Tensor, shifts: Tensor) -> Tensor:
-    """Per-head right shift along L with zero fill: ``out[:, h, i] = x[:, h, i - s_h]`` (0 if < 0).
-
-    ``x: (B, H, L, F)``, ``shifts: (H,)`` long.
-    """
-    length = x.shape[2]
-    idx = torch.arange(length, device=x.device)[None, :] - shifts[:, None]  # (H, L)
-    ok = idx >= 0
-    idx = idx.clamp_min(0)
-    out = x.gather(2, idx[None, :, :, None].expand(x.shape[0], -1, -1, x.shape[3]))
-    return out * ok[None, :, :, None].to(x.dtype)
-
-
-def _causal_span_numerator(
-    phi_q: Tensor, phi_k: Tensor, u: Tensor, spans: Tensor, ramp: float, chunk: int
+def _span_numerator(
+    phi_q: Tensor, phi_k: Tensor, u: Tensor, spans: Tensor, ramp: float, causal: bool, chunk: int
 ) -> Tensor:
-    """``sum_{j <= i} m_z(i - j) (phi_q_i . phi_k_j) u_j`` in linear time; ``-> (B, H, L, E)``."""
-    from protein_lm.attention.causal import causal_linear_attention
+    """``N_i = sum_j m_z(|i - j|) (phi_q_i . phi_k_j) u_j`` (static spans) in linear time; ``-> (B, H, L, E)``.
 
-    b, h, length, _ = phi_q.shape
-    pos = torch.arange(length, device=u.device, dtype=u.dtype)[None, None, :, None]
-    a0 = spans.to(u.dtype)  # (H,)
-    a1 = a0 + ramp
-    s0 = torch.ceil(a0.detach()).long().clamp(0, length)
-    s1 = torch.ceil(a1.detach()).long().clamp(0, length)
-    uu = torch.cat([u, pos * u], dim=-1)  # (B,H,L,2E): P0 and P1 share keys
-    zero = torch.zeros_like(s0)
-    keys = torch.cat([_shift_right(phi_k, s) for s in (zero, s0, s1)], dim=0)  # (3B,H,L,M)
-    vals = torch.cat([_shift_right(uu, s) for s in (zero, s0, s1)], dim=0)  # (3B,H,L,2E)
-    y = causal_linear_attention(phi_q.repeat(3, 1, 1, 1), keys, vals, chunk=chunk)
-    y = y.view(3, b, h, length, 2, -1)  # (shift, B, H, L, {P0,P1}, E)
-    i = pos  # query position
-    c1 = a1[None, :, None, None] - i  # (1,H,L,1)
-    c0 = a0[None, :, None, None] - i
-    num = (
-        ramp * y[0, :, :, :, 0]
-        - c1 * y[2, :, :, :, 0]
-        - y[2, :, :, :, 1]
-        + c0 * y[1, :, :, :, 0]
-        + y[1, :, :, :, 1]
-    )
-    return num / ramp
+    Every term is a product of non-negative features with the mask, so the normaliser column is a
+    sum of non-negative numbers: nothing is ever obtained by differencing sums that contain keys
+    outside the window (the earlier ``P(i) - P(i - s)`` form cancelled catastrophically whenever the
+    window held features many orders of magnitude below the sequence's largest -- normal for the
+    softmax features' shared key stabiliser -- and produced garbage or sign-flipped normalisers).
+
+    Chunks of ``C`` tokens; query chunk ``c`` meets key chunk ``c - d``. Per head, with
+    ``F = ceil(z) // C - 1``, every pair in a chunk offset ``|d| <= F`` lies at distance
+    ``<= F*C + C - 1 < z`` (mask exactly 1, no gradient): those offsets are served by per-chunk
+    states ``S_k = phi_k[k]^T u[k]`` (``M x E``) summed over the band ``|c - k| <= F`` -- a banded
+    0/1 ``(n x n)`` matrix times the states, sums of non-negative terms, ``n^2 M E`` flops
+    (``<= L M E`` while ``n^2 <= L``). The remaining offsets ``F < |d| <= ceil(reach / C)`` (about
+    ``(R + 2C) / C`` per side) hold the ramp and the window's edge: each is an exact ``C x C`` block
+    ``(phi_q phi_k^T * mask) u`` with the mask from :func:`span_mask` (so gradients reach ``z``).
+    Causal: ``d >= 0`` and the diagonal block ``d = 0`` is always a masked block. Cost
+    ``O(L (M E + P C (M + E)) + n^2 M E)`` time, ``O(L (M + E + P C) + n M E)`` memory, with
+    ``P`` the number of masked offsets; all views, no per-head copies of the features.
+    """
+    b, h, length, m = phi_q.shape
+    e = u.shape[-1]
+    dt = phi_q.dtype
+    c = max(1, min(chunk, length))
+    n = math.ceil(length / c)
+    pad = n * c - length
+    if pad:  # zero keys add nothing; padded queries are sliced off
+        phi_q, phi_k, u = (F.pad(t, (0, 0, 0, pad)) for t in (phi_q, phi_k, u))
+    qc = phi_q.reshape(b, h, n, c, m)
+    kc = phi_k.reshape(b, h, n, c, m)
+    uc = u.reshape(b, h, n, c, e)
+    zd = spans.detach()
+    full = (torch.ceil(zd).long() // c - 1).clamp(-1, n - 1)  # (H,) F: offsets with mask 1 throughout
+    reach = (torch.ceil(zd + ramp) - 1).clamp_min(0).long()  # largest distance with a non-zero mask
+    far = ((reach + c - 1) // c).clamp(max=n - 1)  # (H,) last offset with a non-zero mask
+    full_l, far_l = full.tolist(), far.tolist()  # one host sync per layer
+    lo = 1 if causal else 0  # causal: the diagonal block is never "full" (it holds future keys)
+
+    if max(full_l) >= lo:
+        states = (kc.transpose(-1, -2) @ uc).reshape(b, h, n, m * e)  # (B,H,n,M*E)
+        idx = torch.arange(n, device=phi_q.device)
+        rel = idx[:, None] - idx[None, :]  # (n,n): c - k
+        dist = rel if causal else rel.abs()
+        band = (dist >= lo) & (dist <= full[:, None, None])  # (H,n,n)
+        if causal:
+            band = band & (rel >= 0)
+        win = band.to(dt) @ states  # (B,H,n,M*E): windowed sums of non-negative states
+        out = qc @ win.reshape(b, h, n, m, e)  # (B,H,n,C,E)
+    else:
+        out = qc.new_zeros(b, h, n, c, e)
+
+    # Masked blocks per head: (offset d, left?) with d in (F, far] (and the diagonal, causal).
+    r = torch.arange(c, device=phi_q.device, dtype=dt)
+    within = r[:, None] - r[None, :]  # (C,C): query offset - key offset inside a chunk
+    blocks: list[list[tuple[int, bool]]] = []
+    for hh in range(h):
+        offsets = ([0] if causal and full_l[hh] >= 0 else []) + list(range(full_l[hh] + 1, far_l[hh] + 1))
+        # (d, left): the diagonal block d = 0 is one block (both sides) in bidirectional attention
+        sides = [(True,) if causal or d == 0 else (True, False) for d in offsets]
+        blocks.append([(d, left) for d, ss in zip(offsets, sides, strict=True) for left in ss])
+    k_max = max(len(bl) for bl in blocks)
+    if k_max:
+        # left: distance i - j = d*C + (r - t); right: j - i = d*C - (r - t); bidirectional
+        # diagonal block: |r - t|. Negative distances (future keys of a causal diagonal block, and
+        # the unused slots of heads with fewer blocks, set to -1) get mask 0.
+        x = torch.full((h, k_max, c, c), -1.0, dtype=dt, device=phi_q.device)
+        for hh, bl in enumerate(blocks):
+            for j, (d, left) in enumerate(bl):
+                if d == 0 and not causal:
+                    x[hh, j] = within.abs()
+                else:
+                    x[hh, j] = d * c + within if left else d * c - within
+        masks = span_mask(x, spans.to(dt)[:, None, None, None], ramp) * (x >= 0).to(dt)  # (H,K,C,C)
+        out = out + _SpanBlocks.apply(qc, kc, uc, masks, blocks)
+    num = out.reshape(b, h, n * c, e)
+    return num[:, :, :length] if pad else num
+
+
+class _SpanBlocks(torch.autograd.Function):
+    """The masked ``C x C`` blocks of :func:`_span_numerator`, with a hand-written backward.
+
+    Per head ``h`` and block ``(d, side)`` in ``blocks[h]``: query chunk ``c`` meets key chunk ``c - d``
+    (left) or ``c + d`` (right) with the ``(C, C)`` mask ``masks[h, j]``. Autograd through per-head,
+    per-offset slices would allocate a zero gradient of the full ``(B, H, n, C, M)`` input for every
+    slice (measured: half the run time); here the gradients are accumulated in place, and only the
+    inputs are saved (the ``C x C`` scores are recomputed in backward).
+    """
+
+    @staticmethod
+    def forward(ctx, qc: Tensor, kc: Tensor, uc: Tensor, masks: Tensor, blocks: list) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(qc, kc, uc, masks)
+        ctx.blocks = blocks
+        n = qc.shape[2]
+        out = uc.new_zeros(uc.shape)  # (B,H,n,C,E)
+        for hh, head_blocks in enumerate(blocks):
+            for j, (d, left) in enumerate(head_blocks):
+                qs, ks = (slice(d, n), slice(0, n - d)) if left else (slice(0, n - d), slice(d, n))
+                a = (qc[:, hh, qs] @ kc[:, hh, ks].transpose(-1, -2)).mul_(masks[hh, j])  # (B,n-d,C,C)
+                out[:, hh, qs] += a @ uc[:, hh, ks]
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        qc, kc, uc, masks = ctx.saved_tensors
+        n = qc.shape[2]
+        dq, dk, du, dm = (torch.zeros_like(t) for t in (qc, kc, uc, masks))
+        for hh, head_blocks in enumerate(ctx.blocks):
+            for j, (d, left) in enumerate(head_blocks):
+                qs, ks = (slice(d, n), slice(0, n - d)) if left else (slice(0, n - d), slice(d, n))
+                q, k, u, gs = qc[:, hh, qs], kc[:, hh, ks], uc[:, hh, ks], g[:, hh, qs]
+                mask = masks[hh, j]
+                s = q @ k.transpose(-1, -2)  # (B,n-d,C,C)
+                du[:, hh, ks] += (s * mask).transpose(-1, -2) @ gs
+                ga = gs @ u.transpose(-1, -2)  # d loss / d (s * mask)
+                dm[hh, j] = (ga * s).sum(dim=(0, 1))
+                ga.mul_(mask)
+                dq[:, hh, qs] += ga @ k
+                dk[:, hh, ks] += ga.transpose(-1, -2) @ q
+        return dq, dk, du, dm, None
 
 
 def adaptive_span_linear_attention(
@@ -275,8 +352,10 @@ def adaptive_span_linear_attention(
     Computes ``out_i = sum_j m(|i-j|) A_ij v_j / sum_j m(|i-j|) A_ij`` with ``A_ij = phi_q_i . phi_k_j``
     (plus unmasked persistent-memory slots, if given) without forming the ``L x L`` matrix ``A``.
 
-    * Static spans ``(H,)``: shifted prefix sums (module docstring), ``O(L (M + D))`` memory,
-      ``O(L M D)`` time, independent of the span.
+    * Static spans ``(H,)``: banded chunk states plus masked ``C x C`` edge blocks (see
+      :func:`_span_numerator`): ``O(L (M + D + P C) + (L/C) M D)`` memory, ``O(L M D + L P C (M + D)
+      + (L/C)^2 M D)`` time with ``P ~ 2 + R / C`` edge blocks per side -- linear in ``L`` for
+      ``L <= C^2``, and independent of the span.
     * Dynamic spans ``(B, H, L)`` (one span per query): banded, see :func:`_span_linear_dynamic`;
       ``O(L (Bq + 2w) (M + D))`` time and ``O(L (Bq + 2w))`` memory with ``w = ceil(R + max z) - 1``.
 
@@ -292,17 +371,16 @@ def adaptive_span_linear_attention(
             with the same stabiliser as ``phi_k``); ``memory_v``: ``(H, N, D)``. Visible to every
             query with mask 1.
         eps: queries whose normaliser is ``<= eps`` see no real key and get output 0.
-        chunk: chunk size of the causal kernel (static spans).
+        chunk: chunk size ``C`` of the static-span path.
         block_size: query block size of the banded path (dynamic spans; default ``max(64, w)``).
 
     Returns:
-        ``(B, H, L, D)`` in ``v.dtype``. Static-span precision: the ``P1`` sums carry positions
-        ``j``, so float32 cancellation grows like ``L / span`` (see docs/fair_mechanisms.md); the
-        banded dynamic path sums only positive terms and has no such cancellation.
+        ``(B, H, L, D)`` in ``v.dtype``. Both paths sum only non-negative terms into the normaliser
+        (no cancellation; float32 accuracy whatever the features' dynamic range).
     """
     if spans.dim() not in (1, 3):
         raise ValueError(f"spans must be (H,) or (B, H, L), got shape {tuple(spans.shape)}")
-    # The prefix sums carry absolute positions and cancel in pairs: never let autocast run them in bf16.
+    # Features span many orders of magnitude: keep the sums in >= float32 (no bf16 under autocast).
     with torch.autocast(device_type=phi_q.device.type, enabled=False):
         if spans.dim() == 3:
             return _span_linear_dynamic(
@@ -338,9 +416,9 @@ def _finish(
         num = num + phi_q @ state
     den = num[..., -1:]  # (B,H,L,1)
     # Above eps: the exact ratio (as FAVOR+). At or below eps the query sees no real key (padded
-    # query, or all visible keys padded); its numerator is then 0 (banded) or only rounding left
-    # over by the cancelling prefix sums (static), and dividing it by eps would blow it up: output 0. The
-    # clamp keeps the unused branch finite, so torch.where's backward stays NaN-free.
+    # query, or all visible keys padded, or features that underflowed); its numerator is then 0 or
+    # as tiny, and dividing it by eps would blow it up: output 0. The clamp keeps the unused branch
+    # finite, so torch.where's backward stays NaN-free.
     return torch.where(den > eps, num[..., :-1] / den.clamp_min(eps), torch.zeros_like(num[..., :-1]))
 
 
@@ -349,19 +427,14 @@ def _span_linear(phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_
     dt = torch.promote_types(phi_q.dtype, torch.float32)
     spans = spans.to(dt)
     u = _with_ones(v, dt)  # (B,H,L,D+1)
-    # Padded keys must contribute exactly 0 to every prefix sum: zero their features AND their
-    # values / normaliser column (and with them the position-weighted P1 term and the diagonal).
-    # Otherwise one inf/NaN value at a padded key turns into 0 * inf = NaN in the shared prefix
-    # sums and poisons every later (causal) or every (bidirectional) real query. Padded queries
-    # are zeroed too: they then see nothing and get output 0 below (not cancellation noise / eps).
+    # Padded keys must contribute exactly 0 to every chunk state and block: zero their features AND
+    # their values / normaliser column. Otherwise one inf/NaN value at a padded key turns into
+    # 0 * inf = NaN in a shared chunk state and poisons the real queries that see it. Padded queries
+    # are zeroed too: they then see nothing and get output 0 below (not 0 / eps).
     phi_q = _zero_padded(phi_q.to(dt), key_padding_mask)
     phi_k = _zero_padded(phi_k.to(dt), key_padding_mask)
     u = _zero_padded(u, key_padding_mask)
-    num = _causal_span_numerator(phi_q, phi_k, u, spans, ramp, chunk)
-    if not causal:
-        fut = _causal_span_numerator(phi_q.flip(2), phi_k.flip(2), u.flip(2), spans, ramp, chunk).flip(2)
-        diag = (phi_q * phi_k).sum(-1, keepdim=True) * u  # m(0) = 1 counted in both halves
-        num = num + fut - diag
+    num = _span_numerator(phi_q, phi_k, u, spans, ramp, causal, chunk)
     return _finish(num, phi_q, memory_phi_k, memory_v, eps).to(v.dtype)
 
 
@@ -370,8 +443,9 @@ def _span_linear_dynamic(
 ):
     """Per-query (dynamic) spans ``z_i`` on positive features, banded (autocast disabled).
 
-    Why not prefix sums: query ``i`` needs ``P(i - ceil(z_i))`` and ``P(i - ceil(z_i + R))`` at its
-    own breakpoints, i.e. a gather of ``M x (D+1)`` prefix states per query -- ``O(L M D)`` memory.
+    Why not the static path's chunk states: with one span per query, the chunks wholly inside a
+    query chunk's window differ from query to query, so each query would need its own
+    ``M x (D+1)`` window state -- ``O(L M D)`` memory.
     Instead, as in :func:`adaptive_span_exact_attention`, every query block of ``Bq`` tokens meets
     only the keys within the largest reach ``w = ceil(R + max z) - 1 <= ceil(R + S) - 1``; inside the
     band the scores are the feature products ``A_ij = phi_q_i . phi_k_j >= 0`` times the query's own
