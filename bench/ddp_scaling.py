@@ -225,24 +225,22 @@ def main() -> int:
     return 0
 
 
-def _fmt(value: object, spec: str) -> str:
-    return format(value, spec) if isinstance(value, int | float) and math.isfinite(value) else "-"
-
-
 def print_table(summary: dict) -> None:
+    from bench.swissprot_runs import fmt_number
+
     print(f"{'run':<10}{'steps':>6}{'tok/s (timer)':>15}{'tok/s (monitor)':>17}{'step ms':>9}"
           f"{'peak GB/rank':>16}{'val loss':>10}{'val acc':>9}{'OOD acc':>9}{'OOD ppl':>9}{'ckpt':>6}")
     for name, e in summary["runs"].items():
         t, v, o = e["timer"], e["val"], e["ood"]
-        peaks = "/".join(_fmt(x, ".2f") for x in t.get("peak_gb_per_rank") or []) or "-"
-        print(f"{name:<10}{_fmt(e.get('checkpoint_step'), 'd'):>6}{_fmt(t.get('tokens_per_sec'), ',.0f'):>15}"
-              f"{_fmt(e['monitor_tokens_per_sec'], ',.0f'):>17}{_fmt(t.get('step_ms'), '.1f'):>9}{peaks:>16}"
-              f"{_fmt(v.get('loss'), '.4f'):>10}{_fmt(v.get('accuracy'), '.4f'):>9}"
-              f"{_fmt(o.get('accuracy'), '.4f'):>9}{_fmt(o.get('perplexity'), '.3f'):>9}"
+        peaks = "/".join(fmt_number(x, ".2f") for x in t.get("peak_gb_per_rank") or []) or "-"
+        print(f"{name:<10}{fmt_number(e.get('checkpoint_step'), 'd'):>6}{fmt_number(t.get('tokens_per_sec'), ',.0f'):>15}"
+              f"{fmt_number(e['monitor_tokens_per_sec'], ',.0f'):>17}{fmt_number(t.get('step_ms'), '.1f'):>9}{peaks:>16}"
+              f"{fmt_number(v.get('loss'), '.4f'):>10}{fmt_number(v.get('accuracy'), '.4f'):>9}"
+              f"{fmt_number(o.get('accuracy'), '.4f'):>9}{fmt_number(o.get('perplexity'), '.3f'):>9}"
               f"{'ok' if e.get('checkpoint_loads') else 'FAIL':>6}")
-    print(f"speedup {_fmt(summary.get('speedup'), '.3f')}x, scaling efficiency tok/s(N)/(N*tok/s(1)) = "
-          f"{_fmt(summary.get('scaling_efficiency'), '.3f')} (monitor: "
-          f"{_fmt(summary.get('monitor_scaling_efficiency'), '.3f')})")
+    print(f"speedup {fmt_number(summary.get('speedup'), '.3f')}x, scaling efficiency tok/s(N)/(N*tok/s(1)) = "
+          f"{fmt_number(summary.get('scaling_efficiency'), '.3f')} (monitor: "
+          f"{fmt_number(summary.get('monitor_scaling_efficiency'), '.3f')})")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import sys
@@ -49,6 +48,7 @@ from bench.swissprot_runs import (  # noqa: E402
     best_checkpoint,
     check_triton_backend,
     fit_command,
+    fmt_number,
     last_metrics,
     last_metrics_series,
     run_parallel,
@@ -281,10 +281,6 @@ def main() -> int:
     return 0
 
 
-def _fmt(value: object, spec: str) -> str:
-    return format(value, spec) if isinstance(value, int | float) and math.isfinite(value) else "-"
-
-
 def print_table(summary: dict) -> None:
     for name, e in summary["runs"].items():
         if e["steps"] != summary["steps"]:
@@ -303,10 +299,10 @@ def print_table(summary: dict) -> None:
     for name, e in summary["runs"].items():
         te, od, ms = e["test"], e["ood"], e["mechanism_stats"]
         span = (f"{ms['span/mean']:.0f}/{ms['span/max']:.0f}" if "span/mean" in ms else "-")
-        print(f"{name:<18}{_fmt(e['steps'], 'd'):>6}{_fmt(te.get('accuracy'), '.4f'):>9}"
-              f"{_fmt(te.get('perplexity'), '.3f'):>9}{_fmt(od.get('accuracy'), '.4f'):>8}"
-              f"{_fmt(od.get('perplexity'), '.3f'):>8}{_fmt(e['tokens_per_sec'], '.0f'):>9}"
-              f"{_fmt(e['peak_gb'], '.2f'):>6}{_fmt(e.get('params'), 'd'):>10}{span:>15}")
+        print(f"{name:<18}{fmt_number(e['steps'], 'd'):>6}{fmt_number(te.get('accuracy'), '.4f'):>9}"
+              f"{fmt_number(te.get('perplexity'), '.3f'):>9}{fmt_number(od.get('accuracy'), '.4f'):>8}"
+              f"{fmt_number(od.get('perplexity'), '.3f'):>8}{fmt_number(e['tokens_per_sec'], '.0f'):>9}"
+              f"{fmt_number(e['peak_gb'], '.2f'):>6}{fmt_number(e.get('params'), 'd'):>10}{span:>15}")
 
 
 if __name__ == "__main__":

@@ -273,6 +273,13 @@ def last_metrics_series(run_dir: Path, keys: tuple[str, ...]) -> list[dict]:
     return rows
 
 
+def fmt_number(value: object, spec: str) -> str:
+    """``format(value, spec)`` for finite numbers, ``-`` for anything else (missing, NaN, failed runs)."""
+    import math
+
+    return format(value, spec) if isinstance(value, int | float) and math.isfinite(value) else "-"
+
+
 def print_table(summary: dict) -> None:
     print(f"{'run':<26}{'steps':>7}{'test acc':>10}{'test ppl':>10}{'ood acc':>9}{'ood ppl':>9}{'tok/s':>10}{'GB':>6}")
     for name, e in summary["runs"].items():
