@@ -195,12 +195,23 @@ def run(args: argparse.Namespace) -> int:
         f"{'causal' if cfg.causal else 'bidirectional'}, on {device}",
         file=sys.stderr,
     )
+    max_residues = args.max_length
+    if cfg.position == "learned" and max_residues > cfg.max_length - 2:
+        # No position embedding beyond the trained window (<cls> + residues + <eos>): crop, don't crash.
+        max_residues = cfg.max_length - 2
+        print(
+            f"analyze: cropping sequences to {max_residues} residues: the model has learned positions "
+            f"up to max_length {cfg.max_length}",
+            file=sys.stderr,
+        )
     sequences = [
-        (rid, tokens[: args.max_length])
+        (rid, tokens[:max_residues])
         for rid, tokens in read_sequences(fasta, args.max_sequences, args.on_invalid)
     ]
     if not sequences:
         raise UserError(f"{fasta}: no sequences to analyse")
+    # An unknown --protein is reported before the (long) accumulation, not after it.
+    picked = (args.protein, _find_protein(fasta, args.protein, args.on_invalid)) if args.protein else None
 
     t0 = time.time()
     acc = accumulate_similarity(
@@ -209,13 +220,13 @@ def run(args: argparse.Namespace) -> int:
     result = acc.result(pseudocount=args.pseudocount, null=args.null)
     seconds = time.time() - t0
 
-    if args.protein:
-        protein_id, protein = args.protein, _find_protein(fasta, args.protein, args.on_invalid)
+    if picked is not None:
+        protein_id, protein = picked
     else:
         protein_id, protein = next(
             ((rid, t) for rid, t in sequences if len(t) <= MAP_MAX_RESIDUES), sequences[0]
         )
-    protein = protein[:MAP_MAX_RESIDUES]
+    protein = protein[: min(MAP_MAX_RESIDUES, max_residues)]
     maps = attention_map(model, frame(protein).to(device))
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -265,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
                 "causal": bool(cfg.causal),
                 "objective": info.get("objective"),
                 "max_sequences": args.max_sequences,
-                "max_length": args.max_length,
+                "max_length": max_residues,  # the crop applied (learned positions may lower it)
                 "exclude_self": not args.include_self,
                 "attention_map_protein": protein_id,
                 "attention_map_file": map_file,

@@ -49,6 +49,8 @@ def convert_state(
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.num_features is not None and args.num_features < 1:
+        raise UserError(f"--num-features must be at least 1, got {args.num_features}")
     ckpt = read_checkpoint(args.checkpoint)
     config = ModelConfig.from_dict(ckpt["config"])
     if config.attention != "exact":

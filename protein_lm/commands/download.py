@@ -36,7 +36,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{res.path}: already downloaded ({res.size:,} bytes)")
         return 0
     resumed = f", resumed at {res.resumed_from:,} bytes" if res.resumed_from else ""
-    check = f"MD5 {res.md5} verified" if res.md5 else "no published checksum, size checked"
+    if res.md5:
+        check = f"MD5 {res.md5} verified"
+    elif args.no_checksum:
+        check = "MD5 not checked (--no-checksum), size checked"
+    else:
+        check = "no published checksum, size checked"
     print(f"{res.path}: {res.size:,} bytes{resumed}; {check}")
     print(f"next: protein-lm prepare {res.path} --out DIR")
     return 0

@@ -10,6 +10,7 @@ import argparse
 import os
 
 from protein_lm.cache import prepare
+from protein_lm.errors import UserError
 from protein_lm.fasta import ON_INVALID
 
 
@@ -35,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
     result = prepare(
         args.fasta,
         args.out,
