@@ -6,16 +6,23 @@ Layout of a cache directory (docs/architecture.md, docs/data.md)::
     offsets.npy    int64, num_sequences + 1; sequence i is tokens[offsets[i]:offsets[i+1]]
     ids.txt        one record id per line
     manifest.json  written last: its presence means the cache is complete
+    hashes.npy     uint64, num_sequences: each sequence's split hash (splits.content_hashes)
+    hashes.json    what hashes.npy belongs to: hash scheme, num_sequences, the manifest's
+                   content fingerprint and a digest of hashes.npy (see TokenCache.content_hashes)
 
 :func:`prepare_cache` streams with constant memory (tokens appended to a file, lengths
 spilled to a scratch file, never the whole corpus in RAM), builds everything in a
 temporary directory next to the output and renames it into place at the end, so a crash
 or a rejected input never leaves a half-written cache. Unchanged inputs are a cache hit
 (size + mtime fast check, then sha256). Reading is :class:`TokenCache` (no torch).
+
+The split hashes are optional files: ``prepare`` writes them (hashing each block while it streams),
+and a cache made before they existed gets them on its first :meth:`TokenCache.content_hashes` call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -24,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +44,7 @@ import numpy as np
 from protein_lm import __version__
 from protein_lm.errors import UserError
 from protein_lm.fasta import ON_INVALID, SKIP_REASONS, _check_readable, tokenize_fasta
+from protein_lm.splits import HASH_SCHEME, content_hashes
 from protein_lm.tokenizer import ALPHABET_VERSION
 
 FORMAT = "protein_lm.token_cache"
@@ -44,7 +53,11 @@ TOKENS_FILE = "tokens.u8"
 OFFSETS_FILE = "offsets.npy"
 IDS_FILE = "ids.txt"
 MANIFEST_FILE = "manifest.json"
-CACHE_FILES = (TOKENS_FILE, OFFSETS_FILE, IDS_FILE, MANIFEST_FILE)
+HASHES_FILE = "hashes.npy"
+HASHES_META_FILE = "hashes.json"
+CACHE_FILES = (TOKENS_FILE, OFFSETS_FILE, IDS_FILE, MANIFEST_FILE)  # a complete cache has all of these
+OPTIONAL_FILES = (HASHES_FILE, HASHES_META_FILE)  # derived; (re)made on first use when missing or stale
+_HASH_SPOT_CHECKS = 16  # sequences re-hashed when loading hashes.npy (catches a cache edited by hand)
 _COPY_CHUNK = 1 << 22  # elements / bytes per chunk when assembling offsets and parts
 
 
@@ -89,6 +102,7 @@ class TokenCache:
         else:  # numpy cannot memory-map an empty file
             self.tokens = np.zeros(0, dtype=np.uint8)
         self._lengths: np.ndarray | None = None
+        self._hashes: np.ndarray | None = None
         self._id_starts: np.ndarray | None = None
         self._ids: np.ndarray | None = None
 
@@ -118,6 +132,59 @@ class TokenCache:
             self._lengths = np.diff(np.asarray(self.offsets))
         return self._lengths
 
+    def content_hashes(self) -> np.ndarray:
+        """``uint64`` split hash of every sequence (:func:`protein_lm.splits.content_hashes`).
+
+        Hashing a large corpus costs minutes, and every ``setup`` (each DDP rank, each resume) needs
+        the hashes, so they are kept in ``hashes.npy``. They are used only if ``hashes.json`` says they
+        were made with today's hash scheme for this very cache (its manifest fingerprint), the file
+        is intact (length, dtype, digest) and a few re-hashed sequences agree; otherwise they are
+        recomputed and saved atomically (temporary file + rename: concurrent ranks each write the
+        same bytes, the last rename wins). A read-only or full disk only costs the recomputation.
+        """
+        if self._hashes is None:
+            hashes = self._load_hashes()
+            if hashes is None:
+                hashes = content_hashes(self.tokens, self.offsets)
+                self._save_hashes(hashes)
+            self._hashes = hashes
+        return self._hashes
+
+    def _load_hashes(self) -> np.ndarray | None:
+        """The stored hashes if they provably belong to this cache, else ``None``."""
+        try:
+            meta = json.loads((self.path / HASHES_META_FILE).read_text())
+            # memory-mapped: ranks and workers share the page cache instead of a copy each
+            hashes = np.load(self.path / HASHES_FILE, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # missing, unreadable, garbage
+            return None
+        n = len(self)
+        if (
+            not isinstance(meta, dict)
+            or hashes.dtype != np.dtype("<u8")
+            or hashes.shape != (n,)
+            or meta != _hashes_meta(self.manifest, hashes)
+        ):
+            return None
+        offs = self.offsets
+        for i in np.unique(np.linspace(0, n - 1, min(n, _HASH_SPOT_CHECKS)).astype(np.int64)).tolist():
+            a, b = int(offs[i]), int(offs[i + 1])
+            if content_hashes(self.tokens[a:b], np.array([0, b - a]))[0] != hashes[i]:
+                return None
+        return hashes
+
+    def _save_hashes(self, hashes: np.ndarray) -> None:
+        try:
+            _save_atomic(self.path / HASHES_FILE, lambda fh: np.save(fh, hashes, allow_pickle=False))
+            meta = json.dumps(_hashes_meta(self.manifest, hashes), indent=2) + "\n"
+            _save_atomic(self.path / HASHES_META_FILE, lambda fh: fh.write(meta.encode()))
+        except OSError as err:
+            warnings.warn(
+                f"{self.path}: cannot save the sequence hashes ({err.strerror or err}); "
+                "they are recomputed (in memory) every time this cache is opened",
+                stacklevel=3,
+            )
+
     def sequence(self, i: int) -> np.ndarray:
         """Residue token ids of sequence ``i`` (a read-only ``uint8`` view, no specials)."""
         n = len(self)
@@ -145,6 +212,42 @@ class TokenCache:
         return bytes(self._ids[start:end]).decode("utf-8")
 
 
+def cache_fingerprint(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest minus the inputs' ``mtime_ns``: it changes whenever the cache is rebuilt
+    (``created``, inputs' sha256, counts, alphabet) but not when a cache hit records a touched input."""
+    inputs = [{k: v for k, v in rec.items() if k != "mtime_ns"} for rec in manifest.get("inputs", [])]
+    canon = json.dumps({**manifest, "inputs": inputs}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _hashes_meta(manifest: dict[str, Any], hashes: np.ndarray) -> dict[str, Any]:
+    """The content of ``hashes.json`` for ``hashes`` (a ``uint64`` array) of the cache of ``manifest``."""
+    return {
+        "scheme": HASH_SCHEME,
+        "num_sequences": int(len(hashes)),
+        "cache_fingerprint": cache_fingerprint(manifest),
+        "blake2b": hashlib.blake2b(np.ascontiguousarray(hashes, dtype="<u8").data).hexdigest(),
+    }
+
+
+def _save_atomic(path: Path, write: Any) -> None:
+    """``write(binary file)`` into a unique temporary sibling, then rename it to ``path``.
+
+    The temporary name is unique per call (``mkstemp``), so processes saving at the same time never
+    share a partial file; it is removed when anything fails.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the cache may be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
@@ -168,6 +271,7 @@ class _Part:
     tokens: Path
     lengths: Path
     ids: Path
+    hashes: Path
     num_sequences: int
     num_residues: int
     skipped: dict[str, int]
@@ -237,13 +341,22 @@ def _tokenize_to_part(index: int, path: Path, scratch: Path, on_invalid: str, pr
     tok_path = scratch / f"part-{index}.u8"
     len_path = scratch / f"part-{index}.lengths"
     ids_path = scratch / f"part-{index}.ids"
+    hash_path = scratch / f"part-{index}.hashes"
     n_seq = n_res = 0
-    with open(tok_path, "wb") as ftok, open(len_path, "wb") as flen, open(ids_path, "wb") as fids:
+    with (
+        open(tok_path, "wb") as ftok,
+        open(len_path, "wb") as flen,
+        open(ids_path, "wb") as fids,
+        open(hash_path, "wb") as fhash,
+    ):
         try:
             for block in tokenize_fasta(path, on_invalid, counts, hasher=hasher, on_raw=prog):
                 ftok.write(block.tokens.data)
                 flen.write(block.lengths.data)
                 fids.write(block.ids)
+                # split hashes while the block is in memory (saves a pass over the cache later)
+                block_offsets = np.concatenate([[0], np.cumsum(block.lengths)])
+                fhash.write(content_hashes(block.tokens, block_offsets).astype("<u8").data)
                 n_seq += int(block.lengths.size)
                 n_res += int(block.tokens.size)
         finally:
@@ -254,7 +367,7 @@ def _tokenize_to_part(index: int, path: Path, scratch: Path, on_invalid: str, pr
         raise UserError(f"{path}: the file changed while it was being read; run prepare again")
     info["sha256"] = hasher.hexdigest()
     info["num_sequences"] = n_seq
-    return _Part(index, tok_path, len_path, ids_path, n_seq, n_res, dict(counts), info)
+    return _Part(index, tok_path, len_path, ids_path, hash_path, n_seq, n_res, dict(counts), info)
 
 
 def _concat_files(parts: list[Path], dest: Path) -> None:
@@ -284,6 +397,22 @@ def _write_offsets(length_files: list[Path], n: int, dest: Path) -> None:
     assert pos == n + 1, (pos, n)
     offsets.flush()
     del offsets
+
+
+def _write_hashes(hash_files: list[Path], n: int, dest: Path) -> np.ndarray:
+    """hashes.npy from the per-part raw ``<u8`` files, in chunks; returns it memory-mapped."""
+    hashes = np.lib.format.open_memmap(dest, mode="w+", dtype="<u8", shape=(n,))
+    pos = 0
+    for hf in hash_files:
+        with open(hf, "rb") as fh:
+            while raw := fh.read(_COPY_CHUNK * 8):
+                chunk = np.frombuffer(raw, dtype="<u8")
+                hashes[pos : pos + chunk.size] = chunk
+                pos += chunk.size
+        hf.unlink()
+    assert pos == n, (pos, n)
+    hashes.flush()
+    return hashes
 
 
 def _resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -355,7 +484,12 @@ def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir():
-        foreign = [p.name for p in out_dir.iterdir() if p.name not in CACHE_FILES]
+        ours = CACHE_FILES + OPTIONAL_FILES
+        foreign = [  # leftovers of an interrupted atomic write (.NAME.tmp-*) are ours too
+            p.name
+            for p in out_dir.iterdir()
+            if p.name not in ours and not any(p.name.startswith(f".{f}.tmp-") for f in ours)
+        ]
         if foreign:
             raise UserError(
                 f"{out_dir}: exists and holds files that are not part of a token cache "
@@ -448,6 +582,10 @@ def prepare(
             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "protein_lm_version": __version__,
         }
+        hashes = _write_hashes([p.hashes for p in parts], n_seq, tmp / HASHES_FILE)
+        meta = _hashes_meta(manifest, hashes)
+        del hashes
+        (tmp / HASHES_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(tmp, out_dir)
     except OSError as err:  # disk full, permissions: one line, nothing half-written left

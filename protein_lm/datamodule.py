@@ -88,7 +88,7 @@ from protein_lm.collate import (
     stream_key,
 )
 from protein_lm.errors import UserError
-from protein_lm.splits import SPLIT_NAMES, TEST, TRAIN, VAL, assign_splits, content_hashes
+from protein_lm.splits import SPLIT_NAMES, TEST, TRAIN, VAL, assign_splits
 from protein_lm.tokenizer import EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
 
 MODES = ("single", "concat")
@@ -537,7 +537,7 @@ class ProteinDataModule(pl.LightningDataModule):
         if self._splits is not None:
             return
         main = TokenCache(ensure_cache(self.data_dir, self.cache_root))
-        hashes = content_hashes(main.tokens, main.offsets)
+        hashes = main.content_hashes()  # stored with the cache: computed once, not per setup
         split = assign_splits(hashes, self.val_fraction, self.test_fraction)
         splits: dict[str, tuple[TokenCache, np.ndarray]] = {}
         explicit_hashes: list[np.ndarray] = []
@@ -545,7 +545,7 @@ class ProteinDataModule(pl.LightningDataModule):
             if fasta is None:
                 continue
             cache = TokenCache(ensure_cache(fasta, self.cache_root))
-            h = content_hashes(cache.tokens, cache.offsets)
+            h = cache.content_hashes()
             keep = np.arange(len(cache))
             if explicit_hashes:  # a test sequence also in the explicit val set stays in val only
                 keep = keep[~np.isin(h, explicit_hashes[0])]
@@ -564,7 +564,7 @@ class ProteinDataModule(pl.LightningDataModule):
         }
         for name, (cache, ids) in splits.items():
             if cap[name] is not None and len(ids) > cap[name]:
-                h = hashes[ids] if cache is main else content_hashes(cache.tokens, cache.offsets)[ids]
+                h = cache.content_hashes()[ids]
                 ids = np.sort(ids[np.argsort(h, kind="stable")[: cap[name]]])
                 splits[name] = (cache, ids)
         self._splits = splits

@@ -34,7 +34,14 @@ def test_format_and_manifest(tmp_path):
     fa = write(tmp_path, "s.fa", SMALL)
     out = prepare_cache([fa], tmp_path / "c", progress=False)
     assert out == (tmp_path / "c").resolve()
-    assert sorted(p.name for p in out.iterdir()) == ["ids.txt", "manifest.json", "offsets.npy", "tokens.u8"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "hashes.json",
+        "hashes.npy",
+        "ids.txt",
+        "manifest.json",
+        "offsets.npy",
+        "tokens.u8",
+    ]
     offsets = np.load(out / "offsets.npy")
     assert offsets.dtype == np.int64 and offsets.tolist() == [0, 5, 8, 10]
     tokens = np.fromfile(out / "tokens.u8", dtype=np.uint8)
