@@ -20,28 +20,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def spills() -> dict[str, list[int]]:
-    from protein_lm.attention.kernels import favor_triton as ft
-
-    report = {}
-    for name, kernel in ft.LAST_LAUNCH.items():
-        report[name] = [int(getattr(kernel, "n_regs", -1)), int(getattr(kernel, "n_spills", -1))]
-    return report
+from bench.shapes import add_shape_args, compile_report  # noqa: E402
 
 
 def main() -> int:
     import triton.testing
 
+    from protein_lm.attention.kernels import favor_triton as ft
     from protein_lm.attention.kernels.favor_triton import favor_attention_triton
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--length", type=int, default=8192)
-    p.add_argument("--tokens", type=int, default=65536)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--features", type=int, default=256)
+    add_shape_args(p)
     p.add_argument("--tiles", type=int, nargs="+", default=[32, 64])
     p.add_argument("--walks", type=int, nargs="+", default=[1, 2, 4], help="tiles per walk program (bid)")
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
@@ -76,7 +65,7 @@ def main() -> int:
                     "walk_tiles": walk,
                     "warps": warps,
                     "ms": round(ms, 3),
-                    "regs_spills": spills(),
+                    "regs_spills": compile_report(ft),
                 }
             except Exception as exc:  # a geometry the compiler rejects (e.g. shared memory): record it
                 row = {

@@ -35,6 +35,12 @@ DEFAULT_RUNS = [
     ("performer-softmax", 262144, 1, False),
     ("performer-softmax", 1048576, 1, True),
 ]
+# with --compile: these also run through ProteinLM.compiled() (what `fit --model.compile true` uses)
+COMPILED_RUNS = [
+    ("exact", 8192, 4, False),
+    ("performer-softmax", 8192, 4, False),
+    ("performer-softmax", 131072, 1, False),
+]
 
 
 def _checkpointed(model):
@@ -51,7 +57,7 @@ def _checkpointed(model):
     return model
 
 
-def run_one(attention, length, batch, ckpt, steps, warmup, causal=False):
+def run_one(attention, length, batch, ckpt, steps, warmup, causal=False, compiled=False):
     from protein_lm.model import ModelConfig, ProteinLM
 
     torch.cuda.empty_cache()
@@ -71,12 +77,13 @@ def run_one(attention, length, batch, ckpt, steps, warmup, causal=False):
     if ckpt:
         _checkpointed(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    forward = model.compiled() if compiled else model
     ids = torch.randint(4, 24, (batch, length), device="cuda")
     labels = torch.randint(4, 24, (batch, length), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids).logits
+            logits = forward(ids).logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
         loss.backward()
         opt.step()
@@ -99,6 +106,7 @@ def run_one(attention, length, batch, ckpt, steps, warmup, causal=False):
         "batch": batch,
         "checkpointing": ckpt,
         "causal": causal,
+        "compiled": compiled,
         "step_s": dt,
         "tokens_per_s": batch * length / dt,
         "peak_GB": peak,
@@ -112,6 +120,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--max-L", type=int, default=1 << 21)
+    p.add_argument("--compile", action="store_true", help="also time COMPILED_RUNS under torch.compile")
+    p.add_argument("--only-compiled", action="store_true", help="time only COMPILED_RUNS, compiled")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
     import triton
@@ -127,17 +137,21 @@ def main(argv=None):
         "command": " ".join(sys.argv),
     }
     results = []
-    for attention, length, batch, ckpt in DEFAULT_RUNS:
+    runs = [] if args.only_compiled else [(*r, False) for r in DEFAULT_RUNS]
+    if args.compile or args.only_compiled:
+        runs += [(*r, True) for r in COMPILED_RUNS]
+    for attention, length, batch, ckpt, compiled in runs:
         if length > args.max_L:
             continue
         try:
-            r = run_one(attention, length, batch, ckpt, args.steps, args.warmup)
+            r = run_one(attention, length, batch, ckpt, args.steps, args.warmup, compiled=compiled)
         except torch.cuda.OutOfMemoryError as e:
             r = {
                 "attention": attention,
                 "L": length,
                 "batch": batch,
                 "checkpointing": ckpt,
+                "compiled": compiled,
                 "error": "OOM: " + str(e).split("\n")[0][:120],
             }
         except Exception as e:
@@ -146,6 +160,7 @@ def main(argv=None):
                 "L": length,
                 "batch": batch,
                 "checkpointing": ckpt,
+                "compiled": compiled,
                 "error": f"{type(e).__name__}: {str(e)[:200]}",
             }
         torch.cuda.empty_cache()
@@ -156,12 +171,13 @@ def main(argv=None):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=1))
     print(f"\n{info['gpu']}  training step (fwd+bwd+AdamW), bf16")
-    print(f"{'attention':20s}{'L':>9s}{'batch':>6s}{'ckpt':>6s}{'tok/s':>12s}{'peak GB':>9s}")
+    print(f"{'attention':20s}{'L':>9s}{'batch':>6s}{'ckpt':>6s}{'comp':>6s}{'tok/s':>12s}{'peak GB':>9s}")
     for r in results:
         tps = f"{r['tokens_per_s'] / 1e3:.0f}k" if "tokens_per_s" in r else r["error"][:10]
         pk = f"{r['peak_GB']:.1f}" if "peak_GB" in r else "-"
         print(
-            f"{r['attention']:20s}{r['L']:>9d}{r['batch']:>6d}{str(r['checkpointing']):>6s}{tps:>12s}{pk:>9s}"
+            f"{r['attention']:20s}{r['L']:>9d}{r['batch']:>6d}{str(r['checkpointing']):>6s}"
+            f"{str(r.get('compiled', False)):>6s}{tps:>12s}{pk:>9s}"
         )
 
 

@@ -275,13 +275,8 @@ class ProteinLMModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         if self.hparams.compile and self._compiled is None:
-            if torch.cuda.is_available() and self.config.favor_backend != "torch":
-                # Inductor cannot lower the fused Triton FAVOR+ kernels (a bool->uint8 view in
-                # kernels/favor_triton.py); compile everything around them and run them eagerly.
-                for kernel in self.model.favor_modules():
-                    kernel.forward = torch.compiler.disable(kernel.forward)
             # Kept out of the module tree so state_dict keys stay "model.*".
-            self.__dict__["_compiled"] = torch.compile(self.model)
+            self.__dict__["_compiled"] = self.model.compiled()
 
     def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None):
         fn = self._compiled if self._compiled is not None else self.model
@@ -454,8 +449,13 @@ def _set_rng_state(state: dict[str, Any], torch_global: bool = True) -> None:
 # numpy / python RNG states as tensors and lists, so checkpoints stay weights_only-loadable.
 def _numpy_state_to_plain(state: tuple) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _numpy_state_from_plain(state: dict[str, Any]) -> tuple:

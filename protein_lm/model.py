@@ -265,7 +265,9 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.dim, 3 * config.dim)
         self.out = nn.Linear(config.dim, config.dim)
         self.out.residual_projection = True  # scaled init, see ProteinLM._init_weights
-        self.rotary = RotaryEmbedding(self.head_dim, config.rotary_base) if config.position == "rotary" else None
+        self.rotary = (
+            RotaryEmbedding(self.head_dim, config.rotary_base) if config.position == "rotary" else None
+        )
         self.kernel = self.build_kernel(config)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -429,9 +431,7 @@ class ProteinLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.padding_idx)
-        self.pos_embed = (
-            nn.Embedding(config.max_length, config.dim) if config.position == "learned" else None
-        )
+        self.pos_embed = nn.Embedding(config.max_length, config.dim) if config.position == "learned" else None
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(self.build_block(config, i) for i in range(config.depth))
         self.norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
@@ -552,6 +552,19 @@ class ProteinLM(nn.Module):
                 return
             with torch.no_grad():
                 x = block(x, mask)
+
+    def compiled(self) -> Any:
+        """``torch.compile(self)``, with the fused Triton FAVOR+ kernels left out of the graph.
+
+        Inductor cannot lower the fused kernels (``kernels/favor_triton.py`` views the bool padding
+        mask as uint8), so on CUDA with a Triton-capable backend they run eagerly between compiled
+        regions; everything around them (projections, norms, MLPs, rotary, loss inputs) is fused.
+        The compiled callable shares this module's parameters.
+        """
+        if torch.cuda.is_available() and self.config.favor_backend != "torch":
+            for kernel in self.favor_modules():
+                kernel.forward = torch.compiler.disable(kernel.forward)
+        return torch.compile(self)
 
     # -- Performer projections -------------------------------------------------
 

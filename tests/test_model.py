@@ -15,8 +15,18 @@ ATTENTIONS = ["exact", "performer-softmax", "performer-relu"]
 
 
 def tiny(attention: str, causal: bool = False, **kw) -> ProteinLM:
-    cfg = ModelConfig(dim=32, depth=2, heads=4, ff_dim=64, attention=attention, num_features=32,
-                      causal=causal, feature_seed=0, favor_backend="torch", **kw)
+    cfg = ModelConfig(
+        dim=32,
+        depth=2,
+        heads=4,
+        ff_dim=64,
+        attention=attention,
+        num_features=32,
+        causal=causal,
+        feature_seed=0,
+        favor_backend="torch",
+        **kw,
+    )
     torch.manual_seed(0)
     return ProteinLM(cfg).eval()
 
@@ -53,7 +63,9 @@ def test_causal_model_never_sees_the_future(attention):
     base = model(ids).logits
     for t in (3, 9, 15):
         changed = ids.clone()
-        changed[:, t] = torch.where(changed[:, t] == STANDARD_AA_IDS[0], STANDARD_AA_IDS[1], STANDARD_AA_IDS[0])
+        changed[:, t] = torch.where(
+            changed[:, t] == STANDARD_AA_IDS[0], STANDARD_AA_IDS[1], STANDARD_AA_IDS[0]
+        )
         logits = model(changed).logits
         torch.testing.assert_close(logits[:, :t], base[:, :t], atol=1e-6, rtol=0)
         assert (logits[:, t:] - base[:, t:]).abs().max() > 1e-4  # the change is visible from t on
@@ -160,8 +172,17 @@ def _mlm_batch(ids: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, tor
 @pytest.mark.parametrize("objective", ["mlm", "causal"])
 def test_tiny_model_overfits_a_handful_of_sequences(attention, objective):
     torch.manual_seed(0)
-    cfg = ModelConfig(dim=64, depth=2, heads=4, ff_dim=128, attention=attention, num_features=64,
-                      causal=objective == "causal", feature_seed=0, favor_backend="torch")
+    cfg = ModelConfig(
+        dim=64,
+        depth=2,
+        heads=4,
+        ff_dim=128,
+        attention=attention,
+        num_features=64,
+        causal=objective == "causal",
+        feature_seed=0,
+        favor_backend="torch",
+    )
     model = ProteinLM(cfg).train()
     seqs = random_ids(4, 24, seed=7)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -179,7 +200,9 @@ def test_tiny_model_overfits_a_handful_of_sequences(attention, objective):
     with torch.no_grad():
         loss_sum, correct, count = token_statistics(model(inputs).logits, labels)
     final = float(loss_sum / count)
-    assert final < 0.25 * UNIGRAM_ENTROPY, f"{attention}/{objective}: loss {final:.3f} did not fall far enough"
+    assert final < 0.25 * UNIGRAM_ENTROPY, (
+        f"{attention}/{objective}: loss {final:.3f} did not fall far enough"
+    )
 
 
 def test_rotary_matches_complex_rotation_and_depends_only_on_offset():
@@ -194,7 +217,9 @@ def test_rotary_matches_complex_rotation_and_depends_only_on_offset():
     rq, rk = rope(q, k)
     pos = torch.arange(length, dtype=torch.float64)[:, None]
     theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    z = torch.complex(q[0, 0, :, : d // 2].double(), q[0, 0, :, d // 2 :].double()) * torch.exp(1j * pos * theta)
+    z = torch.complex(q[0, 0, :, : d // 2].double(), q[0, 0, :, d // 2 :].double()) * torch.exp(
+        1j * pos * theta
+    )
     torch.testing.assert_close(rq[0, 0].double(), torch.cat((z.real, z.imag), -1), atol=1e-5, rtol=1e-5)
     # Same vector at every position: the score matrix is Toeplitz (offset-only) and not constant.
     same_q, same_k = rope(q[:, :, :1].expand(1, 1, length, d), k[:, :, :1].expand(1, 1, length, d))
@@ -213,9 +238,66 @@ def test_positions_reach_the_attention(attention):
     perm = torch.randperm(16)
     for position, equivariant in (("none", True), ("rotary", False)):
         torch.manual_seed(1)
-        model = ProteinLM(ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, attention=attention,
-                                      num_features=32, position=position, feature_seed=0)).eval()
+        model = ProteinLM(
+            ModelConfig(
+                dim=32,
+                depth=2,
+                heads=2,
+                ff_dim=64,
+                attention=attention,
+                num_features=32,
+                position=position,
+                feature_seed=0,
+            )
+        ).eval()
         with torch.no_grad():
             a = model(ids).logits[0, perm]
             b = model(ids[:, perm]).logits[0]
         assert torch.allclose(a, b, atol=1e-4) == equivariant, (attention, position)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal):
+    """`ProteinLM.compiled()` (what `fit --model.compile true` runs): same logits and gradients as the
+    eager model, with the fused FAVOR+ kernels still launched (not a silent PyTorch fallback)."""
+    from protein_lm.attention.kernels import favor_triton
+
+    cfg = ModelConfig(
+        dim=128,
+        depth=2,
+        heads=4,
+        ff_dim=256,
+        attention="performer-softmax",
+        num_features=128,
+        causal=causal,
+        feature_seed=0,
+        favor_backend="triton",
+        max_length=512,
+    )
+    torch.manual_seed(0)
+    model = ProteinLM(cfg).cuda()
+    ids = random_ids(2, 300).cuda()
+    launched = []
+    real_apply = favor_triton._FavorTriton.apply
+
+    def spy(*args):
+        launched.append(args[5])  # causal flag
+        return real_apply(*args)
+
+    results = []
+    favor_triton._FavorTriton.apply = spy
+    try:
+        for fn in (model, model.compiled()):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = fn(ids).logits.float()
+            logits.square().mean().backward()
+            results.append((logits.detach(), model.embed.weight.grad.detach().clone()))
+    finally:
+        favor_triton._FavorTriton.apply = real_apply
+    assert launched and all(c == causal for c in launched)
+    assert len(launched) == 2 * cfg.depth  # each layer's kernels ran once per pass
+    (le, ge), (lc, gc) = results
+    assert ((lc - le).norm() / le.norm()).item() < 2e-2
+    assert ((gc - ge).norm() / ge.norm()).item() < 5e-2

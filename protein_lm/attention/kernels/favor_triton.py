@@ -3,31 +3,47 @@
 Same API and numerics as the PyTorch reference (:mod:`protein_lm.attention.favor`,
 docs/architecture.md "Softmax-kernel numerics"), but the ``(B, H, L, M)`` feature tensors are never
 written to memory: every kernel recomputes the features of the rows it touches from ``q``/``k``
-and the projection (one ``(64, D) x (D, M)`` product per tile), applies the stabiliser and ``exp``
-in registers and feeds them straight into the next tensor-core product.
+and the projection (one ``(T, D) x (D, BM)`` product per tile and feature slice), applies the
+stabiliser and ``exp`` in registers and feeds them straight into the next tensor-core product.
 
-Four kernels (``T`` = 64-row tile, ``S`` = a split of consecutive tiles owned by one program):
+The M features are handled in ``NS = M / BM`` slices of ``BM`` (<= 64) columns, so no ``(T, M)`` tile
+is ever live. ``T`` = 64-row tile; a *split* is a run of consecutive tiles owned by one program.
 
-* ``_state_kernel``    per split: ``sum phi^T Y`` (M x D) and ``sum phi^T w`` (M).
-  Forward (keys): ``Y = V``, ``w = 1``, with an online max so that one pass gives the shared key
-  shift (``max`` over real keys of ``u + h``) -- partial sums are rescaled like flash attention's.
-  Backward (queries): ``Y = dO / den``, ``w = -rowsum(dO * O) / den``.
-* ``_fwd_kernel``      per split (causal) or tile (bidirectional): ``out = phi_q S / max(phi_q z, eps)``.
-  Causal: ``S, z`` start at the split's exclusive prefix and are advanced tile by tile; the
-  diagonal tile is the exact masked product ``tril(phi_q phi_k^T) V``.
-* ``_bwd_dq_kernel``   same walk as the forward, producing ``dq``.
-* ``_bwd_dkv_kernel``  the reverse walk (suffix states of ``phi_q^T dN``), producing ``dk, dv``.
+Shared by both modes:
 
+* ``_key_state_kernel``  per (split, slice): ``sum phi_k^T V`` (BM x D) and ``sum phi_k`` (BM), with an
+  online max so that one pass gives the shared key shift (``max`` over real keys of ``u + h``) --
+  partial sums are rescaled like flash attention's.
+
+Bidirectional (the states are constant over the sequence: each tile reads them, per slice, from L2):
+
+* ``_bid_fwd_kernel``       ``out = phi_q S / max(phi_q z, eps)``; the per-query shift is an online max
+  over the slices (accumulators rescaled), stored for the backward.
+* ``_bid_dq_state_kernel``  per (split, slice): slice j's part of ``dq`` and the split's partial query
+  state ``G_j = sum phi_q^T dN`` (``dN = dO / den``), ``gz_j = sum phi_q ddn`` in one pass.
+* ``_bid_dkv_kernel``       ``dk, dv`` one tile at a time from ``G``.
+
+Causal (a running state per slice is carried along each split: one slice per program, so the
+state is one ``(BM, D)`` fp32 tile and never spills):
+
+* ``_rowmax_kernel``      the per-query shift (max over all M features), needed before any slice.
+* ``_causal_fwd_kernel``  ``num, den += phi_q S + tril(phi_q phi_k^T) [V, 1]``, then ``S += phi_k^T V``.
+* ``_causal_dq_kernel``   the same walk, producing ``dq`` and the split's partial query state.
+* ``_causal_dkv_kernel``  the reverse walk (suffix states of ``phi_q^T dN``), producing ``dk, dv``.
+
+Slice-parallel programs add their contributions (linear in the slices) to zeroed float32 buffers
+with atomics; a cast / divide in PyTorch finishes them.
 Between kernels, tiny PyTorch ops combine the per-split partial sums (``(B*H, splits, M, D)``,
-a few MB): a max-rescaled sum (bidirectional) or an exclusive prefix / suffix scan (causal).
-Backward recomputes everything from ``q, k, v, out`` and the per-row normaliser; memory is
-``O(L * D)`` per head besides the inputs.
+a few tens of MB): a max-rescaled sum (bidirectional) or an exclusive prefix / suffix scan (causal).
+Backward recomputes everything from ``q, k, v, out`` and the per-row normaliser and shift.
 
 Precision: inputs bf16 (or fp32). The projection ``x W^T`` that feeds ``exp`` runs as two bf16
 products against ``W = W_hi + W_lo`` (about 16 mantissa bits, the cost of one tf32 product);
 features, normalisers and all accumulators are float32; the products of features with values or
 states use bf16 operands with float32 accumulation (float32/tf32 when the inputs are float32).
 Shifts are treated as constants in backward (they cancel in the ratio), as in the reference.
+The float32 atomic sums (``dq``; causal ``out``, ``dk``, ``dv``) depend in their last bits on the
+order the slices land in, so two runs can differ by float32 rounding (not bitwise reproducible).
 """
 
 from __future__ import annotations
@@ -54,7 +70,7 @@ _NEG_K = tl.constexpr(-1.0e30)  # the same, usable inside kernels
 # --------------------------------------------------------------------------------------------- #
 @triton.jit
 def _logits(x, whi, wlo, scale, SOFTMAX: tl.constexpr, SPLIT_W: tl.constexpr):
-    """``(T, D)`` rows -> ``(T, M)`` float32: ``u + h`` (softmax, with x' = x*scale) or ``u`` (relu)."""
+    """``(T, D)`` rows -> ``(T, BM)`` float32: ``u + h`` (softmax, with x' = x*scale) or ``u`` (relu)."""
     if SPLIT_W:
         u = tl.dot(x, tl.trans(whi)) + tl.dot(x, tl.trans(wlo))
     else:
@@ -72,6 +88,22 @@ def _key_phi(s, valid, shift, inv_sqrt_m, SOFTMAX: tl.constexpr):
     else:
         phi = tl.maximum(s, 0.0) + 1e-3
     return tl.where(valid[:, None], phi, 0.0)
+
+
+@triton.jit
+def _qphi_from_logits(sq, c_row, inv_sqrt_m, SOFTMAX: tl.constexpr):
+    if SOFTMAX:
+        phi = tl.exp(sq - c_row[:, None]) * inv_sqrt_m
+    else:
+        phi = tl.maximum(sq, 0.0) + 1e-3
+    return phi
+
+
+@triton.jit
+def _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX: tl.constexpr, SPLIT_W: tl.constexpr):
+    """Query logits and features with the stored per-row shift ``c_row``."""
+    sq = _logits(q, whi, wlo, scale, SOFTMAX, SPLIT_W)
+    return sq, _qphi_from_logits(sq, c_row, inv_sqrt_m, SOFTMAX)
 
 
 @triton.jit
@@ -96,30 +128,57 @@ def _rows_valid(PAD, b, rows, L, HAS_PAD: tl.constexpr):
 
 
 @triton.jit
-def _state_tile(S0, Z0, st, j: tl.constexpr, w0, offs_bm, M: tl.constexpr, D: tl.constexpr, BM: tl.constexpr):
-    """Slice ``j`` of a ``(M, D)`` state and its ``(M,)`` normaliser state."""
-    s = tl.load(S0 + st * M * D + j * BM * D + w0)
-    z = tl.load(Z0 + st * M + j * BM + offs_bm)
-    return s, z
+def _tile(PAD, b, base, row0, L, T: tl.constexpr, D: tl.constexpr, HAS_PAD: tl.constexpr):
+    """Rows ``row0 .. row0 + T`` of one (batch, head): their indices, in-bounds and real-token masks,
+    and the ``(T, D)`` element offsets of those rows in q / k / v / o (``base`` = the head's start)."""
+    rows = row0 + tl.arange(0, T)
+    ptr = base + rows[:, None] * D + tl.arange(0, D)[None, :]
+    return rows, rows < L, _rows_valid(PAD, b, rows, L, HAS_PAD), ptr
+
+
+@triton.jit
+def _slice_offsets(j, BM: tl.constexpr, D: tl.constexpr):
+    """Feature indices of slice ``j`` and the ``(BM, D)`` offsets of its rows in W or in a state."""
+    offs_m = j * BM + tl.arange(0, BM)
+    return offs_m, offs_m[:, None] * D + tl.arange(0, D)[None, :]
+
+
+@triton.jit
+def _walk_program(n_walk, walk_len):
+    """Per-tile kernels: program -> (row of B*H, first row of its walk)."""
+    pid = tl.program_id(0)
+    return pid // n_walk, (pid % n_walk) * walk_len
+
+
+@triton.jit
+def _split_slice(n_split, NS: tl.constexpr):
+    """Program -> (row of B*H, split, feature slice); the slices of one split are adjacent programs,
+    so the rows they all read are fetched from memory once and then hit L2."""
+    pid = tl.program_id(0)
+    j = pid % NS
+    rest = pid // NS
+    return rest // n_split, rest % n_split, j
+
+
+@triton.jit
+def _dn(DO, O, DEN_ROW, rows, ptr, inb, eps, dtype: tl.constexpr):
+    """``dN = dO / den`` (rounded to the product dtype) and ``d(out)/d(den) = -rowsum(dN * O)``
+    computed from that same rounded dN, so that ``dN . (v - o)`` cancels exactly."""
+    do = tl.load(DO + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
+    o = tl.load(O + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
+    den = tl.load(DEN_ROW + rows, mask=inb, other=1.0)
+    dn_c = (do / den[:, None]).to(dtype)
+    ddn = tl.where(den > eps, -tl.sum(dn_c.to(tl.float32) * o, axis=1), 0.0)
+    return dn_c, ddn, den
 
 
 # --------------------------------------------------------------------------------------------- #
-# kernels
-#
-# The M features are processed in NS slices of BM (<= 64) columns, so that no (T, M) tile is ever
-# live: per slice, one (T, D) x (D, BM) projection, the exp, and the products with the slice's
-# (BM, D) state. Query features need the max over all M before exp: the forward kernel keeps an
-# online per-row max (rescaling its accumulators, as flash attention does) and stores it; the
-# backward kernels read it back. Running states of the causal walks are NS separate (BM, D)
-# float32 register tiles (S0..S3), so M <= 4 * BM.
+# kernels shared by both modes
 # --------------------------------------------------------------------------------------------- #
 @triton.jit
-def _state_kernel(
-    X,
-    Y,
-    O,
-    DEN,
-    ROWC,
+def _key_state_kernel(
+    K,
+    V,
     PAD,
     WHI,
     WLO,
@@ -132,7 +191,6 @@ def _state_kernel(
     n_split,
     scale,
     inv_sqrt_m,
-    eps,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -140,18 +198,13 @@ def _state_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
-    IS_QUERY: tl.constexpr,
 ):
-    """Per (split, feature slice): SP = sum phi^T Y', ZP = sum phi^T w, MP = running key shift."""
-    bh = tl.program_id(0)
-    sp = tl.program_id(1)
-    ms = tl.program_id(2)
+    """Per (split, feature slice): SP = sum phi_k^T V, ZP = sum phi_k, MP = the split's key shift."""
+    NS: tl.constexpr = M // BM
+    bh, sp, ms = _split_slice(n_split, NS)
     b = bh // H
-    offs_t = tl.arange(0, T)
-    offs_d = tl.arange(0, D)
-    offs_m = ms * BM + tl.arange(0, BM)
+    offs_m, w_off = _slice_offsets(ms, BM, D)
     base = bh.to(tl.int64) * L * D
-    w_off = offs_m[:, None] * D + offs_d[None, :]
     acc = tl.zeros([BM, D], dtype=tl.float32)
     z = tl.zeros([BM], dtype=tl.float32)
     m_run = tl.max(tl.full([T], _NEG_K, tl.float32), axis=0)
@@ -159,109 +212,44 @@ def _state_kernel(
     whi = tl.load(WHI + w_off)
     wlo = tl.load(WLO + w_off)
     for t0 in range(0, split_len, T):
-        rows = start + t0 + offs_t
-        inb = rows < L
-        valid = _rows_valid(PAD, b, rows, L, HAS_PAD)
-        ptr = base + rows[:, None] * D + offs_d[None, :]
-        x = tl.load(X + ptr, mask=valid[:, None], other=0.0)
-        s = _logits(x, whi, wlo, scale, SOFTMAX, SPLIT_W)
-        if IS_QUERY:
-            if SOFTMAX:
-                c = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
-                phi = tl.exp(s - c[:, None]) * inv_sqrt_m
-            else:
-                phi = tl.maximum(s, 0.0) + 1e-3
-            phi = tl.where(inb[:, None], phi, 0.0)
-            do = tl.load(Y + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
-            o = tl.load(O + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
-            den = tl.load(DEN + bh.to(tl.int64) * L + rows, mask=inb, other=1.0)
-            dn_c = (do / den[:, None]).to(Y.dtype.element_ty)
-            # d(out)/d(den) from the same rounded dN the products use: dN.(v - o) cancels exactly
-            wrow = tl.where(den > eps, -tl.sum(dn_c.to(tl.float32) * o, axis=1), 0.0)
-            acc += tl.dot(tl.trans(phi.to(Y.dtype.element_ty)), dn_c)
-            z += tl.sum(phi * wrow[:, None], axis=0)
-        else:
-            y = tl.load(Y + ptr, mask=valid[:, None], other=0.0)
-            if SOFTMAX:
-                tmax = tl.max(tl.max(tl.where(valid[:, None], s, _NEG_K), axis=1), axis=0)
-                m_new = tl.maximum(m_run, tmax)
-                alpha = tl.exp(m_run - m_new)
-                acc = acc * alpha
-                z = z * alpha
-                m_run = m_new
-            phi = _key_phi(s, valid, m_run, inv_sqrt_m, SOFTMAX)
-            acc += tl.dot(tl.trans(phi.to(y.dtype)), y)
-            z += tl.sum(phi, axis=0)
+        rows, _, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+        k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
+        v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+        s = _logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W)
+        if SOFTMAX:  # online max over the split's real keys; partial sums rescaled as it grows
+            tmax = tl.max(tl.max(tl.where(valid[:, None], s, _NEG_K), axis=1), axis=0)
+            m_new = tl.maximum(m_run, tmax)
+            alpha = tl.exp(m_run - m_new)
+            acc = acc * alpha
+            z = z * alpha
+            m_run = m_new
+        phi = _key_phi(s, valid, m_run, inv_sqrt_m, SOFTMAX)
+        acc += tl.dot(tl.trans(phi.to(v.dtype)), v)
+        z += tl.sum(phi, axis=0)
     out = (bh * n_split + sp).to(tl.int64)
     tl.store(SP + out * M * D + w_off, acc)
     tl.store(ZP + out * M + offs_m, z)
-    tl.store(MP + out * (M // BM) + ms + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + m_run)
+    tl.store(MP + out * NS + ms + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + m_run)
 
 
+# --------------------------------------------------------------------------------------------- #
+# bidirectional: the (M, D) states are constant, read per slice and tile from L2 (in the input dtype)
+# --------------------------------------------------------------------------------------------- #
 @triton.jit
-def _fwd_slice(
-    q,
-    k,
-    v,
-    valid,
-    w_off,
-    WHI,
-    WLO,
-    S,
-    z,
-    num,
-    den,
-    a,
-    m_row,
-    gmax,
-    scale,
-    inv_sqrt_m,
-    SOFTMAX: tl.constexpr,
-    SPLIT_W: tl.constexpr,
-    CAUSAL: tl.constexpr,
-):
-    whi = tl.load(WHI + w_off)
-    wlo = tl.load(WLO + w_off)
-    sq = _logits(q, whi, wlo, scale, SOFTMAX, SPLIT_W)
-    if SOFTMAX:
-        m_new = tl.maximum(m_row, tl.max(sq, axis=1))
-        alpha = tl.exp(m_row - m_new)
-        num = num * alpha[:, None]
-        den = den * alpha
-        if CAUSAL:
-            a = a * alpha[:, None]
-        phi_q = tl.exp(sq - m_new[:, None]) * inv_sqrt_m
-        m_row = m_new
-    else:
-        phi_q = tl.maximum(sq, 0.0) + 1e-3
-    num += tl.dot(phi_q.to(v.dtype), S.to(v.dtype))
-    den += tl.sum(phi_q * z[None, :], axis=1)
-    if CAUSAL:
-        phi_k = _key_phi(_logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W), valid, gmax, inv_sqrt_m, SOFTMAX)
-        a += tl.dot(phi_q, tl.trans(phi_k))
-        S += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
-        z += tl.sum(phi_k, axis=0)
-    return S, z, num, den, a, m_row
-
-
-@triton.jit
-def _fwd_kernel(
+def _bid_fwd_kernel(
     Q,
-    K,
-    V,
     PAD,
     WHI,
     WLO,
     S0,
     Z0,
-    GMAX,
     O,
     DEN,
     ROWC,
     H,
     L,
-    split_len,
-    n_split,
+    walk_len,
+    n_walk,
     scale,
     inv_sqrt_m,
     eps,
@@ -272,205 +260,44 @@ def _fwd_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr,
 ):
     NS: tl.constexpr = M // BM
-    bh = tl.program_id(0)
-    sp = tl.program_id(1)
+    bh, start = _walk_program(n_walk, walk_len)
     b = bh // H
-    offs_t = tl.arange(0, T)
-    offs_d = tl.arange(0, D)
-    offs_bm = tl.arange(0, BM)
     base = bh.to(tl.int64) * L * D
-    w0 = offs_bm[:, None] * D + offs_d[None, :]
-    if CAUSAL:
-        st = (bh * n_split + sp).to(tl.int64)
-    else:
-        st = bh.to(tl.int64)
-    gmax = tl.load(GMAX + bh)
-    if CAUSAL:  # running states live in registers; bidirectional ones are re-read per tile (L2)
-        s0, z0 = _state_tile(S0, Z0, st, 0, w0, offs_bm, M, D, BM)
-        if NS >= 2:
-            s1, z1 = _state_tile(S0, Z0, st, 1, w0, offs_bm, M, D, BM)
-        if NS >= 4:
-            s2, z2 = _state_tile(S0, Z0, st, 2, w0, offs_bm, M, D, BM)
-            s3, z3 = _state_tile(S0, Z0, st, 3, w0, offs_bm, M, D, BM)
-    start = sp * split_len
-    for t0 in range(0, split_len, T):
-        rows = start + t0 + offs_t
-        inb = rows < L
-        valid = _rows_valid(PAD, b, rows, L, HAS_PAD)
-        ptr = base + rows[:, None] * D + offs_d[None, :]
+    st = bh.to(tl.int64)
+    for t0 in range(0, walk_len, T):
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
-        if CAUSAL:
-            k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
-            v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
-        else:
-            k = q
-            v = q
         num = tl.zeros([T, D], dtype=tl.float32)
         den = tl.zeros([T], dtype=tl.float32)
-        a = tl.zeros([T, T], dtype=tl.float32)
         m_row = tl.full([T], _NEG_K, tl.float32)
-        if not CAUSAL:
-            s0, z0 = _state_tile(S0, Z0, st, 0, w0, offs_bm, M, D, BM)
-        s0, z0, num, den, a, m_row = _fwd_slice(
-            q,
-            k,
-            v,
-            valid,
-            w0,
-            WHI,
-            WLO,
-            s0,
-            z0,
-            num,
-            den,
-            a,
-            m_row,
-            gmax,
-            scale,
-            inv_sqrt_m,
-            SOFTMAX,
-            SPLIT_W,
-            CAUSAL,
-        )
-        if NS >= 2:
-            if not CAUSAL:
-                s1, z1 = _state_tile(S0, Z0, st, 1, w0, offs_bm, M, D, BM)
-            s1, z1, num, den, a, m_row = _fwd_slice(
-                q,
-                k,
-                v,
-                valid,
-                w0 + BM * D,
-                WHI,
-                WLO,
-                s1,
-                z1,
-                num,
-                den,
-                a,
-                m_row,
-                gmax,
-                scale,
-                inv_sqrt_m,
-                SOFTMAX,
-                SPLIT_W,
-                CAUSAL,
-            )
-        if NS >= 4:
-            if not CAUSAL:
-                s2, z2 = _state_tile(S0, Z0, st, 2, w0, offs_bm, M, D, BM)
-            s2, z2, num, den, a, m_row = _fwd_slice(
-                q,
-                k,
-                v,
-                valid,
-                w0 + 2 * BM * D,
-                WHI,
-                WLO,
-                s2,
-                z2,
-                num,
-                den,
-                a,
-                m_row,
-                gmax,
-                scale,
-                inv_sqrt_m,
-                SOFTMAX,
-                SPLIT_W,
-                CAUSAL,
-            )
-            if not CAUSAL:
-                s3, z3 = _state_tile(S0, Z0, st, 3, w0, offs_bm, M, D, BM)
-            s3, z3, num, den, a, m_row = _fwd_slice(
-                q,
-                k,
-                v,
-                valid,
-                w0 + 3 * BM * D,
-                WHI,
-                WLO,
-                s3,
-                z3,
-                num,
-                den,
-                a,
-                m_row,
-                gmax,
-                scale,
-                inv_sqrt_m,
-                SOFTMAX,
-                SPLIT_W,
-                CAUSAL,
-            )
-        if CAUSAL:
-            a = tl.where(offs_t[:, None] >= offs_t[None, :], a, 0.0)
-            num += tl.dot(a.to(v.dtype), v)
-            den += tl.sum(a, axis=1)
+        for j in tl.static_range(NS):
+            offs_m, w_off = _slice_offsets(j, BM, D)
+            sq = _logits(q, tl.load(WHI + w_off), tl.load(WLO + w_off), scale, SOFTMAX, SPLIT_W)
+            s = tl.load(S0 + st * M * D + w_off)
+            z = tl.load(Z0 + st * M + offs_m)
+            if SOFTMAX:  # online per-row max over the slices; accumulators rescaled as it grows
+                m_new = tl.maximum(m_row, tl.max(sq, axis=1))
+                alpha = tl.exp(m_row - m_new)
+                num = num * alpha[:, None]
+                den = den * alpha
+                phi = tl.exp(sq - m_new[:, None]) * inv_sqrt_m
+                m_row = m_new
+            else:
+                phi = tl.maximum(sq, 0.0) + 1e-3
+            num += tl.dot(phi.to(s.dtype), s)
+            den += tl.sum(phi * z[None, :], axis=1)
         den = tl.maximum(den, eps)
-        out = num / den[:, None]
-        tl.store(O + ptr, out.to(O.dtype.element_ty), mask=inb[:, None])
+        tl.store(O + ptr, (num / den[:, None]).to(O.dtype.element_ty), mask=inb[:, None])
         tl.store(DEN + bh.to(tl.int64) * L + rows, den, mask=inb)
         if SOFTMAX:
             tl.store(ROWC + bh.to(tl.int64) * L + rows, m_row, mask=inb)
 
 
 @triton.jit
-def _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX: tl.constexpr, SPLIT_W: tl.constexpr):
-    sq = _logits(q, whi, wlo, scale, SOFTMAX, SPLIT_W)
-    if SOFTMAX:
-        phi = tl.exp(sq - c_row[:, None]) * inv_sqrt_m
-    else:
-        phi = tl.maximum(sq, 0.0) + 1e-3
-    return sq, phi
-
-
-@triton.jit
-def _dq_slice(
-    q,
-    k,
-    v,
-    valid,
-    dn_c,
-    ddn,
-    p,
-    c_row,
-    w_off,
-    WHI,
-    WLO,
-    WF,
-    S,
-    z,
-    dq,
-    gmax,
-    scale,
-    inv_sqrt_m,
-    SOFTMAX: tl.constexpr,
-    SPLIT_W: tl.constexpr,
-    CAUSAL: tl.constexpr,
-):
-    whi = tl.load(WHI + w_off)
-    wlo = tl.load(WLO + w_off)
-    sq, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
-    dphi = tl.dot(dn_c, tl.trans(S.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
-    if CAUSAL:
-        phi_k = _key_phi(_logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W), valid, gmax, inv_sqrt_m, SOFTMAX)
-        dphi += tl.dot(p, phi_k)
-        S += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
-        z += tl.sum(phi_k, axis=0)
-    wf = tl.load(WF + w_off)
-    dq += _feat_grad(dphi, phi_q, sq, q, wf, scale, SOFTMAX)
-    return S, z, dq
-
-
-@triton.jit
-def _bwd_dq_kernel(
+def _bid_dq_state_kernel(
     Q,
-    K,
-    V,
     O,
     DO,
     DEN,
@@ -481,7 +308,8 @@ def _bwd_dq_kernel(
     WF,
     S0,
     Z0,
-    GMAX,
+    GP,
+    GZP,
     DQ,
     H,
     L,
@@ -497,207 +325,267 @@ def _bwd_dq_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr,
 ):
+    """Per (split, slice j): adds slice j's part of dq to DQ and stores the split's partial query
+    state ``G_j = sum phi_q^T dN``, ``gz_j = sum phi_q ddn`` -- one pass over the queries for both."""
     NS: tl.constexpr = M // BM
-    bh = tl.program_id(0)
-    sp = tl.program_id(1)
+    bh, sp, j = _split_slice(n_split, NS)
     b = bh // H
-    offs_t = tl.arange(0, T)
-    offs_d = tl.arange(0, D)
-    offs_bm = tl.arange(0, BM)
+    offs_m, w_off = _slice_offsets(j, BM, D)
     base = bh.to(tl.int64) * L * D
-    w0 = offs_bm[:, None] * D + offs_d[None, :]
-    if CAUSAL:
-        st = (bh * n_split + sp).to(tl.int64)
-    else:
-        st = bh.to(tl.int64)
-    gmax = tl.load(GMAX + bh)
-    if CAUSAL:  # running states live in registers; bidirectional ones are re-read per tile (L2)
-        s0, z0 = _state_tile(S0, Z0, st, 0, w0, offs_bm, M, D, BM)
-        if NS >= 2:
-            s1, z1 = _state_tile(S0, Z0, st, 1, w0, offs_bm, M, D, BM)
-        if NS >= 4:
-            s2, z2 = _state_tile(S0, Z0, st, 2, w0, offs_bm, M, D, BM)
-            s3, z3 = _state_tile(S0, Z0, st, 3, w0, offs_bm, M, D, BM)
+    whi = tl.load(WHI + w_off)
+    wlo = tl.load(WLO + w_off)
+    wf = tl.load(WF + w_off)
+    s = tl.load(S0 + bh.to(tl.int64) * M * D + w_off)  # (BM, D) key state, input dtype
+    z = tl.load(Z0 + bh.to(tl.int64) * M + offs_m)
+    g = tl.zeros([BM, D], dtype=tl.float32)
+    gz = tl.zeros([BM], dtype=tl.float32)
     start = sp * split_len
     for t0 in range(0, split_len, T):
-        rows = start + t0 + offs_t
-        inb = rows < L
-        valid = _rows_valid(PAD, b, rows, L, HAS_PAD)
-        ptr = base + rows[:, None] * D + offs_d[None, :]
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
-        do = tl.load(DO + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
-        o = tl.load(O + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
-        den = tl.load(DEN + bh.to(tl.int64) * L + rows, mask=inb, other=1.0)
         c_row = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
-        dn = do / den[:, None]
-        dn_c = dn.to(Q.dtype.element_ty)
-        ddn = tl.where(den > eps, -tl.sum(dn_c.to(tl.float32) * o, axis=1), 0.0)
-        if CAUSAL:
-            k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
-            v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
-            p = tl.where(offs_t[:, None] >= offs_t[None, :], tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0)
-        else:
-            k = q
-            v = q
-            p = dn
-        dq = tl.zeros([T, D], dtype=tl.float32)
-        if not CAUSAL:
-            s0, z0 = _state_tile(S0, Z0, st, 0, w0, offs_bm, M, D, BM)
-        s0, z0, dq = _dq_slice(
-            q,
-            k,
-            v,
-            valid,
-            dn_c,
-            ddn,
-            p,
-            c_row,
-            w0,
-            WHI,
-            WLO,
-            WF,
-            s0,
-            z0,
-            dq,
-            gmax,
-            scale,
-            inv_sqrt_m,
-            SOFTMAX,
-            SPLIT_W,
-            CAUSAL,
-        )
-        if NS >= 2:
-            if not CAUSAL:
-                s1, z1 = _state_tile(S0, Z0, st, 1, w0, offs_bm, M, D, BM)
-            s1, z1, dq = _dq_slice(
-                q,
-                k,
-                v,
-                valid,
-                dn_c,
-                ddn,
-                p,
-                c_row,
-                w0 + BM * D,
-                WHI,
-                WLO,
-                WF,
-                s1,
-                z1,
-                dq,
-                gmax,
-                scale,
-                inv_sqrt_m,
-                SOFTMAX,
-                SPLIT_W,
-                CAUSAL,
-            )
-        if NS >= 4:
-            if not CAUSAL:
-                s2, z2 = _state_tile(S0, Z0, st, 2, w0, offs_bm, M, D, BM)
-            s2, z2, dq = _dq_slice(
-                q,
-                k,
-                v,
-                valid,
-                dn_c,
-                ddn,
-                p,
-                c_row,
-                w0 + 2 * BM * D,
-                WHI,
-                WLO,
-                WF,
-                s2,
-                z2,
-                dq,
-                gmax,
-                scale,
-                inv_sqrt_m,
-                SOFTMAX,
-                SPLIT_W,
-                CAUSAL,
-            )
-            if not CAUSAL:
-                s3, z3 = _state_tile(S0, Z0, st, 3, w0, offs_bm, M, D, BM)
-            s3, z3, dq = _dq_slice(
-                q,
-                k,
-                v,
-                valid,
-                dn_c,
-                ddn,
-                p,
-                c_row,
-                w0 + 3 * BM * D,
-                WHI,
-                WLO,
-                WF,
-                s3,
-                z3,
-                dq,
-                gmax,
-                scale,
-                inv_sqrt_m,
-                SOFTMAX,
-                SPLIT_W,
-                CAUSAL,
-            )
-        dq = tl.where(valid[:, None], dq, 0.0)
-        tl.store(DQ + ptr, dq.to(DQ.dtype.element_ty), mask=inb[:, None])
+        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
+        sq, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
+        phi_q = tl.where(inb[:, None], phi_q, 0.0)
+        g += tl.dot(tl.trans(phi_q.to(dn_c.dtype)), dn_c)
+        gz += tl.sum(phi_q * ddn[:, None], axis=0)
+        dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
+        dq = tl.where(valid[:, None], _feat_grad(dphi, phi_q, sq, q, wf, scale, SOFTMAX), 0.0)
+        tl.atomic_add(DQ + ptr, dq, mask=inb[:, None], sem="relaxed")
+    out = (bh * n_split + sp).to(tl.int64)
+    tl.store(GP + out * M * D + w_off, g)
+    tl.store(GZP + out * M + offs_m, gz)
 
 
 @triton.jit
-def _dkv_slice(
-    k,
-    v,
-    valid,
-    q,
-    inb,
-    dn_c,
-    ddn,
-    pt,
-    at,
-    c_row,
-    w_off,
+def _bid_dkv_kernel(
+    K,
+    V,
+    PAD,
     WHI,
     WLO,
     WF,
-    G,
-    gz,
-    dk,
-    dv,
-    gmax,
+    G0,
+    GZ0,
+    GMAX,
+    DK,
+    DV,
+    H,
+    L,
+    walk_len,
+    n_walk,
     scale,
     inv_sqrt_m,
+    D: tl.constexpr,
+    M: tl.constexpr,
+    BM: tl.constexpr,
+    T: tl.constexpr,
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    HAS_PAD: tl.constexpr,
 ):
-    whi = tl.load(WHI + w_off)
-    wlo = tl.load(WLO + w_off)
-    sk = _logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W)
-    phi_k = _key_phi(sk, valid, gmax, inv_sqrt_m, SOFTMAX)
-    g_c = G.to(v.dtype)
-    dphi = tl.dot(v, tl.trans(g_c)) + gz[None, :]
-    dv += tl.dot(phi_k.to(v.dtype), g_c)
-    if CAUSAL:
-        sq, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
-        phi_q = tl.where(inb[:, None], phi_q, 0.0)
-        at += tl.dot(phi_k, tl.trans(phi_q))
-        dphi += tl.dot(pt, phi_q)
-        G += tl.dot(tl.trans(phi_q.to(v.dtype)), dn_c)
-        gz += tl.sum(phi_q * ddn[:, None], axis=0)
-    dphi = tl.where(valid[:, None], dphi, 0.0)
-    wf = tl.load(WF + w_off)
-    dk += _feat_grad(dphi, phi_k, sk, k, wf, scale, SOFTMAX)
-    return G, gz, dk, dv, at
+    NS: tl.constexpr = M // BM
+    bh, start = _walk_program(n_walk, walk_len)
+    b = bh // H
+    base = bh.to(tl.int64) * L * D
+    st = bh.to(tl.int64)
+    gmax = tl.load(GMAX + bh)
+    for t0 in range(0, walk_len, T):
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+        k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
+        v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+        dk = tl.zeros([T, D], dtype=tl.float32)
+        dv = tl.zeros([T, D], dtype=tl.float32)
+        for j in tl.static_range(NS):
+            offs_m, w_off = _slice_offsets(j, BM, D)
+            sk = _logits(k, tl.load(WHI + w_off), tl.load(WLO + w_off), scale, SOFTMAX, SPLIT_W)
+            phi_k = _key_phi(sk, valid, gmax, inv_sqrt_m, SOFTMAX)
+            g = tl.load(G0 + st * M * D + w_off).to(v.dtype)
+            gz = tl.load(GZ0 + st * M + offs_m)
+            dphi = tl.where(valid[:, None], tl.dot(v, tl.trans(g)) + gz[None, :], 0.0)
+            dv += tl.dot(phi_k.to(v.dtype), g)
+            dk += _feat_grad(dphi, phi_k, sk, k, tl.load(WF + w_off), scale, SOFTMAX)
+        dk = tl.where(valid[:, None], dk, 0.0)
+        tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=inb[:, None])
+        tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=inb[:, None])
+
+
+# --------------------------------------------------------------------------------------------- #
+# causal: one feature slice per program, its running (BM, D) state carried along the split
+# --------------------------------------------------------------------------------------------- #
+@triton.jit
+def _rowmax_kernel(
+    Q,
+    PAD,
+    WHI,
+    WLO,
+    ROWC,
+    H,
+    L,
+    walk_len,
+    n_walk,
+    scale,
+    D: tl.constexpr,
+    M: tl.constexpr,
+    BM: tl.constexpr,
+    T: tl.constexpr,
+    SPLIT_W: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """Per-query shift of the softmax features: ``max_m (u + h)`` over all M (rows as in the forward)."""
+    NS: tl.constexpr = M // BM
+    bh, start = _walk_program(n_walk, walk_len)
+    b = bh // H
+    base = bh.to(tl.int64) * L * D
+    for t0 in range(0, walk_len, T):
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+        m_row = tl.full([T], _NEG_K, tl.float32)
+        for j in tl.static_range(NS):
+            offs_m, w_off = _slice_offsets(j, BM, D)
+            sq = _logits(q, tl.load(WHI + w_off), tl.load(WLO + w_off), scale, True, SPLIT_W)
+            m_row = tl.maximum(m_row, tl.max(sq, axis=1))
+        tl.store(ROWC + bh.to(tl.int64) * L + rows, m_row, mask=inb)
 
 
 @triton.jit
-def _bwd_dkv_kernel(
+def _causal_fwd_kernel(
+    Q,
+    K,
+    V,
+    PAD,
+    WHI,
+    WLO,
+    S0,
+    Z0,
+    GMAX,
+    ROWC,
+    NUM,
+    DEN,
+    H,
+    L,
+    split_len,
+    n_split,
+    scale,
+    inv_sqrt_m,
+    D: tl.constexpr,
+    M: tl.constexpr,
+    BM: tl.constexpr,
+    T: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    SPLIT_W: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """Adds slice j's part of the numerator and normaliser of every row of the split to NUM / DEN."""
+    NS: tl.constexpr = M // BM
+    bh, sp, j = _split_slice(n_split, NS)
+    b = bh // H
+    offs_t = tl.arange(0, T)
+    offs_m, w_off = _slice_offsets(j, BM, D)
+    base = bh.to(tl.int64) * L * D
+    whi = tl.load(WHI + w_off)
+    wlo = tl.load(WLO + w_off)
+    st = (bh * n_split + sp).to(tl.int64)
+    s = tl.load(S0 + st * M * D + w_off)  # (BM, D) fp32 state entering the split
+    z = tl.load(Z0 + st * M + offs_m)
+    gmax = tl.load(GMAX + bh)
+    causal = offs_t[:, None] >= offs_t[None, :]
+    start = sp * split_len
+    for t0 in range(0, split_len, T):
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+        k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
+        v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+        c_row = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
+        _, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
+        phi_k = _key_phi(_logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W), valid, gmax, inv_sqrt_m, SOFTMAX)
+        a = tl.where(causal, tl.dot(phi_q, tl.trans(phi_k)), 0.0)  # (T, T) intra-tile scores
+        num = tl.dot(phi_q.to(v.dtype), s.to(v.dtype)) + tl.dot(a.to(v.dtype), v)
+        den = tl.sum(phi_q * z[None, :], axis=1) + tl.sum(a, axis=1)
+        s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
+        z += tl.sum(phi_k, axis=0)
+        tl.atomic_add(NUM + ptr, num, mask=inb[:, None], sem="relaxed")
+        tl.atomic_add(DEN + bh.to(tl.int64) * L + rows, den, mask=inb, sem="relaxed")
+
+
+@triton.jit
+def _causal_dq_kernel(
+    Q,
+    K,
+    V,
+    O,
+    DO,
+    DEN,
+    ROWC,
+    PAD,
+    WHI,
+    WLO,
+    WF,
+    S0,
+    Z0,
+    GMAX,
+    DQ,
+    GP,
+    GZP,
+    H,
+    L,
+    split_len,
+    n_split,
+    scale,
+    inv_sqrt_m,
+    eps,
+    D: tl.constexpr,
+    M: tl.constexpr,
+    BM: tl.constexpr,
+    T: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    SPLIT_W: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """Adds slice j's part of dq (the forward walk again, with dphi_q = dN S^T + ddn z + P phi_k) and
+    stores the split's partial query state ``G_j = sum phi_q^T dN``, ``gz_j`` that the dk/dv walk needs."""
+    NS: tl.constexpr = M // BM
+    bh, sp, j = _split_slice(n_split, NS)
+    b = bh // H
+    offs_t = tl.arange(0, T)
+    offs_m, w_off = _slice_offsets(j, BM, D)
+    base = bh.to(tl.int64) * L * D
+    whi = tl.load(WHI + w_off)
+    wlo = tl.load(WLO + w_off)
+    wf = tl.load(WF + w_off)
+    st = (bh * n_split + sp).to(tl.int64)
+    s = tl.load(S0 + st * M * D + w_off)
+    z = tl.load(Z0 + st * M + offs_m)
+    gmax = tl.load(GMAX + bh)
+    causal = offs_t[:, None] >= offs_t[None, :]
+    g = tl.zeros([BM, D], dtype=tl.float32)
+    gz = tl.zeros([BM], dtype=tl.float32)
+    start = sp * split_len
+    for t0 in range(0, split_len, T):
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+        k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
+        v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+        c_row = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
+        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
+        p = tl.where(causal, tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0)  # (T query, T key)
+        sq, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
+        phi_m = tl.where(inb[:, None], phi_q, 0.0)
+        g += tl.dot(tl.trans(phi_m.to(dn_c.dtype)), dn_c)
+        gz += tl.sum(phi_m * ddn[:, None], axis=0)
+        phi_k = _key_phi(_logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W), valid, gmax, inv_sqrt_m, SOFTMAX)
+        dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :] + tl.dot(p, phi_k)
+        s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
+        z += tl.sum(phi_k, axis=0)
+        dq = tl.where(valid[:, None], _feat_grad(dphi, phi_q, sq, q, wf, scale, SOFTMAX), 0.0)
+        tl.atomic_add(DQ + ptr, dq, mask=inb[:, None], sem="relaxed")
+    tl.store(GP + st * M * D + w_off, g)
+    tl.store(GZP + st * M + offs_m, gz)
+
+
+@triton.jit
+def _causal_dkv_kernel(
     Q,
     K,
     V,
@@ -728,178 +616,46 @@ def _bwd_dkv_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
-    CAUSAL: tl.constexpr,
 ):
+    """Adds slice j's part of dk and dv: a reverse walk carrying the suffix state G = sum phi_q^T dN."""
     NS: tl.constexpr = M // BM
-    bh = tl.program_id(0)
-    sp = tl.program_id(1)
+    bh, sp, j = _split_slice(n_split, NS)
     b = bh // H
     offs_t = tl.arange(0, T)
-    offs_d = tl.arange(0, D)
-    offs_bm = tl.arange(0, BM)
+    offs_m, w_off = _slice_offsets(j, BM, D)
     base = bh.to(tl.int64) * L * D
-    w0 = offs_bm[:, None] * D + offs_d[None, :]
-    if CAUSAL:
-        st = (bh * n_split + sp).to(tl.int64)
-    else:
-        st = bh.to(tl.int64)
+    whi = tl.load(WHI + w_off)
+    wlo = tl.load(WLO + w_off)
+    wf = tl.load(WF + w_off)
+    st = (bh * n_split + sp).to(tl.int64)
+    g = tl.load(G0 + st * M * D + w_off)  # (BM, D) fp32 suffix state after the split
+    gz = tl.load(GZ0 + st * M + offs_m)
     gmax = tl.load(GMAX + bh)
-    if CAUSAL:  # running states live in registers; bidirectional ones are re-read per tile (L2)
-        g0, gz0 = _state_tile(G0, GZ0, st, 0, w0, offs_bm, M, D, BM)
-        if NS >= 2:
-            g1, gz1 = _state_tile(G0, GZ0, st, 1, w0, offs_bm, M, D, BM)
-        if NS >= 4:
-            g2, gz2 = _state_tile(G0, GZ0, st, 2, w0, offs_bm, M, D, BM)
-            g3, gz3 = _state_tile(G0, GZ0, st, 3, w0, offs_bm, M, D, BM)
+    causal_t = offs_t[:, None] <= offs_t[None, :]  # [key j, query i]: i >= j
     start = sp * split_len
     n_t = tl.cdiv(split_len, T)
     for i in range(0, n_t):
-        t0 = (n_t - 1 - i) * T  # reverse walk: suffix states
-        rows = start + t0 + offs_t
-        inb = rows < L
-        valid = _rows_valid(PAD, b, rows, L, HAS_PAD)
-        ptr = base + rows[:, None] * D + offs_d[None, :]
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + (n_t - 1 - i) * T, L, T, D, HAS_PAD)
+        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
         k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
         v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
-        if CAUSAL:
-            q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
-            do = tl.load(DO + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
-            o = tl.load(O + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
-            den = tl.load(DEN + bh.to(tl.int64) * L + rows, mask=inb, other=1.0)
-            c_row = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
-            dn_c = (do / den[:, None]).to(v.dtype)
-            ddn = tl.where(den > eps, -tl.sum(dn_c.to(tl.float32) * o, axis=1), 0.0)
-            causal = offs_t[:, None] <= offs_t[None, :]  # [key j, query i]: i >= j
-            pt = tl.where(causal, tl.dot(v, tl.trans(dn_c)) + ddn[None, :], 0.0)
-        else:
-            q = k
-            dn_c = v
-            ddn = tl.zeros([T], dtype=tl.float32)
-            c_row = ddn
-            pt = tl.zeros([T, T], dtype=tl.float32)
-        at = tl.zeros([T, T], dtype=tl.float32)
-        dk = tl.zeros([T, D], dtype=tl.float32)
-        dv = tl.zeros([T, D], dtype=tl.float32)
-        if not CAUSAL:
-            g0, gz0 = _state_tile(G0, GZ0, st, 0, w0, offs_bm, M, D, BM)
-        g0, gz0, dk, dv, at = _dkv_slice(
-            k,
-            v,
-            valid,
-            q,
-            inb,
-            dn_c,
-            ddn,
-            pt,
-            at,
-            c_row,
-            w0,
-            WHI,
-            WLO,
-            WF,
-            g0,
-            gz0,
-            dk,
-            dv,
-            gmax,
-            scale,
-            inv_sqrt_m,
-            SOFTMAX,
-            SPLIT_W,
-            CAUSAL,
-        )
-        if NS >= 2:
-            if not CAUSAL:
-                g1, gz1 = _state_tile(G0, GZ0, st, 1, w0, offs_bm, M, D, BM)
-            g1, gz1, dk, dv, at = _dkv_slice(
-                k,
-                v,
-                valid,
-                q,
-                inb,
-                dn_c,
-                ddn,
-                pt,
-                at,
-                c_row,
-                w0 + BM * D,
-                WHI,
-                WLO,
-                WF,
-                g1,
-                gz1,
-                dk,
-                dv,
-                gmax,
-                scale,
-                inv_sqrt_m,
-                SOFTMAX,
-                SPLIT_W,
-                CAUSAL,
-            )
-        if NS >= 4:
-            if not CAUSAL:
-                g2, gz2 = _state_tile(G0, GZ0, st, 2, w0, offs_bm, M, D, BM)
-            g2, gz2, dk, dv, at = _dkv_slice(
-                k,
-                v,
-                valid,
-                q,
-                inb,
-                dn_c,
-                ddn,
-                pt,
-                at,
-                c_row,
-                w0 + 2 * BM * D,
-                WHI,
-                WLO,
-                WF,
-                g2,
-                gz2,
-                dk,
-                dv,
-                gmax,
-                scale,
-                inv_sqrt_m,
-                SOFTMAX,
-                SPLIT_W,
-                CAUSAL,
-            )
-            if not CAUSAL:
-                g3, gz3 = _state_tile(G0, GZ0, st, 3, w0, offs_bm, M, D, BM)
-            g3, gz3, dk, dv, at = _dkv_slice(
-                k,
-                v,
-                valid,
-                q,
-                inb,
-                dn_c,
-                ddn,
-                pt,
-                at,
-                c_row,
-                w0 + 3 * BM * D,
-                WHI,
-                WLO,
-                WF,
-                g3,
-                gz3,
-                dk,
-                dv,
-                gmax,
-                scale,
-                inv_sqrt_m,
-                SOFTMAX,
-                SPLIT_W,
-                CAUSAL,
-            )
-        if CAUSAL:
-            at = tl.where(causal, at, 0.0)
-            dv += tl.dot(at.to(v.dtype), dn_c)
-        dk = tl.where(valid[:, None], dk, 0.0)
-        tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=inb[:, None])
-        tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=inb[:, None])
+        c_row = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
+        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, v.dtype)
+        pt = tl.where(causal_t, tl.dot(v, tl.trans(dn_c)) + ddn[None, :], 0.0)  # (T key, T query)
+        sk = _logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W)
+        phi_k = _key_phi(sk, valid, gmax, inv_sqrt_m, SOFTMAX)
+        _, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
+        phi_q = tl.where(inb[:, None], phi_q, 0.0)
+        g_c = g.to(v.dtype)
+        dphi = tl.dot(v, tl.trans(g_c)) + gz[None, :] + tl.dot(pt, phi_q)
+        at = tl.where(causal_t, tl.dot(phi_k, tl.trans(phi_q)), 0.0)
+        dv = tl.dot(phi_k.to(v.dtype), g_c) + tl.dot(at.to(v.dtype), dn_c)
+        g += tl.dot(tl.trans(phi_q.to(v.dtype)), dn_c)
+        gz += tl.sum(phi_q * ddn[:, None], axis=0)
+        dphi = tl.where(valid[:, None], dphi, 0.0)
+        dk = tl.where(valid[:, None], _feat_grad(dphi, phi_k, sk, k, wf, scale, SOFTMAX), 0.0)
+        tl.atomic_add(DK + ptr, dk, mask=inb[:, None], sem="relaxed")
+        tl.atomic_add(DV + ptr, dv, mask=inb[:, None], sem="relaxed")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -911,10 +667,10 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _split_len(length: int, bh: int, tile: int, device: torch.device, waves: float) -> int:
+def _split_len(length: int, programs_per_row: int, tile: int, device: torch.device, waves: float) -> int:
     """Rows per program so that about ``waves * SMs`` programs run (multiple of the tile)."""
     want = max(1, int(waves * _num_sms(device)))
-    per = math.ceil(length * bh / want)
+    per = math.ceil(length * programs_per_row / want)
     per = max(tile, math.ceil(per / tile) * tile)
     n_tiles = math.ceil(length / tile)
     return min(per, n_tiles * tile)
@@ -932,6 +688,11 @@ def _config(device: torch.device) -> dict:
         "num_warps": 4,
         "num_stages": 1,
     }  # measured on H100: 4 warps 1.6x faster than 8 (bench/NOTES_gpu.md)
+
+
+# Programs per SM the launches aim for (bench/NOTES_gpu.md: short walks in many programs beat long ones).
+STATE_WAVES = 16.0
+CAUSAL_WAVES = 8.0
 
 
 class _Plan:
@@ -955,8 +716,8 @@ class _Plan:
         self.BH = b * h
         self.T = tile
         self.BM = slice_m or min(64, m)
-        if m % self.BM or (m // self.BM) not in (1, 2, 4):
-            raise ValueError(f"num_features M={m} must be 1, 2 or 4 slices of {self.BM}")
+        if m % self.BM:
+            raise ValueError(f"num_features M={m} must be a multiple of the slice width {self.BM}")
         self.NS = m // self.BM
         self.softmax = kernel == "softmax"
         self.causal = causal
@@ -965,13 +726,11 @@ class _Plan:
         self.inv_sqrt_m = m**-0.5
         dev = q.device
         n_tiles = math.ceil(length / tile)
-        if causal:
-            # one split = one sequential walk; the state kernel uses the same splits
-            split = walk_split or _split_len(length, self.BH, tile, dev, waves=2.0)
-            self.split = split
-            self.walk_split = split
+        if causal:  # one split = one sequential walk per slice; the state kernel uses the same splits
+            split = walk_split or _split_len(length, self.BH * self.NS, tile, dev, waves=CAUSAL_WAVES)
+            self.split = self.walk_split = split
         else:
-            self.split = state_split or _split_len(length, self.BH * self.NS, tile, dev, waves=4.0)
+            self.split = state_split or _split_len(length, self.BH * self.NS, tile, dev, waves=STATE_WAVES)
             self.walk_split = min(walk_split or 4 * tile, n_tiles * tile)
         self.n_split = math.ceil(length / self.split)
         self.n_walk = math.ceil(length / self.walk_split)
@@ -1022,37 +781,28 @@ def _exclusive_scan(x: Tensor, reverse: bool = False) -> Tensor:
     return out
 
 
+def _launch(name: str, kernel, grid: int, *args, **kwargs) -> None:
+    LAST_LAUNCH[name] = kernel[(grid,)](*args, **kwargs)
+
+
+def _key_states(k, v, pad, whi, wlo, p: _Plan, common: dict):
+    """Per-split partial key states ``(BH, n_split, M, D)``, ``(BH, n_split, M)`` and key shifts."""
+    BH, M, D = p.BH, p.M, p.D
+    sp = torch.empty(BH, p.n_split, M, D, device=k.device, dtype=torch.float32)
+    zp = torch.empty(BH, p.n_split, M, device=k.device, dtype=torch.float32)
+    mp = torch.empty(BH, p.n_split, p.NS, device=k.device, dtype=torch.float32)
+    args = (k, v, pad, whi, wlo, sp, zp, mp, p.H, p.L, p.split, p.n_split, p.scale, p.inv_sqrt_m)
+    _launch("_key_state_kernel", _key_state_kernel, BH * p.n_split * p.NS, *args, **common)
+    return sp, zp, mp
+
+
 def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
     dev = q.device
     BH, M, D, L = p.BH, p.M, p.D, p.L
-    sp = torch.empty(BH, p.n_split, M, D, device=dev, dtype=torch.float32)
-    zp = torch.empty(BH, p.n_split, M, device=dev, dtype=torch.float32)
-    mp = torch.empty(BH, p.n_split, p.NS, device=dev, dtype=torch.float32)
     has_pad = pad is not None
     pad_t = pad if has_pad else q  # dummy pointer
     common = p.consts(has_pad, split_w)
-    LAST_LAUNCH["_state_kernel"] = _state_kernel[(BH, p.n_split, p.NS)](
-        k,
-        v,
-        k,
-        mp,
-        mp,
-        pad_t,
-        whi,
-        wlo,
-        sp,
-        zp,
-        mp,
-        p.H,
-        L,
-        p.split,
-        p.n_split,
-        p.scale,
-        p.inv_sqrt_m,
-        p.eps,
-        IS_QUERY=False,
-        **common,
-    )
+    sp, zp, mp = _key_states(k, v, pad_t, whi, wlo, p, common)
     if p.softmax:
         gmax = mp.amax(dim=(1, 2))  # (BH,)
         gmax = torch.where(gmax > _NEG / 2, gmax, torch.zeros_like(gmax))  # all-padding heads
@@ -1061,40 +811,61 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
         zp = (zp.view(BH, p.n_split, p.NS, p.BM) * w[..., None]).view(BH, p.n_split, M)
     else:
         gmax = torch.zeros(BH, device=dev, dtype=torch.float32)
+    rowc = torch.zeros(BH, L, device=dev, dtype=torch.float32)
     if p.causal:
         s0 = _exclusive_scan(sp)  # state entering each split
         z0 = _exclusive_scan(zp)
+        del sp, zp
+        if p.softmax:
+            grid = BH * p.n_walk
+            _launch(
+                "_rowmax_kernel",
+                _rowmax_kernel,
+                grid,
+                q,
+                pad_t,
+                whi,
+                wlo,
+                rowc,
+                p.H,
+                L,
+                p.walk_split,
+                p.n_walk,
+                p.scale,
+                D=D,
+                M=M,
+                BM=p.BM,
+                T=p.T,
+                SPLIT_W=split_w,
+                HAS_PAD=has_pad,
+                **p.cfg,
+            )
+        num = torch.zeros(BH, L, D, device=dev, dtype=torch.float32)
+        den = torch.zeros(BH, L, device=dev, dtype=torch.float32)
+        args = (q, k, v, pad_t, whi, wlo, s0, z0, gmax, rowc, num, den, p.H, L, p.split, p.n_split)
+        _launch(
+            "_causal_fwd_kernel",
+            _causal_fwd_kernel,
+            BH * p.n_split * p.NS,
+            *args,
+            p.scale,
+            p.inv_sqrt_m,
+            **common,
+        )
+        den.clamp_min_(p.eps)
+        o = num.div_(den[..., None]).to(v.dtype).view(q.shape)
+        del num
     else:
         # the kernels multiply the state in the input dtype anyway: cast once here, halving its reads
         s0 = sp.sum(dim=1).to(q.dtype).contiguous()
         z0 = zp.sum(dim=1).contiguous()
-    del sp, zp
-    o = torch.empty(q.shape, device=dev, dtype=v.dtype)
-    den = torch.empty(BH, L, device=dev, dtype=torch.float32)
-    rowc = torch.zeros(BH, L, device=dev, dtype=torch.float32)
-    LAST_LAUNCH["_fwd_kernel"] = _fwd_kernel[(BH, p.n_walk)](
-        q,
-        k,
-        v,
-        pad_t,
-        whi,
-        wlo,
-        s0,
-        z0,
-        gmax,
-        o,
-        den,
-        rowc,
-        p.H,
-        L,
-        p.walk_split,
-        p.n_walk,
-        p.scale,
-        p.inv_sqrt_m,
-        p.eps,
-        CAUSAL=p.causal,
-        **common,
-    )
+        del sp, zp
+        o = torch.empty(q.shape, device=dev, dtype=v.dtype)
+        den = torch.empty(BH, L, device=dev, dtype=torch.float32)
+        args = (q, pad_t, whi, wlo, s0, z0, o, den, rowc, p.H, L, p.walk_split, p.n_walk)
+        _launch(
+            "_bid_fwd_kernel", _bid_fwd_kernel, BH * p.n_walk, *args, p.scale, p.inv_sqrt_m, p.eps, **common
+        )
     return o, den, rowc, s0, z0, gmax
 
 
@@ -1104,94 +875,43 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wf, split_w, s0, z0, gma
     has_pad = pad is not None
     pad_t = pad if has_pad else q
     common = p.consts(has_pad, split_w)
-    gp = torch.empty(BH, p.n_split, M, D, device=dev, dtype=torch.float32)
+    consts = (p.scale, p.inv_sqrt_m, p.eps)
+    grid = BH * p.n_split * p.NS
+    # dq: float32 sum of the slices' contributions, cast before dk / dv take their buffers
+    dq32 = torch.zeros(q.shape, device=dev, dtype=torch.float32)
+    gp = torch.empty(BH, p.n_split, M, D, device=dev, dtype=torch.float32)  # per-split query states
     gzp = torch.empty(BH, p.n_split, M, device=dev, dtype=torch.float32)
-    mp = torch.empty(BH, p.n_split, p.NS, device=dev, dtype=torch.float32)
-    LAST_LAUNCH["_state_kernel_q"] = _state_kernel[(BH, p.n_split, p.NS)](
-        q,
-        do,
-        o,
-        den,
-        rowc,
-        pad_t,
-        whi,
-        wlo,
-        gp,
-        gzp,
-        mp,
-        p.H,
-        L,
-        p.split,
-        p.n_split,
-        p.scale,
-        p.inv_sqrt_m,
-        p.eps,
-        IS_QUERY=True,
-        **common,
-    )
     if p.causal:
+        args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wf, s0, z0, gmax, dq32, gp, gzp, p.H, L, p.split)
+        _launch(
+            "_causal_dq_kernel",
+            _causal_dq_kernel,
+            grid,
+            *args,
+            p.n_split,
+            *consts,
+            **common,
+        )
         g0 = _exclusive_scan(gp, reverse=True)  # suffix state after each split
         gz0 = _exclusive_scan(gzp, reverse=True)
     else:
-        g0 = gp.sum(dim=1).to(q.dtype).contiguous()
+        args = (q, o, do, den, rowc, pad_t, whi, wlo, wf, s0, z0, gp, gzp, dq32, p.H, L, p.split, p.n_split)
+        _launch("_bid_dq_state_kernel", _bid_dq_state_kernel, grid, *args, *consts, **common)
+        g0 = gp.sum(dim=1).to(q.dtype).contiguous()  # read per tile in the input dtype, like S
         gz0 = gzp.sum(dim=1).contiguous()
     del gp, gzp
-    dq = torch.empty(q.shape, device=dev, dtype=q.dtype)
+    dq = dq32.to(q.dtype)
+    del dq32
+    if p.causal:
+        dk32 = torch.zeros(k.shape, device=dev, dtype=torch.float32)
+        dv32 = torch.zeros(v.shape, device=dev, dtype=torch.float32)
+        args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wf, g0, gz0, gmax, dk32, dv32, p.H, L, p.split)
+        _launch("_causal_dkv_kernel", _causal_dkv_kernel, grid, *args, p.n_split, *consts, **common)
+        return dq, dk32.to(k.dtype), dv32.to(v.dtype)
     dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
     dv = torch.empty(v.shape, device=dev, dtype=v.dtype)
-    LAST_LAUNCH["_bwd_dq_kernel"] = _bwd_dq_kernel[(BH, p.n_walk)](
-        q,
-        k,
-        v,
-        o,
-        do,
-        den,
-        rowc,
-        pad_t,
-        whi,
-        wlo,
-        wf,
-        s0,
-        z0,
-        gmax,
-        dq,
-        p.H,
-        L,
-        p.walk_split,
-        p.n_walk,
-        p.scale,
-        p.inv_sqrt_m,
-        p.eps,
-        CAUSAL=p.causal,
-        **common,
-    )
-    LAST_LAUNCH["_bwd_dkv_kernel"] = _bwd_dkv_kernel[(BH, p.n_walk)](
-        q,
-        k,
-        v,
-        o,
-        do,
-        den,
-        rowc,
-        pad_t,
-        whi,
-        wlo,
-        wf,
-        g0,
-        gz0,
-        gmax,
-        dk,
-        dv,
-        p.H,
-        L,
-        p.walk_split,
-        p.n_walk,
-        p.scale,
-        p.inv_sqrt_m,
-        p.eps,
-        CAUSAL=p.causal,
-        **common,
-    )
+    args = (k, v, pad_t, whi, wlo, wf, g0, gz0, gmax, dk, dv, p.H, L, p.walk_split, p.n_walk)
+    _launch("_bid_dkv_kernel", _bid_dkv_kernel, BH * p.n_walk, *args, p.scale, p.inv_sqrt_m, **common)
     return dq, dk, dv
 
 
@@ -1280,8 +1000,9 @@ def favor_attention_triton(
         q, k, v: ``(B, H, L, D)``, bf16, fp16 or fp32, on CUDA (or CPU under ``TRITON_INTERPRET=1``).
             The kernels cover self-attention (equal shapes) with D a power of two >= 16; other
             shapes (e.g. extra persistent-memory keys) fall back to the PyTorch path.
-        projection: ``(M, D)`` random projection; kernels need M = 1, 2 or 4 slices of min(64, M)
-            features (M = 16...64, 128, 256), else the PyTorch path is used.
+        projection: ``(M, D)`` random projection; kernels need M to be a whole number of slices of
+            min(64, M) features, the slice a power of two >= 16 (M = 16, 32, 64, 128, 192, 256, ...),
+            else the PyTorch path is used.
         kernel: ``"softmax"`` or ``"relu"``.
         causal: prefix (unidirectional) attention.
         key_padding_mask: bool ``(B, L)``, True at padding.
@@ -1289,7 +1010,7 @@ def favor_attention_triton(
         tile: rows per tile (64; 16/32 for tiny tests).
         state_split: rows per program of the partial-state kernel (bidirectional; tuning knob).
         walk_split: rows per program of the output/gradient walks (for causal also the state splits).
-        slice_m: features per slice (default min(64, M)); M must be 1, 2 or 4 slices.
+        slice_m: features per slice (default min(64, M)); M must be a whole number of slices.
         split_projection: force (True) or forbid (False) the hi/lo bf16 split of the projection
             (default: split for bf16/fp16 inputs); for tests.
 
@@ -1305,9 +1026,9 @@ def favor_attention_triton(
         q.shape == k.shape == v.shape  # self-attention (no extra persistent-memory keys)
         and d >= 16
         and not d & (d - 1)
-        and m >= 16
+        and bm >= 16
+        and not bm & (bm - 1)
         and m % bm == 0
-        and m // bm in (1, 2, 4)
     )
     if not supported:  # shapes the kernels do not cover: the reference path, same numerics
         return _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps)

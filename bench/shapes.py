@@ -1,0 +1,22 @@
+"""The attention-op shape the kernel tools share (issue 8): B*L tokens, heads, d, m, one length."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """--length, --tokens (B = tokens // length), --heads, --dim, --features."""
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--features", type=int, default=256)
+
+
+def compile_report(module) -> dict[str, list[int]]:
+    """Registers and spilled values per thread of each kernel the Triton module last launched."""
+    return {
+        name: [int(getattr(kernel, "n_regs", -1)), int(getattr(kernel, "n_spills", -1))]
+        for name, kernel in module.LAST_LAUNCH.items()
+    }
