@@ -92,6 +92,25 @@ def _interpret_all() -> dict:
         out[f"long-lead-{kernel}"] = _run_case(
             kernel, True, True, torch.float32, 2, 1, 150, 16, 64, "cpu", tile=16, walk_split=32, slice_m=16
         )
+    # M = 3 slices (any whole number of slices is accepted, not only 1, 2 or 4), one split per slice
+    # program and a partial last split: every slice's atomic contribution must land exactly once
+    for causal in (False, True):
+        out[f"three-slices-{causal}"] = _run_case(
+            "softmax",
+            causal,
+            True,
+            torch.float32,
+            2,
+            2,
+            70,
+            16,
+            48,
+            "cpu",
+            tile=16,
+            state_split=32,
+            walk_split=48,
+            slice_m=16,
+        )
     # the hi/lo split projection used for bf16 inputs (the interpreter cannot multiply bf16)
     for causal in (False, True):
         out[f"split-{causal}"] = _run_case(
@@ -143,6 +162,14 @@ def test_interpreted_kernels_match_float64_reference(interpreted, case):
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 def test_interpreted_causal_leading_padding_across_states(interpreted, kernel):
     r = interpreted[f"long-lead-{kernel}"]
+    assert r["finite"]
+    for key in ("out", "dq", "dk", "dv"):
+        assert r[key] < 1e-5, (key, r)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreted_three_feature_slices(interpreted, causal):
+    r = interpreted[f"three-slices-{causal}"]
     assert r["finite"]
     for key in ("out", "dq", "dk", "dv"):
         assert r[key] < 1e-5, (key, r)
