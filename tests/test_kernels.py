@@ -289,3 +289,35 @@ def test_blind_queries_match_brute_force():
             for t in range(pad.shape[1]):
                 keys = range(t + 1) if causal else range(pad.shape[1])
                 assert bool(got[b, t]) == all(bool(pad[b, s]) for s in keys), (causal, b, t)
+
+
+def test_slice_width_choice_and_bad_geometry():
+    """Slices: the widest of 64/32/16 dividing M; a split that is not whole tiles is refused (a partial
+    last tile would run into the next split and add its rows twice)."""
+    from protein_lm.attention.kernels.favor_triton import _Plan, _slice_width
+
+    assert [_slice_width(m) for m in (256, 192, 96, 48, 16, 24, 8)] == [64, 64, 32, 16, 16, None, None]
+    assert _slice_width(256, 32) == 32 and _slice_width(256, 128) is None and _slice_width(96, 64) is None
+    q = torch.zeros(1, 1, 100, 16)
+    proj = torch.zeros(64, 16)
+    for kw, match in (
+        ({"walk_split": 40}, "walk_split"),
+        ({"state_split": 24}, "state_split"),
+        ({"tile": 24}, "tile"),
+        ({"slice_m": 128}, "slice width"),
+    ):
+        args = {"tile": 16, "state_split": None, "walk_split": None, "slice_m": None, **kw}
+        with pytest.raises(ValueError, match=match):
+            _Plan(
+                q,
+                proj,
+                "softmax",
+                True,
+                1e-30,
+                args["tile"],
+                args["state_split"],
+                args["walk_split"],
+                args["slice_m"],
+            )
+    plan = _Plan(q, proj, "softmax", True, 1e-30, 16, None, 32, None)
+    assert (plan.BM, plan.NS, plan.split, plan.n_split) == (64, 1, 32, 4)

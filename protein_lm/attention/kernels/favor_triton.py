@@ -695,6 +695,16 @@ STATE_WAVES = 16.0
 CAUSAL_WAVES = 8.0
 
 
+def _slice_width(m: int, slice_m: int | None = None) -> int | None:
+    """Features per slice for M features: ``slice_m`` if given, else the widest power of two <= 64
+    that divides M (M = 256 -> 64, 96 -> 32, 48 -> 16). ``None`` when the kernels cannot cover M
+    (slices must be a power of two from 16 to 64 that divides M)."""
+    if slice_m is None:
+        slice_m = next((w for w in (64, 32, 16) if m % w == 0), 0)
+    ok = 16 <= slice_m <= 64 and not slice_m & (slice_m - 1) and m % slice_m == 0
+    return slice_m if ok else None
+
+
 class _Plan:
     """Launch geometry and derived constants shared by forward and backward."""
 
@@ -715,9 +725,18 @@ class _Plan:
         self.B, self.H, self.L, self.D, self.M = b, h, length, d, m
         self.BH = b * h
         self.T = tile
-        self.BM = slice_m or min(64, m)
-        if m % self.BM:
-            raise ValueError(f"num_features M={m} must be a multiple of the slice width {self.BM}")
+        bm = _slice_width(m, slice_m)
+        if bm is None:
+            raise ValueError(
+                f"num_features M={m}: no slice width in 16, 32, 64 divides it (slice_m={slice_m})"
+            )
+        if tile < 16 or tile & (tile - 1):
+            raise ValueError(f"tile must be a power of two >= 16, got {tile}")
+        for name, rows in (("state_split", state_split), ("walk_split", walk_split)):
+            if rows is not None and (rows <= 0 or rows % tile):
+                # a walk covers whole tiles: a partial one would re-add the next split's rows
+                raise ValueError(f"{name} must be a positive multiple of tile={tile}, got {rows}")
+        self.BM = bm
         self.NS = m // self.BM
         self.softmax = kernel == "softmax"
         self.causal = causal
@@ -900,14 +919,17 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wf, split_w, s0, z0, gma
         g0 = gp.sum(dim=1).to(q.dtype).contiguous()  # read per tile in the input dtype, like S
         gz0 = gzp.sum(dim=1).contiguous()
     del gp, gzp
-    dq = dq32.to(q.dtype)
-    del dq32
+    dq = dq32.to(q.dtype, copy=True)  # a copy even for float32 inputs: causal reuses dq32 below
     if p.causal:
-        dk32 = torch.zeros(k.shape, device=dev, dtype=torch.float32)
+        dk32 = dq32.zero_()  # reuse dq's float32 buffer: peak stays at two of them plus the outputs
         dv32 = torch.zeros(v.shape, device=dev, dtype=torch.float32)
         args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wf, g0, gz0, gmax, dk32, dv32, p.H, L, p.split)
         _launch("_causal_dkv_kernel", _causal_dkv_kernel, grid, *args, p.n_split, *consts, **common)
-        return dq, dk32.to(k.dtype), dv32.to(v.dtype)
+        del dq32
+        dk = dk32.to(k.dtype)
+        del dk32
+        return dq, dk, dv32.to(v.dtype)
+    del dq32
     dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
     dv = torch.empty(v.shape, device=dev, dtype=v.dtype)
     args = (k, v, pad_t, whi, wlo, wf, g0, gz0, gmax, dk, dv, p.H, L, p.walk_split, p.n_walk)
@@ -1000,17 +1022,18 @@ def favor_attention_triton(
         q, k, v: ``(B, H, L, D)``, bf16, fp16 or fp32, on CUDA (or CPU under ``TRITON_INTERPRET=1``).
             The kernels cover self-attention (equal shapes) with D a power of two >= 16; other
             shapes (e.g. extra persistent-memory keys) fall back to the PyTorch path.
-        projection: ``(M, D)`` random projection; kernels need M to be a whole number of slices of
-            min(64, M) features, the slice a power of two >= 16 (M = 16, 32, 64, 128, 192, 256, ...),
-            else the PyTorch path is used.
+        projection: ``(M, D)`` random projection; kernels need M to be a multiple of 16 (slices of
+            16, 32 or 64 features, the widest that divides M), else the PyTorch path is used.
         kernel: ``"softmax"`` or ``"relu"``.
         causal: prefix (unidirectional) attention.
         key_padding_mask: bool ``(B, L)``, True at padding.
         eps: floor of the normaliser.
-        tile: rows per tile (64; 16/32 for tiny tests).
-        state_split: rows per program of the partial-state kernel (bidirectional; tuning knob).
-        walk_split: rows per program of the output/gradient walks (for causal also the state splits).
-        slice_m: features per slice (default min(64, M)); M must be a whole number of slices.
+        tile: rows per tile, a power of two >= 16 (64; 16/32 for tiny tests).
+        state_split: rows per program of the key-state and dq passes (bidirectional; tuning knob),
+            a multiple of ``tile``.
+        walk_split: rows per program of the output / dk, dv walks (causal: of every pass), a
+            multiple of ``tile``.
+        slice_m: features per slice, 16, 32 or 64 dividing M (default: the widest that does).
         split_projection: force (True) or forbid (False) the hi/lo bf16 split of the projection
             (default: split for bf16/fp16 inputs); for tests.
 
@@ -1021,14 +1044,11 @@ def favor_attention_triton(
         raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
     d = q.shape[-1]
     m = projection.shape[0]
-    bm = slice_m or min(64, m)
     supported = (
         q.shape == k.shape == v.shape  # self-attention (no extra persistent-memory keys)
         and d >= 16
         and not d & (d - 1)
-        and bm >= 16
-        and not bm & (bm - 1)
-        and m % bm == 0
+        and _slice_width(m, slice_m) is not None
     )
     if not supported:  # shapes the kernels do not cover: the reference path, same numerics
         return _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps)
