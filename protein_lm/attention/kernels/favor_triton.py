@@ -836,29 +836,9 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
         z0 = _exclusive_scan(zp)
         del sp, zp
         if p.softmax:
-            grid = BH * p.n_walk
-            _launch(
-                "_rowmax_kernel",
-                _rowmax_kernel,
-                grid,
-                q,
-                pad_t,
-                whi,
-                wlo,
-                rowc,
-                p.H,
-                L,
-                p.walk_split,
-                p.n_walk,
-                p.scale,
-                D=D,
-                M=M,
-                BM=p.BM,
-                T=p.T,
-                SPLIT_W=split_w,
-                HAS_PAD=has_pad,
-                **p.cfg,
-            )
+            args = (q, pad_t, whi, wlo, rowc, p.H, L, p.walk_split, p.n_walk, p.scale)
+            shape = dict(D=D, M=M, BM=p.BM, T=p.T, SPLIT_W=split_w, HAS_PAD=has_pad)
+            _launch("_rowmax_kernel", _rowmax_kernel, BH * p.n_walk, *args, **shape, **p.cfg)
         num = torch.zeros(BH, L, D, device=dev, dtype=torch.float32)
         den = torch.zeros(BH, L, device=dev, dtype=torch.float32)
         args = (q, k, v, pad_t, whi, wlo, s0, z0, gmax, rowc, num, den, p.H, L, p.split, p.n_split)
@@ -896,7 +876,7 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wf, split_w, s0, z0, gma
     common = p.consts(has_pad, split_w)
     consts = (p.scale, p.inv_sqrt_m, p.eps)
     grid = BH * p.n_split * p.NS
-    # dq: float32 sum of the slices' contributions, cast before dk / dv take their buffers
+    # dq: float32 sum of the slices' contributions (atomics), cast once the dq pass is done
     dq32 = torch.zeros(q.shape, device=dev, dtype=torch.float32)
     gp = torch.empty(BH, p.n_split, M, D, device=dev, dtype=torch.float32)  # per-split query states
     gzp = torch.empty(BH, p.n_split, M, device=dev, dtype=torch.float32)
@@ -919,7 +899,7 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wf, split_w, s0, z0, gma
         g0 = gp.sum(dim=1).to(q.dtype).contiguous()  # read per tile in the input dtype, like S
         gz0 = gzp.sum(dim=1).contiguous()
     del gp, gzp
-    dq = dq32.to(q.dtype, copy=True)  # a copy even for float32 inputs: causal reuses dq32 below
+    dq = dq32.to(q.dtype, copy=p.causal)  # causal reuses dq32 below: copy even for float32 inputs
     if p.causal:
         dk32 = dq32.zero_()  # reuse dq's float32 buffer: peak stays at two of them plus the outputs
         dv32 = torch.zeros(v.shape, device=dev, dtype=torch.float32)
