@@ -53,6 +53,8 @@ def profile_case(
     split: int | None = None,
     tile: int = 64,
     slice_m: int | None = None,
+    logit_precision: str | None = None,
+    deterministic: bool = False,
 ) -> dict:
     ft.LAST_LAUNCH.clear()
     kernel, mode = case.split("-")
@@ -68,6 +70,10 @@ def profile_case(
 
     def step():
         opts = {"tile": tile, "slice_m": slice_m}
+        if logit_precision:  # only modules that have the knob (not the older copies)
+            opts["logit_precision"] = logit_precision
+        if deterministic:
+            opts["deterministic"] = True
         if split:
             opts["walk_split" if causal else "state_split"] = split
         out = ft.favor_attention_triton(q, k, v, proj, kernel, causal, None, 1e-6, **opts)
@@ -93,6 +99,8 @@ def profile_case(
         "split": split,
         "tile": tile,
         "slice_m": slice_m,
+        "logit_precision": logit_precision or "default",
+        "deterministic": deterministic,
         "cfg": os.environ.get("FAVOR_TRITON_CFG", "default"),
         "L": length,
         "B": b,
@@ -115,6 +123,10 @@ def main() -> int:
         "--cfgs", nargs="*", default=[], help='launch configs "warps,stages" (FAVOR_TRITON_CFG) to try'
     )
     p.add_argument("--geoms", nargs="*", default=[], help='"tile,slice_m,warps" geometries to try')
+    p.add_argument(
+        "--logit-precisions", nargs="*", default=[], help='also profile these ("bf16", "split", "fp32")'
+    )
+    p.add_argument("--deterministic", action="store_true", help="also profile deterministic=True")
     p.add_argument("--out", default="")
     a = p.parse_args()
     ft = load_impl(a.impl)
@@ -128,9 +140,13 @@ def main() -> int:
         if cfg:
             os.environ["FAVOR_TRITON_CFG"] = cfg
         for c in a.cases:
-            for s in [None, *a.splits]:
+            variants = [(s, None, False) for s in [None, *a.splits]]
+            variants += [(None, lp, False) for lp in a.logit_precisions]
+            variants += [(None, None, True)] if a.deterministic else []
+            for s, lp, det in variants:
                 try:
-                    res.append(profile_case(ft, c, *shape, split=s, tile=tile, slice_m=bm))
+                    kw = dict(split=s, tile=tile, slice_m=bm, logit_precision=lp, deterministic=det)
+                    res.append(profile_case(ft, c, *shape, **kw))
                 except Exception as err:  # e.g. a config that needs more shared memory than the GPU has
                     res.append(
                         {"case": c, "split": s, "cfg": cfg, "error": f"{type(err).__name__}: {err}"[:300]}
@@ -146,7 +162,7 @@ def main() -> int:
         if "error" in r:
             continue
         print(
-            f"\n{r['case']} split={r['split'] or 'default'} cfg={r['cfg']}  L={r['L']} B={r['B']}  total {r['total_ms']:.3f} ms"
+            f"\n{r['case']} split={r['split'] or 'default'} logits={r['logit_precision']} det={r['deterministic']} cfg={r['cfg']}  L={r['L']} B={r['B']}  total {r['total_ms']:.3f} ms"
         )
         for name, ms in sorted(r["kernels_ms"].items(), key=lambda kv: -kv[1]):
             print(f"  {ms:8.3f} ms  {name[:70]}")

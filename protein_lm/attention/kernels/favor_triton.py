@@ -4,10 +4,17 @@ Same API and numerics as the PyTorch reference (:mod:`protein_lm.attention.favor
 docs/architecture.md "Softmax-kernel numerics"), but the ``(B, H, L, M)`` feature tensors are never
 written to memory: every kernel recomputes the features of the rows it touches from ``q``/``k``
 and the projection (one ``(T, D) x (D, BM)`` product per tile and feature slice), applies the
-stabiliser and ``exp`` in registers and feeds them straight into the next tensor-core product.
+stabiliser and ``exp2`` in registers and feeds them straight into the next tensor-core product.
 
 The M features are handled in ``NS = M / BM`` slices of ``BM`` (<= 64) columns, so no ``(T, M)`` tile
 is ever live. ``T`` = 64-row tile; a *split* is a run of consecutive tiles owned by one program.
+
+Softmax features in log2 units: the host folds ``d^-1/4 * log2(e)`` into the projection, so a
+feature is ``exp2(u - shift_row)`` with ``u = x W'^T`` and one per-row shift that also holds the
+key term ``|k|^2 / 2`` and the ``1/sqrt(M)`` factor: one subtraction and one ``exp2`` per element.
+The query term ``-|q|^2 / 2`` is a per-row constant; like the per-row max it cancels in the ratio,
+so it is not computed at all, and neither is its gradient (exactly zero, but a sum that cancels
+badly in floating point: it was the source of a 2-4 % dq error in earlier versions).
 
 Shared by both modes:
 
@@ -19,31 +26,38 @@ Bidirectional (the states are constant over the sequence: each tile reads them, 
 
 * ``_bid_fwd_kernel``       ``out = phi_q S / max(phi_q z, eps)``; the per-query shift is an online max
   over the slices (accumulators rescaled), stored for the backward.
-* ``_bid_dq_state_kernel``  per (split, slice): slice j's part of ``dq`` and the split's partial query
+* ``_bid_dq_state_kernel``  per (split, slice j): slice j's part of ``dq`` and the split's partial query
   state ``G_j = sum phi_q^T dN`` (``dN = dO / den``), ``gz_j = sum phi_q ddn`` in one pass.
 * ``_bid_dkv_kernel``       ``dk, dv`` one tile at a time from ``G``.
 
-Causal (a running state per slice is carried along each split: one slice per program, so the
-state is one ``(BM, D)`` fp32 tile and never spills):
+Causal (a running state per slice is carried along each split, so the live state is one ``(BM, D)``
+fp32 tile and never spills):
 
 * ``_rowmax_kernel``      the per-query shift (max over all M features), needed before any slice.
-* ``_causal_fwd_kernel``  ``num, den += phi_q S + tril(phi_q phi_k^T) [V, 1]``, then ``S += phi_k^T V``.
+* ``_causal_fwd_kernel``  ``num, den += phi_q S + tril(phi_q phi_k^T) [V, 1]``, then ``S += phi_k^T V``;
+  ``_finish_kernel`` divides.
 * ``_causal_dq_kernel``   the same walk, producing ``dq`` and the split's partial query state.
 * ``_causal_dkv_kernel``  the reverse walk (suffix states of ``phi_q^T dN``), producing ``dk, dv``.
 
-Slice-parallel programs add their contributions (linear in the slices) to zeroed float32 buffers
-with atomics; a cast / divide in PyTorch finishes them.
-Between kernels, tiny PyTorch ops combine the per-split partial sums (``(B*H, splits, M, D)``,
-a few tens of MB): a max-rescaled sum (bidirectional) or an exclusive prefix / suffix scan (causal).
-Backward recomputes everything from ``q, k, v, out`` and the per-row normaliser and shift.
+The slices' contributions to a row (linear in the slices) are summed in one of two ways:
+
+* default: one program per (split, slice), adding to zeroed float32 buffers with atomics; PyTorch
+  casts them. Fastest, but the last float32 bits depend on the order the slices land in.
+* deterministic (``torch.use_deterministic_algorithms(True)`` or ``deterministic=True``): one program
+  per split walks the slices in turn; the first stores to a float32 scratch, later ones add, the
+  last writes the output dtype (the causal forward takes its shift as an online max over the
+  slices instead of ``_rowmax_kernel``). Bitwise reproducible; bid ~1.1x, causal ~1.4x slower.
+
+Between kernels, tiny PyTorch ops combine the per-split partial sums (``(B*H, splits, M, D)``):
+a max-rescaled sum (bidirectional) or an exclusive prefix / suffix scan (causal). Backward
+recomputes everything from ``q, k, v, out`` and the per-row normaliser and shift.
 
 Precision: inputs bf16 (or fp32). The projection ``x W^T`` that feeds ``exp`` runs as two bf16
-products against ``W = W_hi + W_lo`` (about 16 mantissa bits, the cost of one tf32 product);
-features, normalisers and all accumulators are float32; the products of features with values or
-states use bf16 operands with float32 accumulation (float32/tf32 when the inputs are float32).
+products against ``W = W_hi + W_lo`` (about 16 mantissa bits) by default; ``logit_precision="bf16"``
+uses one bf16 product (faster, ~3 significant digits in the logits). Features, normalisers and all
+accumulators are float32; the products of features with values or states, and of feature
+gradients with W, use bf16 operands with float32 accumulation (float32/tf32 for float32 inputs).
 Shifts are treated as constants in backward (they cancel in the ratio), as in the reference.
-The float32 atomic sums (``dq``; causal ``out``, ``dk``, ``dv``) depend in their last bits on the
-order the slices land in, so two runs can differ by float32 rounding (not bitwise reproducible).
 """
 
 from __future__ import annotations
@@ -56,66 +70,78 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["favor_attention_triton", "DEFAULT_BLOCK"]
+__all__ = ["favor_attention_triton", "DEFAULT_BLOCK", "LOGIT_PRECISIONS"]
 
 RELU_EPS = 1e-3
 DEFAULT_BLOCK = 64
+LOGIT_PRECISIONS = ("split", "bf16", "fp32")
 _NEG = -1.0e30
+_LOG2E = 1.4426950408889634
 LAST_LAUNCH: dict = {}  # kernel name -> last compiled kernel (register / spill report for tuning)
 _NEG_K = tl.constexpr(-1.0e30)  # the same, usable inside kernels
+_RELU_EPS_K = tl.constexpr(RELU_EPS)
 
 
 # --------------------------------------------------------------------------------------------- #
 # jit helpers
 # --------------------------------------------------------------------------------------------- #
 @triton.jit
-def _logits(x, whi, wlo, scale, SOFTMAX: tl.constexpr, SPLIT_W: tl.constexpr):
-    """``(T, D)`` rows -> ``(T, BM)`` float32: ``u + h`` (softmax, with x' = x*scale) or ``u`` (relu)."""
+def _proj(x, whi, wlo, SPLIT_W: tl.constexpr):
+    """``(T, D)`` rows x ``(BM, D)`` weights -> ``(T, BM)`` float32 ``x W^T`` (``W = hi + lo`` if split)."""
     if SPLIT_W:
         u = tl.dot(x, tl.trans(whi)) + tl.dot(x, tl.trans(wlo))
     else:
-        u = tl.dot(x.to(tl.float32), tl.trans(whi.to(tl.float32)))
-    if SOFTMAX:
-        xf = x.to(tl.float32)
-        u = u * scale - (0.5 * scale * scale) * tl.sum(xf * xf, axis=1)[:, None]
+        u = tl.dot(x.to(whi.dtype), tl.trans(whi))
     return u
 
 
 @triton.jit
-def _key_phi(s, valid, shift, inv_sqrt_m, SOFTMAX: tl.constexpr):
-    if SOFTMAX:
-        phi = tl.exp(s - shift) * inv_sqrt_m
-    else:
-        phi = tl.maximum(s, 0.0) + 1e-3
-    return tl.where(valid[:, None], phi, 0.0)
+def _key_bias(k, hk2):
+    """``(T,)``: the softmax key term ``-|k'|^2 / 2`` in log2 units (``hk2 = log2(e) d^-1/2 / 2``)."""
+    kf = k.to(tl.float32)
+    return -hk2 * tl.sum(kf * kf, axis=1)
 
 
 @triton.jit
-def _qphi_from_logits(sq, c_row, inv_sqrt_m, SOFTMAX: tl.constexpr):
+def _features(u, shift_row, SOFTMAX: tl.constexpr):
+    """Logits ``(T, BM)`` -> features: ``exp2(u - shift)`` (softmax) or ``relu(u) + eps``."""
     if SOFTMAX:
-        phi = tl.exp(sq - c_row[:, None]) * inv_sqrt_m
+        phi = tl.exp2(u - shift_row[:, None])
     else:
-        phi = tl.maximum(sq, 0.0) + 1e-3
+        phi = tl.maximum(u, 0.0) + _RELU_EPS_K
     return phi
 
 
 @triton.jit
-def _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX: tl.constexpr, SPLIT_W: tl.constexpr):
-    """Query logits and features with the stored per-row shift ``c_row``."""
-    sq = _logits(q, whi, wlo, scale, SOFTMAX, SPLIT_W)
-    return sq, _qphi_from_logits(sq, c_row, inv_sqrt_m, SOFTMAX)
+def _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX: tl.constexpr, SPLIT_W: tl.constexpr):
+    """Key logits and features (zero at padding / out of range) with the head's shift ``gk``."""
+    u = _proj(k, whi, wlo, SPLIT_W)
+    if SOFTMAX:
+        shift = gk - _key_bias(k, hk2)
+    else:
+        shift = gk
+    return u, tl.where(valid[:, None], _features(u, shift, SOFTMAX), 0.0)
 
 
 @triton.jit
-def _feat_grad(dphi, phi, s, x, wf, scale, SOFTMAX: tl.constexpr):
-    """Gradient of the feature map w.r.t. the input rows ``x`` (shift treated as constant)."""
+def _row_shift(ROWC_ROW, rows, inb, SOFTMAX: tl.constexpr):
+    """The stored per-query shift (softmax; ReLU features have none)."""
+    if SOFTMAX:
+        c = tl.load(ROWC_ROW + rows, mask=inb, other=0.0)
+    else:
+        c = tl.zeros(rows.shape, tl.float32)
+    return c
+
+
+@triton.jit
+def _feat_grad(dphi, phi, u, wg, SOFTMAX: tl.constexpr):
+    """``(T, BM)`` feature gradient -> ``(T, D)`` input gradient through ``x W^T`` (per-row terms left
+    to the caller) and ``ds`` = the logit gradient (softmax: ``dphi * phi``)."""
     if SOFTMAX:
         ds = dphi * phi
-        dx = tl.dot(ds, wf) * scale - (scale * scale) * x.to(tl.float32) * tl.sum(ds, axis=1)[:, None]
     else:
-        du = tl.where(s > 0.0, dphi, 0.0)
-        dx = tl.dot(du, wf)
-    return dx
+        ds = tl.where(u > 0.0, dphi, 0.0)
+    return tl.dot(ds.to(wg.dtype), wg), ds
 
 
 @triton.jit
@@ -151,6 +177,13 @@ def _walk_program(n_walk, walk_len):
 
 
 @triton.jit
+def _split_program(n_split):
+    """Split kernels that loop over the slices themselves: program -> (row of B*H, split)."""
+    pid = tl.program_id(0)
+    return pid // n_split, pid % n_split
+
+
+@triton.jit
 def _split_slice(n_split, NS: tl.constexpr):
     """Program -> (row of B*H, split, feature slice); the slices of one split are adjacent programs,
     so the rows they all read are fetched from memory once and then hit L2."""
@@ -158,6 +191,20 @@ def _split_slice(n_split, NS: tl.constexpr):
     j = pid % NS
     rest = pid // NS
     return rest // n_split, rest % n_split, j
+
+
+@triton.jit
+def _slice_range(n_split, NS: tl.constexpr, ATOMIC: tl.constexpr):
+    """Program -> (row of B*H, split, first slice, number of slices it walks): one slice per program
+    whose sums meet in float32 atomics (ATOMIC), or every slice in turn (deterministic)."""
+    if ATOMIC:
+        bh, sp, j0 = _split_slice(n_split, NS)
+        n_j = 1
+    else:
+        bh, sp = _split_program(n_split)
+        j0 = 0
+        n_j = NS
+    return bh, sp, j0, n_j
 
 
 @triton.jit
@@ -170,6 +217,30 @@ def _dn(DO, O, DEN_ROW, rows, ptr, inb, eps, dtype: tl.constexpr):
     dn_c = (do / den[:, None]).to(dtype)
     ddn = tl.where(den > eps, -tl.sum(dn_c.to(tl.float32) * o, axis=1), 0.0)
     return dn_c, ddn, den
+
+
+@triton.jit
+def _add_slice(ACC, OUT, ptr, inb, x, j, NS: tl.constexpr, ATOMIC: tl.constexpr):
+    """Slice ``j``'s ``(T, D)`` float32 contribution. ATOMIC: added to the zeroed float32 ``ACC`` with
+    an atomic (the host casts it). Deterministic: the first slice stores it to the float32 scratch
+    ``ACC``, later ones add to it, the last writes the total to ``OUT`` in its dtype (one program
+    owns these rows: no zero-fill, no atomics, no cast pass)."""
+    if ATOMIC:
+        tl.atomic_add(ACC + ptr, x, mask=inb[:, None], sem="relaxed")
+    else:
+        if j > 0:
+            x += tl.load(ACC + ptr, mask=inb[:, None], other=0.0)
+        if j == NS - 1:
+            tl.store(OUT + ptr, x.to(OUT.dtype.element_ty), mask=inb[:, None])
+        else:
+            tl.store(ACC + ptr, x, mask=inb[:, None])
+
+
+@triton.jit
+def _slice_done(ATOMIC: tl.constexpr):
+    """Deterministic walks: this slice's scratch writes become visible to the next slice's threads."""
+    if not ATOMIC:
+        tl.debug_barrier()
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -189,8 +260,8 @@ def _key_state_kernel(
     L,
     split_len,
     n_split,
-    scale,
-    inv_sqrt_m,
+    hk2,
+    lg_sqrt_m,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -215,15 +286,19 @@ def _key_state_kernel(
         rows, _, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
         v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
-        s = _logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W)
+        u = _proj(k, whi, wlo, SPLIT_W)
         if SOFTMAX:  # online max over the split's real keys; partial sums rescaled as it grows
-            tmax = tl.max(tl.max(tl.where(valid[:, None], s, _NEG_K), axis=1), axis=0)
+            hb = _key_bias(k, hk2)
+            tmax = tl.max(tl.where(valid, tl.max(u, axis=1) + hb, _NEG_K), axis=0)
             m_new = tl.maximum(m_run, tmax)
-            alpha = tl.exp(m_run - m_new)
+            alpha = tl.exp2(m_run - m_new)
             acc = acc * alpha
             z = z * alpha
             m_run = m_new
-        phi = _key_phi(s, valid, m_run, inv_sqrt_m, SOFTMAX)
+            shift = m_run + lg_sqrt_m - hb
+        else:
+            shift = tl.zeros([T], tl.float32)
+        phi = tl.where(valid[:, None], _features(u, shift, SOFTMAX), 0.0)
         acc += tl.dot(tl.trans(phi.to(v.dtype)), v)
         z += tl.sum(phi, axis=0)
     out = (bh * n_split + sp).to(tl.int64)
@@ -250,8 +325,7 @@ def _bid_fwd_kernel(
     L,
     walk_len,
     n_walk,
-    scale,
-    inv_sqrt_m,
+    lg_sqrt_m,
     eps,
     D: tl.constexpr,
     M: tl.constexpr,
@@ -271,28 +345,26 @@ def _bid_fwd_kernel(
         q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
         num = tl.zeros([T, D], dtype=tl.float32)
         den = tl.zeros([T], dtype=tl.float32)
-        m_row = tl.full([T], _NEG_K, tl.float32)
+        c_row = tl.full([T], _NEG_K, tl.float32)
         for j in tl.static_range(NS):
             offs_m, w_off = _slice_offsets(j, BM, D)
-            sq = _logits(q, tl.load(WHI + w_off), tl.load(WLO + w_off), scale, SOFTMAX, SPLIT_W)
+            u = _proj(q, tl.load(WHI + w_off), tl.load(WLO + w_off), SPLIT_W)
             s = tl.load(S0 + st * M * D + w_off)
             z = tl.load(Z0 + st * M + offs_m)
             if SOFTMAX:  # online per-row max over the slices; accumulators rescaled as it grows
-                m_new = tl.maximum(m_row, tl.max(sq, axis=1))
-                alpha = tl.exp(m_row - m_new)
+                c_new = tl.maximum(c_row, tl.max(u, axis=1) + lg_sqrt_m)
+                alpha = tl.exp2(c_row - c_new)
                 num = num * alpha[:, None]
                 den = den * alpha
-                phi = tl.exp(sq - m_new[:, None]) * inv_sqrt_m
-                m_row = m_new
-            else:
-                phi = tl.maximum(sq, 0.0) + 1e-3
+                c_row = c_new
+            phi = _features(u, c_row, SOFTMAX)
             num += tl.dot(phi.to(s.dtype), s)
             den += tl.sum(phi * z[None, :], axis=1)
         den = tl.maximum(den, eps)
         tl.store(O + ptr, (num / den[:, None]).to(O.dtype.element_ty), mask=inb[:, None])
         tl.store(DEN + bh.to(tl.int64) * L + rows, den, mask=inb)
         if SOFTMAX:
-            tl.store(ROWC + bh.to(tl.int64) * L + rows, m_row, mask=inb)
+            tl.store(ROWC + bh.to(tl.int64) * L + rows, c_row, mask=inb)
 
 
 @triton.jit
@@ -305,18 +377,17 @@ def _bid_dq_state_kernel(
     PAD,
     WHI,
     WLO,
-    WF,
+    WG,
     S0,
     Z0,
     GP,
     GZP,
+    DQ32,
     DQ,
     H,
     L,
     split_len,
     n_split,
-    scale,
-    inv_sqrt_m,
     eps,
     D: tl.constexpr,
     M: tl.constexpr,
@@ -325,37 +396,40 @@ def _bid_dq_state_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    """Per (split, slice j): adds slice j's part of dq to DQ and stores the split's partial query
-    state ``G_j = sum phi_q^T dN``, ``gz_j = sum phi_q ddn`` -- one pass over the queries for both."""
+    """Per (split, slice j): adds slice j's part of dq and stores the split's partial query state
+    ``G_j = sum phi_q^T dN``, ``gz_j = sum phi_q ddn`` -- one pass over the queries for both."""
     NS: tl.constexpr = M // BM
-    bh, sp, j = _split_slice(n_split, NS)
+    bh, sp, j0, n_j = _slice_range(n_split, NS, ATOMIC)
     b = bh // H
-    offs_m, w_off = _slice_offsets(j, BM, D)
     base = bh.to(tl.int64) * L * D
-    whi = tl.load(WHI + w_off)
-    wlo = tl.load(WLO + w_off)
-    wf = tl.load(WF + w_off)
-    s = tl.load(S0 + bh.to(tl.int64) * M * D + w_off)  # (BM, D) key state, input dtype
-    z = tl.load(Z0 + bh.to(tl.int64) * M + offs_m)
-    g = tl.zeros([BM, D], dtype=tl.float32)
-    gz = tl.zeros([BM], dtype=tl.float32)
     start = sp * split_len
-    for t0 in range(0, split_len, T):
-        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
-        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
-        c_row = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
-        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
-        sq, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
-        phi_q = tl.where(inb[:, None], phi_q, 0.0)
-        g += tl.dot(tl.trans(phi_q.to(dn_c.dtype)), dn_c)
-        gz += tl.sum(phi_q * ddn[:, None], axis=0)
-        dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
-        dq = tl.where(valid[:, None], _feat_grad(dphi, phi_q, sq, q, wf, scale, SOFTMAX), 0.0)
-        tl.atomic_add(DQ + ptr, dq, mask=inb[:, None], sem="relaxed")
     out = (bh * n_split + sp).to(tl.int64)
-    tl.store(GP + out * M * D + w_off, g)
-    tl.store(GZP + out * M + offs_m, gz)
+    for j in range(j0, j0 + n_j):
+        offs_m, w_off = _slice_offsets(j, BM, D)
+        whi = tl.load(WHI + w_off)
+        wlo = tl.load(WLO + w_off)
+        wg = tl.load(WG + w_off)
+        s = tl.load(S0 + bh.to(tl.int64) * M * D + w_off)  # (BM, D) key state, input dtype
+        z = tl.load(Z0 + bh.to(tl.int64) * M + offs_m)
+        g = tl.zeros([BM, D], dtype=tl.float32)
+        gz = tl.zeros([BM], dtype=tl.float32)
+        for t0 in range(0, split_len, T):
+            rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+            q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+            c_row = _row_shift(ROWC + bh.to(tl.int64) * L, rows, inb, SOFTMAX)
+            dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
+            u = _proj(q, whi, wlo, SPLIT_W)
+            phi_q = tl.where(inb[:, None], _features(u, c_row, SOFTMAX), 0.0)
+            g += tl.dot(tl.trans(phi_q.to(dn_c.dtype)), dn_c)
+            gz += tl.sum(phi_q * ddn[:, None], axis=0)
+            dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
+            dq, _ = _feat_grad(dphi, phi_q, u, wg, SOFTMAX)
+            _add_slice(DQ32, DQ, ptr, inb, tl.where(valid[:, None], dq, 0.0), j, NS, ATOMIC)
+        tl.store(GP + out * M * D + w_off, g)
+        tl.store(GZP + out * M + offs_m, gz)
+        _slice_done(ATOMIC)
 
 
 @triton.jit
@@ -365,18 +439,18 @@ def _bid_dkv_kernel(
     PAD,
     WHI,
     WLO,
-    WF,
+    WG,
     G0,
     GZ0,
-    GMAX,
+    GK,
     DK,
     DV,
     H,
     L,
     walk_len,
     n_walk,
-    scale,
-    inv_sqrt_m,
+    hk2,
+    kgrad,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -390,29 +464,35 @@ def _bid_dkv_kernel(
     b = bh // H
     base = bh.to(tl.int64) * L * D
     st = bh.to(tl.int64)
-    gmax = tl.load(GMAX + bh)
+    gk = tl.load(GK + bh)
     for t0 in range(0, walk_len, T):
         rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
         v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
         dk = tl.zeros([T, D], dtype=tl.float32)
         dv = tl.zeros([T, D], dtype=tl.float32)
+        ds_sum = tl.zeros([T], dtype=tl.float32)
         for j in tl.static_range(NS):
             offs_m, w_off = _slice_offsets(j, BM, D)
-            sk = _logits(k, tl.load(WHI + w_off), tl.load(WLO + w_off), scale, SOFTMAX, SPLIT_W)
-            phi_k = _key_phi(sk, valid, gmax, inv_sqrt_m, SOFTMAX)
+            u, phi_k = _key_features(
+                k, tl.load(WHI + w_off), tl.load(WLO + w_off), valid, gk, hk2, SOFTMAX, SPLIT_W
+            )
             g = tl.load(G0 + st * M * D + w_off).to(v.dtype)
             gz = tl.load(GZ0 + st * M + offs_m)
             dphi = tl.where(valid[:, None], tl.dot(v, tl.trans(g)) + gz[None, :], 0.0)
             dv += tl.dot(phi_k.to(v.dtype), g)
-            dk += _feat_grad(dphi, phi_k, sk, k, tl.load(WF + w_off), scale, SOFTMAX)
+            dk_j, ds = _feat_grad(dphi, phi_k, u, tl.load(WG + w_off), SOFTMAX)
+            dk += dk_j
+            ds_sum += tl.sum(ds, axis=1)
+        if SOFTMAX:  # gradient of the key term -|k'|^2 / 2
+            dk -= kgrad * k.to(tl.float32) * ds_sum[:, None]
         dk = tl.where(valid[:, None], dk, 0.0)
         tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=inb[:, None])
         tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=inb[:, None])
 
 
 # --------------------------------------------------------------------------------------------- #
-# causal: one feature slice per program, its running (BM, D) state carried along the split
+# causal: the program walks its split once per feature slice, carrying that slice's (BM, D) state
 # --------------------------------------------------------------------------------------------- #
 @triton.jit
 def _rowmax_kernel(
@@ -425,7 +505,7 @@ def _rowmax_kernel(
     L,
     walk_len,
     n_walk,
-    scale,
+    lg_sqrt_m,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -433,7 +513,8 @@ def _rowmax_kernel(
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
 ):
-    """Per-query shift of the softmax features: ``max_m (u + h)`` over all M (rows as in the forward)."""
+    """Per-query shift of the softmax features, ``max_m u + log2(sqrt(M))`` over all M, needed before
+    the slice-parallel causal walks (the deterministic walk takes it as an online max instead)."""
     NS: tl.constexpr = M // BM
     bh, start = _walk_program(n_walk, walk_len)
     b = bh // H
@@ -441,12 +522,24 @@ def _rowmax_kernel(
     for t0 in range(0, walk_len, T):
         rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
-        m_row = tl.full([T], _NEG_K, tl.float32)
+        c_row = tl.full([T], _NEG_K, tl.float32)
         for j in tl.static_range(NS):
             offs_m, w_off = _slice_offsets(j, BM, D)
-            sq = _logits(q, tl.load(WHI + w_off), tl.load(WLO + w_off), scale, True, SPLIT_W)
-            m_row = tl.maximum(m_row, tl.max(sq, axis=1))
-        tl.store(ROWC + bh.to(tl.int64) * L + rows, m_row, mask=inb)
+            u = _proj(q, tl.load(WHI + w_off), tl.load(WLO + w_off), SPLIT_W)
+            c_row = tl.maximum(c_row, tl.max(u, axis=1))
+        tl.store(ROWC + bh.to(tl.int64) * L + rows, c_row + lg_sqrt_m, mask=inb)
+
+
+@triton.jit
+def _finish_kernel(NUM, DEN, O, n_rows, eps, D: tl.constexpr, R: tl.constexpr):
+    """``O = NUM / max(DEN, eps)`` in O's dtype, DEN floored in place (atomic causal forward)."""
+    rows = tl.program_id(0) * R + tl.arange(0, R)
+    inb = rows < n_rows
+    ptr = rows.to(tl.int64)[:, None] * D + tl.arange(0, D)[None, :]
+    den = tl.maximum(tl.load(DEN + rows, mask=inb, other=1.0), eps)
+    num = tl.load(NUM + ptr, mask=inb[:, None], other=0.0)
+    tl.store(O + ptr, (num / den[:, None]).to(O.dtype.element_ty), mask=inb[:, None])
+    tl.store(DEN + rows, den, mask=inb)
 
 
 @triton.jit
@@ -459,16 +552,18 @@ def _causal_fwd_kernel(
     WLO,
     S0,
     Z0,
-    GMAX,
+    GK,
     ROWC,
     NUM,
     DEN,
+    O,
     H,
     L,
     split_len,
     n_split,
-    scale,
-    inv_sqrt_m,
+    hk2,
+    lg_sqrt_m,
+    eps,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -476,37 +571,99 @@ def _causal_fwd_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    """Adds slice j's part of the numerator and normaliser of every row of the split to NUM / DEN."""
+    """Adds slice j's part of every row's numerator and normaliser to NUM / DEN. ATOMIC: one slice per
+    program, float32 atomics into zeroed buffers, the shift from ``_rowmax_kernel``, O written by
+    ``_finish_kernel``. Deterministic: the program walks every slice in turn; the shift is an online
+    max (earlier slices' sums rescaled when it grows) and the last slice writes O."""
     NS: tl.constexpr = M // BM
-    bh, sp, j = _split_slice(n_split, NS)
+    bh, sp, j0, n_j = _slice_range(n_split, NS, ATOMIC)
     b = bh // H
     offs_t = tl.arange(0, T)
-    offs_m, w_off = _slice_offsets(j, BM, D)
     base = bh.to(tl.int64) * L * D
-    whi = tl.load(WHI + w_off)
-    wlo = tl.load(WLO + w_off)
+    row_base = bh.to(tl.int64) * L
     st = (bh * n_split + sp).to(tl.int64)
-    s = tl.load(S0 + st * M * D + w_off)  # (BM, D) fp32 state entering the split
-    z = tl.load(Z0 + st * M + offs_m)
-    gmax = tl.load(GMAX + bh)
+    gk = tl.load(GK + bh)
     causal = offs_t[:, None] >= offs_t[None, :]
     start = sp * split_len
-    for t0 in range(0, split_len, T):
-        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
-        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
-        k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
-        v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
-        c_row = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
-        _, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
-        phi_k = _key_phi(_logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W), valid, gmax, inv_sqrt_m, SOFTMAX)
-        a = tl.where(causal, tl.dot(phi_q, tl.trans(phi_k)), 0.0)  # (T, T) intra-tile scores
-        num = tl.dot(phi_q.to(v.dtype), s.to(v.dtype)) + tl.dot(a.to(v.dtype), v)
-        den = tl.sum(phi_q * z[None, :], axis=1) + tl.sum(a, axis=1)
-        s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
-        z += tl.sum(phi_k, axis=0)
-        tl.atomic_add(NUM + ptr, num, mask=inb[:, None], sem="relaxed")
-        tl.atomic_add(DEN + bh.to(tl.int64) * L + rows, den, mask=inb, sem="relaxed")
+    for j in range(j0, j0 + n_j):
+        offs_m, w_off = _slice_offsets(j, BM, D)
+        whi = tl.load(WHI + w_off)
+        wlo = tl.load(WLO + w_off)
+        s = tl.load(S0 + st * M * D + w_off)  # (BM, D) fp32 state entering the split
+        z = tl.load(Z0 + st * M + offs_m)
+        for t0 in range(0, split_len, T):
+            rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+            q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+            k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
+            v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+            uq = _proj(q, whi, wlo, SPLIT_W)
+            if SOFTMAX and ATOMIC:  # the final shift, from _rowmax_kernel
+                c_row = tl.load(ROWC + row_base + rows, mask=inb, other=0.0)
+                c_old = c_row
+            elif SOFTMAX:  # online per-row max over the slices (slice j > 0 reads the running one)
+                c_old = tl.load(ROWC + row_base + rows, mask=inb & (j > 0), other=_NEG_K)
+                c_row = tl.maximum(c_old, tl.max(uq, axis=1) + lg_sqrt_m)
+            else:
+                c_row = tl.zeros([T], tl.float32)
+                c_old = c_row
+            phi_q = _features(uq, c_row, SOFTMAX)
+            _, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
+            a = tl.where(causal, tl.dot(phi_q, tl.trans(phi_k)), 0.0)  # (T, T) intra-tile scores
+            num = tl.dot(phi_q.to(v.dtype), s.to(v.dtype)) + tl.dot(a.to(v.dtype), v)
+            den = tl.sum(phi_q * z[None, :], axis=1) + tl.sum(a, axis=1)
+            s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
+            z += tl.sum(phi_k, axis=0)
+            if ATOMIC:
+                tl.atomic_add(NUM + ptr, num, mask=inb[:, None], sem="relaxed")
+                tl.atomic_add(DEN + row_base + rows, den, mask=inb, sem="relaxed")
+            else:
+                _fold_slice(
+                    NUM, DEN, ROWC, O, ptr, row_base, rows, inb, num, den, c_old, c_row, j, eps, NS, SOFTMAX
+                )
+        _slice_done(ATOMIC)
+
+
+@triton.jit
+def _fold_slice(
+    NUM,
+    DEN,
+    ROWC,
+    O,
+    ptr,
+    row_base,
+    rows,
+    inb,
+    num,
+    den,
+    c_old,
+    c_row,
+    j,
+    eps,
+    NS: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+):
+    """Deterministic causal forward: folds slice j's numerator / normaliser into the running float32
+    sums (rescaled from the old shift ``c_old`` to the grown ``c_row``); the last slice writes O and
+    the floored normaliser."""
+    if j > 0:
+        num_old = tl.load(NUM + ptr, mask=inb[:, None], other=0.0)
+        den_old = tl.load(DEN + row_base + rows, mask=inb, other=0.0)
+        if SOFTMAX:
+            alpha = tl.exp2(c_old - c_row)
+            num_old = num_old * alpha[:, None]
+            den_old = den_old * alpha
+        num += num_old
+        den += den_old
+    if SOFTMAX:
+        tl.store(ROWC + row_base + rows, c_row, mask=inb)
+    if j == NS - 1:
+        den = tl.maximum(den, eps)
+        tl.store(O + ptr, (num / den[:, None]).to(O.dtype.element_ty), mask=inb[:, None])
+    else:
+        tl.store(NUM + ptr, num, mask=inb[:, None])
+    tl.store(DEN + row_base + rows, den, mask=inb)
 
 
 @triton.jit
@@ -521,10 +678,11 @@ def _causal_dq_kernel(
     PAD,
     WHI,
     WLO,
-    WF,
+    WG,
     S0,
     Z0,
-    GMAX,
+    GK,
+    DQ32,
     DQ,
     GP,
     GZP,
@@ -532,8 +690,7 @@ def _causal_dq_kernel(
     L,
     split_len,
     n_split,
-    scale,
-    inv_sqrt_m,
+    hk2,
     eps,
     D: tl.constexpr,
     M: tl.constexpr,
@@ -542,46 +699,51 @@ def _causal_dq_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    """Adds slice j's part of dq (the forward walk again, with dphi_q = dN S^T + ddn z + P phi_k) and
-    stores the split's partial query state ``G_j = sum phi_q^T dN``, ``gz_j`` that the dk/dv walk needs."""
+    """Per split, one forward walk per slice j (dphi_q = dN S^T + ddn z + P phi_k): adds slice j's
+    part of dq and stores the split's partial query state ``G_j = sum phi_q^T dN``, ``gz_j``."""
     NS: tl.constexpr = M // BM
-    bh, sp, j = _split_slice(n_split, NS)
+    bh, sp, j0, n_j = _slice_range(n_split, NS, ATOMIC)
     b = bh // H
     offs_t = tl.arange(0, T)
-    offs_m, w_off = _slice_offsets(j, BM, D)
     base = bh.to(tl.int64) * L * D
-    whi = tl.load(WHI + w_off)
-    wlo = tl.load(WLO + w_off)
-    wf = tl.load(WF + w_off)
+    row_base = bh.to(tl.int64) * L
     st = (bh * n_split + sp).to(tl.int64)
-    s = tl.load(S0 + st * M * D + w_off)
-    z = tl.load(Z0 + st * M + offs_m)
-    gmax = tl.load(GMAX + bh)
+    gk = tl.load(GK + bh)
     causal = offs_t[:, None] >= offs_t[None, :]
-    g = tl.zeros([BM, D], dtype=tl.float32)
-    gz = tl.zeros([BM], dtype=tl.float32)
     start = sp * split_len
-    for t0 in range(0, split_len, T):
-        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
-        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
-        k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
-        v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
-        c_row = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
-        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
-        p = tl.where(causal, tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0)  # (T query, T key)
-        sq, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
-        phi_m = tl.where(inb[:, None], phi_q, 0.0)
-        g += tl.dot(tl.trans(phi_m.to(dn_c.dtype)), dn_c)
-        gz += tl.sum(phi_m * ddn[:, None], axis=0)
-        phi_k = _key_phi(_logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W), valid, gmax, inv_sqrt_m, SOFTMAX)
-        dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :] + tl.dot(p, phi_k)
-        s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
-        z += tl.sum(phi_k, axis=0)
-        dq = tl.where(valid[:, None], _feat_grad(dphi, phi_q, sq, q, wf, scale, SOFTMAX), 0.0)
-        tl.atomic_add(DQ + ptr, dq, mask=inb[:, None], sem="relaxed")
-    tl.store(GP + st * M * D + w_off, g)
-    tl.store(GZP + st * M + offs_m, gz)
+    for j in range(j0, j0 + n_j):
+        offs_m, w_off = _slice_offsets(j, BM, D)
+        whi = tl.load(WHI + w_off)
+        wlo = tl.load(WLO + w_off)
+        wg = tl.load(WG + w_off)
+        s = tl.load(S0 + st * M * D + w_off)
+        z = tl.load(Z0 + st * M + offs_m)
+        g = tl.zeros([BM, D], dtype=tl.float32)
+        gz = tl.zeros([BM], dtype=tl.float32)
+        for t0 in range(0, split_len, T):
+            rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+            q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+            k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
+            v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+            c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
+            dn_c, ddn, den = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, Q.dtype.element_ty)
+            p = tl.where(causal, tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0)  # (T query, T key)
+            uq = _proj(q, whi, wlo, SPLIT_W)
+            phi_q = _features(uq, c_row, SOFTMAX)
+            phi_m = tl.where(inb[:, None], phi_q, 0.0)
+            g += tl.dot(tl.trans(phi_m.to(dn_c.dtype)), dn_c)
+            gz += tl.sum(phi_m * ddn[:, None], axis=0)
+            _, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
+            dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :] + tl.dot(p, phi_k)
+            s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
+            z += tl.sum(phi_k, axis=0)
+            dq, _ = _feat_grad(dphi, phi_q, uq, wg, SOFTMAX)
+            _add_slice(DQ32, DQ, ptr, inb, tl.where(valid[:, None], dq, 0.0), j, NS, ATOMIC)
+        tl.store(GP + st * M * D + w_off, g)
+        tl.store(GZP + st * M + offs_m, gz)
+        _slice_done(ATOMIC)
 
 
 @triton.jit
@@ -596,18 +758,20 @@ def _causal_dkv_kernel(
     PAD,
     WHI,
     WLO,
-    WF,
+    WG,
     G0,
     GZ0,
-    GMAX,
+    GK,
+    DK32,
+    DV32,
     DK,
     DV,
     H,
     L,
     split_len,
     n_split,
-    scale,
-    inv_sqrt_m,
+    hk2,
+    kgrad,
     eps,
     D: tl.constexpr,
     M: tl.constexpr,
@@ -616,46 +780,51 @@ def _causal_dkv_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
-    """Adds slice j's part of dk and dv: a reverse walk carrying the suffix state G = sum phi_q^T dN."""
+    """Per split, one reverse walk per slice j carrying the suffix state G = sum phi_q^T dN: adds
+    slice j's part of dk and dv (finished in DK / DV by the last slice)."""
     NS: tl.constexpr = M // BM
-    bh, sp, j = _split_slice(n_split, NS)
+    bh, sp, j0, n_j = _slice_range(n_split, NS, ATOMIC)
     b = bh // H
     offs_t = tl.arange(0, T)
-    offs_m, w_off = _slice_offsets(j, BM, D)
     base = bh.to(tl.int64) * L * D
-    whi = tl.load(WHI + w_off)
-    wlo = tl.load(WLO + w_off)
-    wf = tl.load(WF + w_off)
+    row_base = bh.to(tl.int64) * L
     st = (bh * n_split + sp).to(tl.int64)
-    g = tl.load(G0 + st * M * D + w_off)  # (BM, D) fp32 suffix state after the split
-    gz = tl.load(GZ0 + st * M + offs_m)
-    gmax = tl.load(GMAX + bh)
+    gk = tl.load(GK + bh)
     causal_t = offs_t[:, None] <= offs_t[None, :]  # [key j, query i]: i >= j
     start = sp * split_len
     n_t = tl.cdiv(split_len, T)
-    for i in range(0, n_t):
-        rows, inb, valid, ptr = _tile(PAD, b, base, start + (n_t - 1 - i) * T, L, T, D, HAS_PAD)
-        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
-        k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
-        v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
-        c_row = tl.load(ROWC + bh.to(tl.int64) * L + rows, mask=inb, other=0.0)
-        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, v.dtype)
-        pt = tl.where(causal_t, tl.dot(v, tl.trans(dn_c)) + ddn[None, :], 0.0)  # (T key, T query)
-        sk = _logits(k, whi, wlo, scale, SOFTMAX, SPLIT_W)
-        phi_k = _key_phi(sk, valid, gmax, inv_sqrt_m, SOFTMAX)
-        _, phi_q = _qphi(q, whi, wlo, c_row, scale, inv_sqrt_m, SOFTMAX, SPLIT_W)
-        phi_q = tl.where(inb[:, None], phi_q, 0.0)
-        g_c = g.to(v.dtype)
-        dphi = tl.dot(v, tl.trans(g_c)) + gz[None, :] + tl.dot(pt, phi_q)
-        at = tl.where(causal_t, tl.dot(phi_k, tl.trans(phi_q)), 0.0)
-        dv = tl.dot(phi_k.to(v.dtype), g_c) + tl.dot(at.to(v.dtype), dn_c)
-        g += tl.dot(tl.trans(phi_q.to(v.dtype)), dn_c)
-        gz += tl.sum(phi_q * ddn[:, None], axis=0)
-        dphi = tl.where(valid[:, None], dphi, 0.0)
-        dk = tl.where(valid[:, None], _feat_grad(dphi, phi_k, sk, k, wf, scale, SOFTMAX), 0.0)
-        tl.atomic_add(DK + ptr, dk, mask=inb[:, None], sem="relaxed")
-        tl.atomic_add(DV + ptr, dv, mask=inb[:, None], sem="relaxed")
+    for j in range(j0, j0 + n_j):
+        offs_m, w_off = _slice_offsets(j, BM, D)
+        whi = tl.load(WHI + w_off)
+        wlo = tl.load(WLO + w_off)
+        wg = tl.load(WG + w_off)
+        g = tl.load(G0 + st * M * D + w_off)  # (BM, D) fp32 suffix state after the split
+        gz = tl.load(GZ0 + st * M + offs_m)
+        for i in range(0, n_t):
+            rows, inb, valid, ptr = _tile(PAD, b, base, start + (n_t - 1 - i) * T, L, T, D, HAS_PAD)
+            q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+            k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
+            v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+            c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
+            dn_c, ddn, den = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, v.dtype)
+            pt = tl.where(causal_t, tl.dot(v, tl.trans(dn_c)) + ddn[None, :], 0.0)  # (T key, T query)
+            uk, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
+            phi_q = tl.where(inb[:, None], _features(_proj(q, whi, wlo, SPLIT_W), c_row, SOFTMAX), 0.0)
+            g_c = g.to(v.dtype)
+            dphi = tl.dot(v, tl.trans(g_c)) + gz[None, :] + tl.dot(pt, phi_q)
+            at = tl.where(causal_t, tl.dot(phi_k, tl.trans(phi_q)), 0.0)
+            dv = tl.dot(phi_k.to(v.dtype), g_c) + tl.dot(at.to(v.dtype), dn_c)
+            g += tl.dot(tl.trans(phi_q.to(v.dtype)), dn_c)
+            gz += tl.sum(phi_q * ddn[:, None], axis=0)
+            dphi = tl.where(valid[:, None], dphi, 0.0)
+            dk, ds = _feat_grad(dphi, phi_k, uk, wg, SOFTMAX)
+            if SOFTMAX:  # gradient of the key term -|k'|^2 / 2
+                dk -= kgrad * k.to(tl.float32) * tl.sum(ds, axis=1)[:, None]
+            _add_slice(DK32, DK, ptr, inb, tl.where(valid[:, None], dk, 0.0), j, NS, ATOMIC)
+            _add_slice(DV32, DV, ptr, inb, dv, j, NS, ATOMIC)
+        _slice_done(ATOMIC)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -719,6 +888,7 @@ class _Plan:
         state_split: int | None,
         walk_split: int | None,
         slice_m: int | None,
+        deterministic: bool | None = None,
     ):
         b, h, length, d = q.shape
         m = projection.shape[0]
@@ -741,18 +911,34 @@ class _Plan:
         self.softmax = kernel == "softmax"
         self.causal = causal
         self.eps = float(eps)
-        self.scale = d**-0.25 if self.softmax else 1.0
-        self.inv_sqrt_m = m**-0.5
+        # softmax logits in log2 units: x W'^T with W' = W d^-1/4 log2(e); key term -|k'|^2/2 likewise
+        scale = d**-0.25 if self.softmax else 1.0
+        self.w_logit = scale * _LOG2E if self.softmax else 1.0
+        self.w_grad = scale  # d(logit)/dx in natural units: W d^-1/4 (ReLU: W)
+        self.hk2 = 0.5 * scale * scale * _LOG2E  # key term in log2 units per |k|^2
+        self.kgrad = scale * scale  # its gradient: -d^-1/2 k per unit of sum(ds)
+        self.lg_sqrt_m = 0.5 * math.log2(m)  # the features' 1/sqrt(M) factor, folded into the shifts
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        # slice-parallel programs summed by float32 atomics (fastest), or one program per split that
+        # walks the slices in turn (bitwise reproducible; causal ~1.4x slower, bench/NOTES_gpu.md)
+        self.atomic = not deterministic
+        per_split = self.NS if self.atomic else 1  # programs per split of the slice-summed passes
         dev = q.device
         n_tiles = math.ceil(length / tile)
-        if causal:  # one split = one sequential walk per slice; the state kernel uses the same splits
-            split = walk_split or _split_len(length, self.BH * self.NS, tile, dev, waves=CAUSAL_WAVES)
-            self.split = self.walk_split = split
+        if causal:  # one split = one walk per slice; the key-state kernel uses the same splits
+            split = walk_split or _split_len(length, self.BH * per_split, tile, dev, waves=CAUSAL_WAVES)
+            self.split = self.walk_split = self.dq_split = split
         else:
             self.split = state_split or _split_len(length, self.BH * self.NS, tile, dev, waves=STATE_WAVES)
+            self.dq_split = state_split or _split_len(
+                length, self.BH * per_split, tile, dev, waves=STATE_WAVES
+            )
             self.walk_split = min(walk_split or 4 * tile, n_tiles * tile)
         self.n_split = math.ceil(length / self.split)
+        self.n_dq = math.ceil(length / self.dq_split)
         self.n_walk = math.ceil(length / self.walk_split)
+        self.per_split = per_split
         self.cfg = _config(dev)
 
     def consts(self, has_pad: bool, split_w: bool) -> dict:
@@ -769,24 +955,30 @@ class _Plan:
 
 
 def _weights(
-    projection: Tensor, dtype: torch.dtype, split: bool | None = None
+    projection: Tensor, dtype: torch.dtype, p: _Plan, precision: str | None = None
 ) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """``W`` as (hi, lo, float32, split?): bf16 inputs multiply ``W_hi + W_lo`` (two bf16 products).
+    """``(W_hi, W_lo, W_grad, split?)``: the logit weights (scaled, see ``_Plan``) and the gradient
+    weights in the products' dtype.
 
-    ``split=True`` with float32 inputs keeps the hi/lo split (hi rounded to bf16, stored as fp32):
-    it exercises the split code path where Triton's interpreter cannot do bf16 products.
+    ``precision``: ``"split"`` multiplies ``W_hi + W_lo`` (two bf16 products, ~16 mantissa bits; the
+    default for bf16/fp16 inputs), ``"bf16"`` one bf16 product, ``"fp32"`` one float32 (tf32) product
+    (the default for float32 inputs). With float32 inputs, ``"split"`` and ``"bf16"`` keep the bf16
+    rounding of W but store it as float32: Triton's interpreter cannot multiply bf16 (tests).
     """
-    wf = projection.detach().float().contiguous()
-    if split is None:
-        split = dtype in (torch.bfloat16, torch.float16)
-    if split:
-        hi_dt = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        whi = wf.to(hi_dt)
-        wlo = (wf - whi.float()).to(hi_dt)
-        if dtype == torch.float32:
-            whi, wlo = whi.float(), (wf - whi.float())
-        return whi.contiguous(), wlo.contiguous(), wf, True
-    return wf, wf, wf, False
+    wf = projection.detach().float()
+    wl = (wf * p.w_logit).contiguous()
+    low = dtype in (torch.bfloat16, torch.float16)
+    precision = precision or ("split" if low else "fp32")
+    if precision not in LOGIT_PRECISIONS:
+        raise ValueError(f"logit_precision must be one of {LOGIT_PRECISIONS}, got {precision!r}")
+    wg = (wf * p.w_grad).to(dtype if low else torch.float32).contiguous()
+    if precision == "fp32":
+        return wl, wl, wg, False
+    hi = wl.to(torch.bfloat16)
+    lo = (wl - hi.float()).to(torch.bfloat16)
+    if not low:
+        hi, lo = hi.float(), wl - hi.float()
+    return hi.contiguous(), lo.contiguous(), wg, precision == "split"
 
 
 def _exclusive_scan(x: Tensor, reverse: bool = False) -> Tensor:
@@ -804,13 +996,21 @@ def _launch(name: str, kernel, grid: int, *args, **kwargs) -> None:
     LAST_LAUNCH[name] = kernel[(grid,)](*args, **kwargs)
 
 
+def _scratch(like: Tensor, p: _Plan, out: Tensor | None = None) -> Tensor:
+    """float32 partial sums over the slices (never zero-filled: the first slice stores). With one
+    slice they are never touched, and float32 outputs are their own scratch."""
+    if p.NS == 1 or (out is not None and out.dtype == torch.float32):
+        return like if out is None else out
+    return torch.empty(like.shape, device=like.device, dtype=torch.float32)
+
+
 def _key_states(k, v, pad, whi, wlo, p: _Plan, common: dict):
     """Per-split partial key states ``(BH, n_split, M, D)``, ``(BH, n_split, M)`` and key shifts."""
     BH, M, D = p.BH, p.M, p.D
     sp = torch.empty(BH, p.n_split, M, D, device=k.device, dtype=torch.float32)
     zp = torch.empty(BH, p.n_split, M, device=k.device, dtype=torch.float32)
     mp = torch.empty(BH, p.n_split, p.NS, device=k.device, dtype=torch.float32)
-    args = (k, v, pad, whi, wlo, sp, zp, mp, p.H, p.L, p.split, p.n_split, p.scale, p.inv_sqrt_m)
+    args = (k, v, pad, whi, wlo, sp, zp, mp, p.H, p.L, p.split, p.n_split, p.hk2, p.lg_sqrt_m)
     _launch("_key_state_kernel", _key_state_kernel, BH * p.n_split * p.NS, *args, **common)
     return sp, zp, mp
 
@@ -825,95 +1025,136 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
     if p.softmax:
         gmax = mp.amax(dim=(1, 2))  # (BH,)
         gmax = torch.where(gmax > _NEG / 2, gmax, torch.zeros_like(gmax))  # all-padding heads
-        w = torch.exp(mp - gmax[:, None, None])  # (BH, n_split, NS)
+        w = torch.exp2(mp - gmax[:, None, None])  # (BH, n_split, NS)
         sp = (sp.view(BH, p.n_split, p.NS, p.BM, D) * w[..., None, None]).view(BH, p.n_split, M, D)
         zp = (zp.view(BH, p.n_split, p.NS, p.BM) * w[..., None]).view(BH, p.n_split, M)
+        gk = gmax + p.lg_sqrt_m  # the head's key shift, with the 1/sqrt(M) factor
     else:
-        gmax = torch.zeros(BH, device=dev, dtype=torch.float32)
-    rowc = torch.zeros(BH, L, device=dev, dtype=torch.float32)
+        gk = torch.zeros(BH, device=dev, dtype=torch.float32)
+    rowc = torch.empty(BH, L, device=dev, dtype=torch.float32)
     if p.causal:
         s0 = _exclusive_scan(sp)  # state entering each split
         z0 = _exclusive_scan(zp)
         del sp, zp
-        if p.softmax:
-            args = (q, pad_t, whi, wlo, rowc, p.H, L, p.walk_split, p.n_walk, p.scale)
-            shape = dict(D=D, M=M, BM=p.BM, T=p.T, SPLIT_W=split_w, HAS_PAD=has_pad)
-            _launch("_rowmax_kernel", _rowmax_kernel, BH * p.n_walk, *args, **shape, **p.cfg)
-        num = torch.zeros(BH, L, D, device=dev, dtype=torch.float32)
-        den = torch.zeros(BH, L, device=dev, dtype=torch.float32)
-        args = (q, k, v, pad_t, whi, wlo, s0, z0, gmax, rowc, num, den, p.H, L, p.split, p.n_split)
-        _launch(
-            "_causal_fwd_kernel",
-            _causal_fwd_kernel,
-            BH * p.n_split * p.NS,
-            *args,
-            p.scale,
-            p.inv_sqrt_m,
-            **common,
-        )
-        den.clamp_min_(p.eps)
-        o = num.div_(den[..., None]).to(v.dtype).view(q.shape)
+        if p.atomic:  # zeroed float32 sums, finished by _finish_kernel; shift computed up front
+            num = torch.zeros(BH, L, D, device=dev, dtype=torch.float32)
+            den = torch.zeros(BH, L, device=dev, dtype=torch.float32)
+            o = num.view(q.shape) if v.dtype == torch.float32 else torch.empty_like(v)
+            if p.softmax:
+                args = (q, pad_t, whi, wlo, rowc, p.H, L, p.walk_split, p.n_walk, p.lg_sqrt_m)
+                shape = dict(D=D, M=M, BM=p.BM, T=p.T, SPLIT_W=split_w, HAS_PAD=has_pad)
+                _launch("_rowmax_kernel", _rowmax_kernel, BH * p.n_walk, *args, **shape, **p.cfg)
+        else:
+            den = torch.empty(BH, L, device=dev, dtype=torch.float32)
+            o = torch.empty_like(v)
+            num = _scratch(o, p, o)
+        args = (q, k, v, pad_t, whi, wlo, s0, z0, gk, rowc, num, den, o, p.H, L, p.split, p.n_split)
+        consts = (p.hk2, p.lg_sqrt_m, p.eps)
+        grid = BH * p.n_split * p.per_split
+        _launch("_causal_fwd_kernel", _causal_fwd_kernel, grid, *args, *consts, **common, ATOMIC=p.atomic)
+        if p.atomic:
+            rows = 64
+            fin = (num, den, o, BH * L, p.eps)
+            _launch("_finish_kernel", _finish_kernel, math.ceil(BH * L / rows), *fin, D=D, R=rows)
         del num
     else:
         # the kernels multiply the state in the input dtype anyway: cast once here, halving its reads
         s0 = sp.sum(dim=1).to(q.dtype).contiguous()
         z0 = zp.sum(dim=1).contiguous()
         del sp, zp
-        o = torch.empty(q.shape, device=dev, dtype=v.dtype)
         den = torch.empty(BH, L, device=dev, dtype=torch.float32)
-        args = (q, pad_t, whi, wlo, s0, z0, o, den, rowc, p.H, L, p.walk_split, p.n_walk)
-        _launch(
-            "_bid_fwd_kernel", _bid_fwd_kernel, BH * p.n_walk, *args, p.scale, p.inv_sqrt_m, p.eps, **common
-        )
-    return o, den, rowc, s0, z0, gmax
+        o = torch.empty_like(v)
+        args = (q, pad_t, whi, wlo, s0, z0, o, den, rowc, p.H, L, p.walk_split, p.n_walk, p.lg_sqrt_m, p.eps)
+        _launch("_bid_fwd_kernel", _bid_fwd_kernel, BH * p.n_walk, *args, **common)
+    return o, den, rowc, s0, z0, gk
 
 
-def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wf, split_w, s0, z0, gmax, p: _Plan):
+def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk, p: _Plan):
     dev = q.device
     BH, M, D, L = p.BH, p.M, p.D, p.L
     has_pad = pad is not None
     pad_t = pad if has_pad else q
-    common = p.consts(has_pad, split_w)
-    consts = (p.scale, p.inv_sqrt_m, p.eps)
-    grid = BH * p.n_split * p.NS
-    # dq: float32 sum of the slices' contributions (atomics), cast once the dq pass is done
-    dq32 = torch.zeros(q.shape, device=dev, dtype=torch.float32)
-    gp = torch.empty(BH, p.n_split, M, D, device=dev, dtype=torch.float32)  # per-split query states
-    gzp = torch.empty(BH, p.n_split, M, device=dev, dtype=torch.float32)
+    common = dict(p.consts(has_pad, split_w), ATOMIC=p.atomic)
+    n_state = p.n_split if p.causal else p.n_dq
+    grid = BH * n_state * p.per_split
+    gp = torch.empty(BH, n_state, M, D, device=dev, dtype=torch.float32)  # per-split query states
+    gzp = torch.empty(BH, n_state, M, device=dev, dtype=torch.float32)
+    if p.atomic:  # zeroed float32 sums, cast after the pass (the kernels' OUT is unused)
+        dq32 = dq = torch.zeros(q.shape, device=dev, dtype=torch.float32)
+    else:
+        dq = torch.empty_like(q)
+        dq32 = _scratch(q, p, dq)
     if p.causal:
-        args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wf, s0, z0, gmax, dq32, gp, gzp, p.H, L, p.split)
-        _launch(
-            "_causal_dq_kernel",
-            _causal_dq_kernel,
-            grid,
-            *args,
-            p.n_split,
-            *consts,
-            **common,
-        )
+        args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, s0, z0, gk, dq32, dq, gp, gzp)
+        consts = (p.H, L, p.split, p.n_split, p.hk2, p.eps)
+        _launch("_causal_dq_kernel", _causal_dq_kernel, grid, *args, *consts, **common)
         g0 = _exclusive_scan(gp, reverse=True)  # suffix state after each split
         gz0 = _exclusive_scan(gzp, reverse=True)
     else:
-        args = (q, o, do, den, rowc, pad_t, whi, wlo, wf, s0, z0, gp, gzp, dq32, p.H, L, p.split, p.n_split)
-        _launch("_bid_dq_state_kernel", _bid_dq_state_kernel, grid, *args, *consts, **common)
+        args = (
+            q,
+            o,
+            do,
+            den,
+            rowc,
+            pad_t,
+            whi,
+            wlo,
+            wg,
+            s0,
+            z0,
+            gp,
+            gzp,
+            dq32,
+            dq,
+            p.H,
+            L,
+            p.dq_split,
+            p.n_dq,
+        )
+        _launch("_bid_dq_state_kernel", _bid_dq_state_kernel, grid, *args, p.eps, **common)
         g0 = gp.sum(dim=1).to(q.dtype).contiguous()  # read per tile in the input dtype, like S
         gz0 = gzp.sum(dim=1).contiguous()
     del gp, gzp
-    dq = dq32.to(q.dtype, copy=p.causal)  # causal reuses dq32 below: copy even for float32 inputs
-    if p.causal:
-        dk32 = dq32.zero_()  # reuse dq's float32 buffer: peak stays at two of them plus the outputs
-        dv32 = torch.zeros(v.shape, device=dev, dtype=torch.float32)
-        args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wf, g0, gz0, gmax, dk32, dv32, p.H, L, p.split)
-        _launch("_causal_dkv_kernel", _causal_dkv_kernel, grid, *args, p.n_split, *consts, **common)
+    if p.atomic:  # the causal dk pass below reuses dq32: copy even for float32 inputs
+        dq = dq32.to(q.dtype, copy=p.causal)
+    if not p.causal:
         del dq32
-        dk = dk32.to(k.dtype)
-        del dk32
-        return dq, dk, dv32.to(v.dtype)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        args = (
+            k,
+            v,
+            pad_t,
+            whi,
+            wlo,
+            wg,
+            g0,
+            gz0,
+            gk,
+            dk,
+            dv,
+            p.H,
+            L,
+            p.walk_split,
+            p.n_walk,
+            p.hk2,
+            p.kgrad,
+        )
+        _launch("_bid_dkv_kernel", _bid_dkv_kernel, BH * p.n_walk, *args, **p.consts(has_pad, split_w))
+        return dq, dk, dv
+    if p.atomic:  # dk reuses dq's float32 buffer: peak stays at two of them plus the outputs
+        dk32 = dk = dq32.zero_()
+        dv32 = dv = torch.zeros(v.shape, device=dev, dtype=torch.float32)
+    else:  # dq's scratch is free again: dk reuses it
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk32 = dq32 if dq32 is not dq else _scratch(k, p, dk)
+        dv32 = _scratch(v, p, dv)
     del dq32
-    dk = torch.empty(k.shape, device=dev, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=dev, dtype=v.dtype)
-    args = (k, v, pad_t, whi, wlo, wf, g0, gz0, gmax, dk, dv, p.H, L, p.walk_split, p.n_walk)
-    _launch("_bid_dkv_kernel", _bid_dkv_kernel, BH * p.n_walk, *args, p.scale, p.inv_sqrt_m, **common)
+    args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, g0, gz0, gk, dk32, dv32, dk, dv)
+    consts = (p.H, L, p.split, p.n_split, p.hk2, p.kgrad, p.eps)
+    _launch("_causal_dkv_kernel", _causal_dkv_kernel, grid, *args, *consts, **common)
+    if p.atomic:
+        dk, dv = dk32.to(k.dtype), dv32.to(v.dtype)
     return dq, dk, dv
 
 
@@ -930,11 +1171,12 @@ class _FavorTriton(torch.autograd.Function):
             opts["state_split"],
             opts["walk_split"],
             opts["slice_m"],
+            opts["deterministic"],
         )
-        whi, wlo, wf, split_w = _weights(projection, q.dtype, opts["split_projection"])
-        o, den, rowc, s0, z0, gmax = _forward(q, k, v, pad, whi, wlo, split_w, p)
+        whi, wlo, wg, split_w = _weights(projection, q.dtype, p, opts["logit_precision"])
+        o, den, rowc, s0, z0, gk = _forward(q, k, v, pad, whi, wlo, split_w, p)
         ctx.save_for_backward(
-            q, k, v, o, den, rowc, s0, z0, gmax, whi, wlo, wf, *([pad] if pad is not None else [])
+            q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, *([pad] if pad is not None else [])
         )
         ctx.plan = p
         ctx.split_w = split_w
@@ -944,7 +1186,7 @@ class _FavorTriton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):  # type: ignore[override]
         saved = ctx.saved_tensors
-        q, k, v, o, den, rowc, s0, z0, gmax, whi, wlo, wf = saved[:12]
+        q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg = saved[:12]
         pad = saved[12] if ctx.has_pad else None
         if pad is not None:
             # Queries that see no real key (leading padding under a causal mask, or a row that is all
@@ -956,7 +1198,7 @@ class _FavorTriton(torch.autograd.Function):
         if do.dtype != o.dtype:
             do = do.to(o.dtype)
         dq, dk, dv = _backward(
-            q, k, v, o, do, den, rowc, pad, whi, wlo, wf, ctx.split_w, s0, z0, gmax, ctx.plan
+            q, k, v, o, do, den, rowc, pad, whi, wlo, wg, ctx.split_w, s0, z0, gk, ctx.plan
         )
         return dq, dk, dv, None, None, None, None, None, None
 
@@ -990,7 +1232,8 @@ def favor_attention_triton(
     state_split: int | None = None,
     walk_split: int | None = None,
     slice_m: int | None = None,
-    split_projection: bool | None = None,
+    logit_precision: str | None = None,
+    deterministic: bool | None = None,
 ) -> Tensor:
     """FAVOR+ attention through fused Triton kernels: ``(B, H, L, D) x3 -> (B, H, L, D)``.
 
@@ -1014,14 +1257,18 @@ def favor_attention_triton(
         walk_split: rows per program of the output / dk, dv walks (causal: of every pass), a
             multiple of ``tile``.
         slice_m: features per slice, 16, 32 or 64 dividing M (default: the widest that does).
-        split_projection: force (True) or forbid (False) the hi/lo bf16 split of the projection
-            (default: split for bf16/fp16 inputs); for tests.
+        logit_precision: the product ``x W^T`` that feeds ``exp``: ``"split"`` (two bf16 products,
+            default for bf16/fp16), ``"bf16"`` (one, faster), ``"fp32"`` (default for float32).
+        deterministic: bitwise reproducible results (no atomics; slower, causal most). Default:
+            ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns:
         ``(B, H, L, D)`` in ``v``'s dtype.
     """
     if kernel not in ("softmax", "relu"):
         raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
+    if logit_precision is not None and logit_precision not in LOGIT_PRECISIONS:
+        raise ValueError(f"logit_precision must be one of {LOGIT_PRECISIONS}, got {logit_precision!r}")
     d = q.shape[-1]
     m = projection.shape[0]
     supported = (
@@ -1045,7 +1292,8 @@ def favor_attention_triton(
         "state_split": state_split,
         "walk_split": walk_split,
         "slice_m": slice_m,
-        "split_projection": split_projection,
+        "logit_precision": logit_precision,
+        "deterministic": deterministic,
     }
     out = _FavorTriton.apply(q, k, v, projection, kernel, causal, pad, eps, opts)
     return out.to(dtype)
