@@ -26,8 +26,9 @@ Bidirectional (the states are constant over the sequence: each tile reads them, 
 
 * ``_bid_fwd_kernel``       ``out = phi_q S / max(phi_q z, eps)``; the per-query shift is an online max
   over the slices (accumulators rescaled), stored for the backward.
-* ``_bid_dq_state_kernel``  per (split, slice j): slice j's part of ``dq`` and the split's partial query
-  state ``G_j = sum phi_q^T dN`` (``dN = dO / den``), ``gz_j = sum phi_q ddn`` in one pass.
+* ``_bid_query_state_kernel``  per (split, slice j): the split's partial query state
+  ``G_j = sum phi_q^T dN`` (``dN = dO / den``) and ``gz_j = sum phi_q ddn``, like the key state.
+* ``_bid_dq_kernel``        ``dq`` one tile at a time from ``S``, every slice in registers.
 * ``_bid_dkv_kernel``       ``dk, dv`` one tile at a time from ``G``.
 
 Causal (a running state per slice is carried along each split, so the live state is one ``(BM, D)``
@@ -39,14 +40,15 @@ fp32 tile and never spills):
 * ``_causal_dq_kernel``   the same walk, producing ``dq`` and the split's partial query state.
 * ``_causal_dkv_kernel``  the reverse walk (suffix states of ``phi_q^T dN``), producing ``dk, dv``.
 
-The slices' contributions to a row (linear in the slices) are summed in one of two ways:
+The bidirectional passes use no atomics: their results are bitwise reproducible. In the causal
+walks the slices' contributions to a row (linear in the slices) are summed in one of two ways:
 
 * default: one program per (split, slice), adding to zeroed float32 buffers with atomics; PyTorch
   casts them. Fastest, but the last float32 bits depend on the order the slices land in.
 * deterministic (``torch.use_deterministic_algorithms(True)`` or ``deterministic=True``): one program
   per split walks the slices in turn; the first stores to a float32 scratch, later ones add, the
-  last writes the output dtype (the causal forward takes its shift as an online max over the
-  slices instead of ``_rowmax_kernel``). Bitwise reproducible; bid ~1.1x, causal ~1.4x slower.
+  last writes the output dtype (the forward takes its shift as an online max over the slices
+  instead of ``_rowmax_kernel``). Bitwise reproducible, ~1.7x slower (bench/NOTES_gpu.md).
 
 Between kernels, tiny PyTorch ops combine the per-split partial sums (``(B*H, splits, M, D)``):
 a max-rescaled sum (bidirectional) or an exclusive prefix / suffix scan (causal). Backward
@@ -55,8 +57,9 @@ recomputes everything from ``q, k, v, out`` and the per-row normaliser and shift
 Precision: inputs bf16 (or fp32). The projection ``x W^T`` that feeds ``exp`` runs as two bf16
 products against ``W = W_hi + W_lo`` (about 16 mantissa bits) by default; ``logit_precision="bf16"``
 uses one bf16 product (faster, ~3 significant digits in the logits). Features, normalisers and all
-accumulators are float32; the products of features with values or states, and of feature
-gradients with W, use bf16 operands with float32 accumulation (float32/tf32 for float32 inputs).
+accumulators are float32; the products of features with values, states or each other (the causal
+intra-tile scores) and of feature gradients with W use bf16 operands with float32 accumulation
+(float32/tf32 for float32 inputs; bf16 intra-tile scores measured no less accurate than tf32 ones).
 Shifts are treated as constants in backward (they cancel in the ratio), as in the reference.
 """
 
@@ -368,7 +371,7 @@ def _bid_fwd_kernel(
 
 
 @triton.jit
-def _bid_dq_state_kernel(
+def _bid_query_state_kernel(
     Q,
     O,
     DO,
@@ -377,13 +380,8 @@ def _bid_dq_state_kernel(
     PAD,
     WHI,
     WLO,
-    WG,
-    S0,
-    Z0,
     GP,
     GZP,
-    DQ32,
-    DQ,
     H,
     L,
     split_len,
@@ -396,40 +394,81 @@ def _bid_dq_state_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
-    ATOMIC: tl.constexpr,
 ):
-    """Per (split, slice j): adds slice j's part of dq and stores the split's partial query state
-    ``G_j = sum phi_q^T dN``, ``gz_j = sum phi_q ddn`` -- one pass over the queries for both."""
+    """Per (split, slice j): the split's partial query state ``G_j = sum phi_q^T dN`` (BM x D),
+    ``gz_j = sum phi_q ddn`` (BM) that dk, dv need (the query-side twin of ``_key_state_kernel``)."""
     NS: tl.constexpr = M // BM
-    bh, sp, j0, n_j = _slice_range(n_split, NS, ATOMIC)
+    bh, sp, j = _split_slice(n_split, NS)
+    b = bh // H
+    offs_m, w_off = _slice_offsets(j, BM, D)
+    base = bh.to(tl.int64) * L * D
+    whi = tl.load(WHI + w_off)
+    wlo = tl.load(WLO + w_off)
+    g = tl.zeros([BM, D], dtype=tl.float32)
+    gz = tl.zeros([BM], dtype=tl.float32)
+    start = sp * split_len
+    for t0 in range(0, split_len, T):
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+        c_row = _row_shift(ROWC + bh.to(tl.int64) * L, rows, inb, SOFTMAX)
+        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
+        phi_q = tl.where(inb[:, None], _features(_proj(q, whi, wlo, SPLIT_W), c_row, SOFTMAX), 0.0)
+        g += tl.dot(tl.trans(phi_q.to(dn_c.dtype)), dn_c)
+        gz += tl.sum(phi_q * ddn[:, None], axis=0)
+    out = (bh * n_split + sp).to(tl.int64)
+    tl.store(GP + out * M * D + w_off, g)
+    tl.store(GZP + out * M + offs_m, gz)
+
+
+@triton.jit
+def _bid_dq_kernel(
+    Q,
+    O,
+    DO,
+    DEN,
+    ROWC,
+    PAD,
+    WHI,
+    WLO,
+    WG,
+    S0,
+    Z0,
+    DQ,
+    H,
+    L,
+    walk_len,
+    n_walk,
+    eps,
+    D: tl.constexpr,
+    M: tl.constexpr,
+    BM: tl.constexpr,
+    T: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    SPLIT_W: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """``dq`` one tile at a time, every slice in registers: ``dphi_q = dN S^T + ddn z``."""
+    NS: tl.constexpr = M // BM
+    bh, start = _walk_program(n_walk, walk_len)
     b = bh // H
     base = bh.to(tl.int64) * L * D
-    start = sp * split_len
-    out = (bh * n_split + sp).to(tl.int64)
-    for j in range(j0, j0 + n_j):
-        offs_m, w_off = _slice_offsets(j, BM, D)
-        whi = tl.load(WHI + w_off)
-        wlo = tl.load(WLO + w_off)
-        wg = tl.load(WG + w_off)
-        s = tl.load(S0 + bh.to(tl.int64) * M * D + w_off)  # (BM, D) key state, input dtype
-        z = tl.load(Z0 + bh.to(tl.int64) * M + offs_m)
-        g = tl.zeros([BM, D], dtype=tl.float32)
-        gz = tl.zeros([BM], dtype=tl.float32)
-        for t0 in range(0, split_len, T):
-            rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
-            q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
-            c_row = _row_shift(ROWC + bh.to(tl.int64) * L, rows, inb, SOFTMAX)
-            dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
-            u = _proj(q, whi, wlo, SPLIT_W)
-            phi_q = tl.where(inb[:, None], _features(u, c_row, SOFTMAX), 0.0)
-            g += tl.dot(tl.trans(phi_q.to(dn_c.dtype)), dn_c)
-            gz += tl.sum(phi_q * ddn[:, None], axis=0)
+    st = bh.to(tl.int64)
+    for t0 in range(0, walk_len, T):
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+        c_row = _row_shift(ROWC + bh.to(tl.int64) * L, rows, inb, SOFTMAX)
+        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
+        dq = tl.zeros([T, D], dtype=tl.float32)
+        for j in tl.static_range(NS):
+            offs_m, w_off = _slice_offsets(j, BM, D)
+            u = _proj(q, tl.load(WHI + w_off), tl.load(WLO + w_off), SPLIT_W)
+            s = tl.load(S0 + st * M * D + w_off)  # (BM, D) key state, input dtype
+            z = tl.load(Z0 + st * M + offs_m)
             dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
-            dq, _ = _feat_grad(dphi, phi_q, u, wg, SOFTMAX)
-            _add_slice(DQ32, DQ, ptr, inb, tl.where(valid[:, None], dq, 0.0), j, NS, ATOMIC)
-        tl.store(GP + out * M * D + w_off, g)
-        tl.store(GZP + out * M + offs_m, gz)
-        _slice_done(ATOMIC)
+            dq_j, _ = _feat_grad(dphi, _features(u, c_row, SOFTMAX), u, tl.load(WG + w_off), SOFTMAX)
+            dq += dq_j
+        dq = tl.where(valid[:, None], dq, 0.0)
+        tl.store(DQ + ptr, dq.to(DQ.dtype.element_ty), mask=inb[:, None])
 
 
 @triton.jit
@@ -610,7 +649,9 @@ def _causal_fwd_kernel(
                 c_old = c_row
             phi_q = _features(uq, c_row, SOFTMAX)
             _, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
-            a = tl.where(causal, tl.dot(phi_q, tl.trans(phi_k)), 0.0)  # (T, T) intra-tile scores
+            a = tl.where(
+                causal, tl.dot(phi_q.to(v.dtype), tl.trans(phi_k.to(v.dtype))), 0.0
+            )  # (T, T) intra-tile scores
             num = tl.dot(phi_q.to(v.dtype), s.to(v.dtype)) + tl.dot(a.to(v.dtype), v)
             den = tl.sum(phi_q * z[None, :], axis=1) + tl.sum(a, axis=1)
             s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
@@ -736,7 +777,11 @@ def _causal_dq_kernel(
             g += tl.dot(tl.trans(phi_m.to(dn_c.dtype)), dn_c)
             gz += tl.sum(phi_m * ddn[:, None], axis=0)
             _, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
-            dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :] + tl.dot(p, phi_k)
+            dphi = (
+                tl.dot(dn_c, tl.trans(s.to(dn_c.dtype)))
+                + ddn[:, None] * z[None, :]
+                + tl.dot(p.to(v.dtype), phi_k.to(v.dtype))
+            )
             s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
             z += tl.sum(phi_k, axis=0)
             dq, _ = _feat_grad(dphi, phi_q, uq, wg, SOFTMAX)
@@ -813,8 +858,8 @@ def _causal_dkv_kernel(
             uk, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
             phi_q = tl.where(inb[:, None], _features(_proj(q, whi, wlo, SPLIT_W), c_row, SOFTMAX), 0.0)
             g_c = g.to(v.dtype)
-            dphi = tl.dot(v, tl.trans(g_c)) + gz[None, :] + tl.dot(pt, phi_q)
-            at = tl.where(causal_t, tl.dot(phi_k, tl.trans(phi_q)), 0.0)
+            dphi = tl.dot(v, tl.trans(g_c)) + gz[None, :] + tl.dot(pt.to(v.dtype), phi_q.to(v.dtype))
+            at = tl.where(causal_t, tl.dot(phi_k.to(v.dtype), tl.trans(phi_q.to(v.dtype))), 0.0)
             dv = tl.dot(phi_k.to(v.dtype), g_c) + tl.dot(at.to(v.dtype), dn_c)
             g += tl.dot(tl.trans(phi_q.to(v.dtype)), dn_c)
             gz += tl.sum(phi_q * ddn[:, None], axis=0)
@@ -920,23 +965,20 @@ class _Plan:
         self.lg_sqrt_m = 0.5 * math.log2(m)  # the features' 1/sqrt(M) factor, folded into the shifts
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
-        # slice-parallel programs summed by float32 atomics (fastest), or one program per split that
-        # walks the slices in turn (bitwise reproducible; causal ~1.4x slower, bench/NOTES_gpu.md)
-        self.atomic = not deterministic
+        # causal: slice-parallel programs summed by float32 atomics (fastest), or one program per split
+        # that walks the slices in turn (bitwise reproducible, ~1.7x slower: bench/NOTES_gpu.md).
+        # The bidirectional passes use no atomics at all.
+        self.atomic = causal and not deterministic
         per_split = self.NS if self.atomic else 1  # programs per split of the slice-summed passes
         dev = q.device
         n_tiles = math.ceil(length / tile)
         if causal:  # one split = one walk per slice; the key-state kernel uses the same splits
             split = walk_split or _split_len(length, self.BH * per_split, tile, dev, waves=CAUSAL_WAVES)
-            self.split = self.walk_split = self.dq_split = split
-        else:
+            self.split = self.walk_split = split
+        else:  # the key- and query-state passes: one program per (split, slice)
             self.split = state_split or _split_len(length, self.BH * self.NS, tile, dev, waves=STATE_WAVES)
-            self.dq_split = state_split or _split_len(
-                length, self.BH * per_split, tile, dev, waves=STATE_WAVES
-            )
             self.walk_split = min(walk_split or 4 * tile, n_tiles * tile)
         self.n_split = math.ceil(length / self.split)
-        self.n_dq = math.ceil(length / self.dq_split)
         self.n_walk = math.ceil(length / self.walk_split)
         self.per_split = per_split
         self.cfg = _config(dev)
@@ -1074,53 +1116,18 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
     BH, M, D, L = p.BH, p.M, p.D, p.L
     has_pad = pad is not None
     pad_t = pad if has_pad else q
-    common = dict(p.consts(has_pad, split_w), ATOMIC=p.atomic)
-    n_state = p.n_split if p.causal else p.n_dq
-    grid = BH * n_state * p.per_split
-    gp = torch.empty(BH, n_state, M, D, device=dev, dtype=torch.float32)  # per-split query states
-    gzp = torch.empty(BH, n_state, M, device=dev, dtype=torch.float32)
-    if p.atomic:  # zeroed float32 sums, cast after the pass (the kernels' OUT is unused)
-        dq32 = dq = torch.zeros(q.shape, device=dev, dtype=torch.float32)
-    else:
-        dq = torch.empty_like(q)
-        dq32 = _scratch(q, p, dq)
-    if p.causal:
-        args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, s0, z0, gk, dq32, dq, gp, gzp)
-        consts = (p.H, L, p.split, p.n_split, p.hk2, p.eps)
-        _launch("_causal_dq_kernel", _causal_dq_kernel, grid, *args, *consts, **common)
-        g0 = _exclusive_scan(gp, reverse=True)  # suffix state after each split
-        gz0 = _exclusive_scan(gzp, reverse=True)
-    else:
-        args = (
-            q,
-            o,
-            do,
-            den,
-            rowc,
-            pad_t,
-            whi,
-            wlo,
-            wg,
-            s0,
-            z0,
-            gp,
-            gzp,
-            dq32,
-            dq,
-            p.H,
-            L,
-            p.dq_split,
-            p.n_dq,
-        )
-        _launch("_bid_dq_state_kernel", _bid_dq_state_kernel, grid, *args, p.eps, **common)
+    common = p.consts(has_pad, split_w)
+    gp = torch.empty(BH, p.n_split, M, D, device=dev, dtype=torch.float32)  # per-split query states
+    gzp = torch.empty(BH, p.n_split, M, device=dev, dtype=torch.float32)
+    if not p.causal:  # no running state: dq per tile, the query state like the key state
+        args = (q, o, do, den, rowc, pad_t, whi, wlo, gp, gzp, p.H, L, p.split, p.n_split, p.eps)
+        _launch("_bid_query_state_kernel", _bid_query_state_kernel, BH * p.n_split * p.NS, *args, **common)
         g0 = gp.sum(dim=1).to(q.dtype).contiguous()  # read per tile in the input dtype, like S
         gz0 = gzp.sum(dim=1).contiguous()
-    del gp, gzp
-    if p.atomic:  # the causal dk pass below reuses dq32: copy even for float32 inputs
-        dq = dq32.to(q.dtype, copy=p.causal)
-    if not p.causal:
-        del dq32
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        del gp, gzp
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        args = (q, o, do, den, rowc, pad_t, whi, wlo, wg, s0, z0, dq, p.H, L, p.walk_split, p.n_walk, p.eps)
+        _launch("_bid_dq_kernel", _bid_dq_kernel, BH * p.n_walk, *args, **common)
         args = (
             k,
             v,
@@ -1140,9 +1147,23 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
             p.hk2,
             p.kgrad,
         )
-        _launch("_bid_dkv_kernel", _bid_dkv_kernel, BH * p.n_walk, *args, **p.consts(has_pad, split_w))
+        _launch("_bid_dkv_kernel", _bid_dkv_kernel, BH * p.n_walk, *args, **common)
         return dq, dk, dv
-    if p.atomic:  # dk reuses dq's float32 buffer: peak stays at two of them plus the outputs
+    grid = BH * p.n_split * p.per_split
+    slices = dict(common, ATOMIC=p.atomic)
+    if p.atomic:  # zeroed float32 sums, cast after the pass (the kernels' OUT is unused)
+        dq32 = dq = torch.zeros(q.shape, device=dev, dtype=torch.float32)
+    else:
+        dq = torch.empty_like(q)
+        dq32 = _scratch(q, p, dq)
+    args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, s0, z0, gk, dq32, dq, gp, gzp)
+    consts = (p.H, L, p.split, p.n_split, p.hk2, p.eps)
+    _launch("_causal_dq_kernel", _causal_dq_kernel, grid, *args, *consts, **slices)
+    g0 = _exclusive_scan(gp, reverse=True)  # suffix state after each split
+    gz0 = _exclusive_scan(gzp, reverse=True)
+    del gp, gzp
+    if p.atomic:  # dk reuses dq's float32 buffer (peak: two of them plus the outputs), so copy dq
+        dq = dq32.to(q.dtype, copy=True)
         dk32 = dk = dq32.zero_()
         dv32 = dv = torch.zeros(v.shape, device=dev, dtype=torch.float32)
     else:  # dq's scratch is free again: dk reuses it
@@ -1152,7 +1173,7 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
     del dq32
     args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, g0, gz0, gk, dk32, dv32, dk, dv)
     consts = (p.H, L, p.split, p.n_split, p.hk2, p.kgrad, p.eps)
-    _launch("_causal_dkv_kernel", _causal_dkv_kernel, grid, *args, *consts, **common)
+    _launch("_causal_dkv_kernel", _causal_dkv_kernel, grid, *args, *consts, **slices)
     if p.atomic:
         dk, dv = dk32.to(k.dtype), dv32.to(v.dtype)
     return dq, dk, dv
