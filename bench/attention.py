@@ -41,11 +41,11 @@ def _sdpa(causal):
     return fn
 
 
-def _ours_triton(kernel, causal):
+def _ours_triton(kernel, causal, **opts):
     from protein_lm.attention.kernels.favor_triton import favor_attention_triton
 
     def fn(q, k, v, proj):
-        return favor_attention_triton(q, k, v, proj, kernel, causal, None, 1e-6)
+        return favor_attention_triton(q, k, v, proj, kernel, causal, None, 1e-6, **opts)
 
     return fn
 
@@ -101,6 +101,14 @@ def methods(args):
         out[f"sdpa_flash/{tag}"] = lambda c=causal: _sdpa(c)
         for kernel in ("softmax", "relu"):
             out[f"ours_triton_{kernel}/{tag}"] = lambda k_=kernel, c=causal: _ours_triton(k_, c)
+        # opt-in variants: one bf16 product for the logits; causal without atomics (reproducible)
+        out[f"ours_triton_softmax_bf16logits/{tag}"] = lambda c=causal: _ours_triton(
+            "softmax", c, logit_precision="bf16"
+        )
+        if causal:
+            out["ours_triton_softmax_deterministic/causal"] = lambda: _ours_triton(
+                "softmax", True, deterministic=True
+            )
         out[f"ours_torch_softmax/{tag}"] = lambda c=causal: _ours_torch("softmax", c)
         if args.performer:
             out[f"performer_pytorch_softmax/{tag}"] = lambda c=causal: _performer_pytorch("softmax", c)
