@@ -213,13 +213,28 @@ class RotaryEmbedding(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def tables(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``cos``, ``sin`` of the angles, ``(L, D/2)`` float32 each."""
+        pos = torch.arange(length, device=device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq.to(device))  # (L, D/2)
+        return angles.cos(), angles.sin()
+
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         # q, k: (B, H, L, D) -> same
-        length = q.shape[-2]
-        pos = torch.arange(length, device=q.device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq.to(q.device))  # (L, D/2)
-        cos, sin = angles.cos(), angles.sin()
+        cos, sin = self.tables(q.shape[-2], q.device)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _fused_rotary_split(qkv: Tensor, head_dim: int):
+    """The fused Triton qkv split + rotary, or None where it does not apply (CPU, torch.compile,
+    odd head sizes, no Triton): the PyTorch code below is then used (and is the reference)."""
+    if not qkv.is_cuda:
+        return None
+    try:
+        from protein_lm.attention.kernels.rotary_triton import rotary_split, rotary_split_supported
+    except Exception:  # no (working) Triton
+        return None
+    return rotary_split if rotary_split_supported(qkv, head_dim) else None
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -296,7 +311,11 @@ class SelfAttention(nn.Module):
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L, dim) -> q, k, v each (B, H, L, D), rotary applied to q and k."""
         b, length, _ = x.shape
-        qkv = self.qkv(x).view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        split = _fused_rotary_split(qkv, self.head_dim) if self.rotary is not None else None
+        if split is not None:  # CUDA, eager: one Triton pass (kernels/rotary_triton.py), same numbers
+            return split(qkv, *self.rotary.tables(length, x.device), self.heads)
+        qkv = qkv.view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, D) each
         if self.rotary is not None:
             q, k = self.rotary(q, k)
