@@ -124,7 +124,7 @@ def main() -> int:
     )
     p.add_argument("--geoms", nargs="*", default=[], help='"tile,slice_m,warps" geometries to try')
     p.add_argument(
-        "--logit-precisions", nargs="*", default=[], help='also profile these ("bf16", "split", "fp32")'
+        "--logit-precisions", nargs="*", default=[], help='also profile these ("bf16", "split", "tf32")'
     )
     p.add_argument("--deterministic", action="store_true", help="also profile deterministic=True")
     p.add_argument("--out", default="")

@@ -72,12 +72,13 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["favor_attention_triton", "DEFAULT_BLOCK", "LOGIT_PRECISIONS"]
 
 RELU_EPS = 1e-3
 DEFAULT_BLOCK = 64
-LOGIT_PRECISIONS = ("split", "bf16", "fp32")
+LOGIT_PRECISIONS = ("split", "bf16", "tf32")
 _NEG = -1.0e30
 _LOG2E = 1.4426950408889634
 LAST_LAUNCH: dict = {}  # kernel name -> last compiled kernel (register / spill report for tuning)
@@ -219,7 +220,7 @@ def _dn(DO, O, DEN_ROW, rows, ptr, inb, eps, dtype: tl.constexpr):
     den = tl.load(DEN_ROW + rows, mask=inb, other=1.0)
     dn_c = (do / den[:, None]).to(dtype)
     ddn = tl.where(den > eps, -tl.sum(dn_c.to(tl.float32) * o, axis=1), 0.0)
-    return dn_c, ddn, den
+    return dn_c, ddn
 
 
 @triton.jit
@@ -411,7 +412,7 @@ def _bid_query_state_kernel(
         rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
         c_row = _row_shift(ROWC + bh.to(tl.int64) * L, rows, inb, SOFTMAX)
-        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
+        dn_c, ddn = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
         phi_q = tl.where(inb[:, None], _features(_proj(q, whi, wlo, SPLIT_W), c_row, SOFTMAX), 0.0)
         g += tl.dot(tl.trans(phi_q.to(dn_c.dtype)), dn_c)
         gz += tl.sum(phi_q * ddn[:, None], axis=0)
@@ -457,7 +458,7 @@ def _bid_dq_kernel(
         rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
         c_row = _row_shift(ROWC + bh.to(tl.int64) * L, rows, inb, SOFTMAX)
-        dn_c, ddn, den = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
+        dn_c, ddn = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
         dq = tl.zeros([T, D], dtype=tl.float32)
         for j in tl.static_range(NS):
             offs_m, w_off = _slice_offsets(j, BM, D)
@@ -563,7 +564,7 @@ def _rowmax_kernel(
         q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
         c_row = tl.full([T], _NEG_K, tl.float32)
         for j in tl.static_range(NS):
-            offs_m, w_off = _slice_offsets(j, BM, D)
+            _, w_off = _slice_offsets(j, BM, D)
             u = _proj(q, tl.load(WHI + w_off), tl.load(WLO + w_off), SPLIT_W)
             c_row = tl.maximum(c_row, tl.max(u, axis=1))
         tl.store(ROWC + bh.to(tl.int64) * L + rows, c_row + lg_sqrt_m, mask=inb)
@@ -697,6 +698,8 @@ def _fold_slice(
             den_old = den_old * alpha
         num += num_old
         den += den_old
+    # every thread has read this pass's old ROWC / DEN copies before any thread overwrites them
+    tl.debug_barrier()
     if SOFTMAX:
         tl.store(ROWC + row_base + rows, c_row, mask=inb)
     if j == NS - 1:
@@ -769,7 +772,7 @@ def _causal_dq_kernel(
             k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
             v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
             c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
-            dn_c, ddn, den = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, Q.dtype.element_ty)
+            dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, Q.dtype.element_ty)
             p = tl.where(causal, tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0)  # (T query, T key)
             uq = _proj(q, whi, wlo, SPLIT_W)
             phi_q = _features(uq, c_row, SOFTMAX)
@@ -853,7 +856,7 @@ def _causal_dkv_kernel(
             k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
             v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
             c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
-            dn_c, ddn, den = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, v.dtype)
+            dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, v.dtype)
             pt = tl.where(causal_t, tl.dot(v, tl.trans(dn_c)) + ddn[None, :], 0.0)  # (T key, T query)
             uk, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
             phi_q = tl.where(inb[:, None], _features(_proj(q, whi, wlo, SPLIT_W), c_row, SOFTMAX), 0.0)
@@ -1003,18 +1006,18 @@ def _weights(
     weights in the products' dtype.
 
     ``precision``: ``"split"`` multiplies ``W_hi + W_lo`` (two bf16 products, ~16 mantissa bits; the
-    default for bf16/fp16 inputs), ``"bf16"`` one bf16 product, ``"fp32"`` one float32 (tf32) product
-    (the default for float32 inputs). With float32 inputs, ``"split"`` and ``"bf16"`` keep the bf16
+    default for bf16 inputs), ``"bf16"`` one bf16 product, ``"tf32"`` one tf32 product (the default
+    for float32 inputs, and for fp16 ones, which the caller upcasts; exact float32 in the interpreter). With float32 inputs, ``"split"`` and ``"bf16"`` keep the bf16
     rounding of W but store it as float32: Triton's interpreter cannot multiply bf16 (tests).
     """
     wf = projection.detach().float()
     wl = (wf * p.w_logit).contiguous()
     low = dtype in (torch.bfloat16, torch.float16)
-    precision = precision or ("split" if low else "fp32")
+    precision = precision or ("split" if low else "tf32")
     if precision not in LOGIT_PRECISIONS:
         raise ValueError(f"logit_precision must be one of {LOGIT_PRECISIONS}, got {precision!r}")
     wg = (wf * p.w_grad).to(dtype if low else torch.float32).contiguous()
-    if precision == "fp32":
+    if precision == "tf32":
         return wl, wl, wg, False
     hi = wl.to(torch.bfloat16)
     lo = (wl - hi.float()).to(torch.bfloat16)
@@ -1038,12 +1041,13 @@ def _launch(name: str, kernel, grid: int, *args, **kwargs) -> None:
     LAST_LAUNCH[name] = kernel[(grid,)](*args, **kwargs)
 
 
-def _scratch(like: Tensor, p: _Plan, out: Tensor | None = None) -> Tensor:
-    """float32 partial sums over the slices (never zero-filled: the first slice stores). With one
-    slice they are never touched, and float32 outputs are their own scratch."""
-    if p.NS == 1 or (out is not None and out.dtype == torch.float32):
-        return like if out is None else out
-    return torch.empty(like.shape, device=like.device, dtype=torch.float32)
+def _scratch(out: Tensor, p: _Plan) -> Tensor:
+    """float32 partial sums over the slices for the deterministic walks that finish in ``out`` (never
+    zero-filled: the first slice stores). With one slice they are never touched, and a float32
+    ``out`` is its own scratch (one program reads and then writes the same elements)."""
+    if p.NS == 1 or out.dtype == torch.float32:
+        return out
+    return torch.empty(out.shape, device=out.device, dtype=torch.float32)
 
 
 def _key_states(k, v, pad, whi, wlo, p: _Plan, common: dict):
@@ -1089,7 +1093,7 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
         else:
             den = torch.empty(BH, L, device=dev, dtype=torch.float32)
             o = torch.empty_like(v)
-            num = _scratch(o, p, o)
+            num = _scratch(o, p)
         args = (q, k, v, pad_t, whi, wlo, s0, z0, gk, rowc, num, den, o, p.H, L, p.split, p.n_split)
         consts = (p.hk2, p.lg_sqrt_m, p.eps)
         grid = BH * p.n_split * p.per_split
@@ -1155,7 +1159,7 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
         dq32 = dq = torch.zeros(q.shape, device=dev, dtype=torch.float32)
     else:
         dq = torch.empty_like(q)
-        dq32 = _scratch(q, p, dq)
+        dq32 = _scratch(dq, p)
     args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, s0, z0, gk, dq32, dq, gp, gzp)
     consts = (p.H, L, p.split, p.n_split, p.hk2, p.eps)
     _launch("_causal_dq_kernel", _causal_dq_kernel, grid, *args, *consts, **slices)
@@ -1168,8 +1172,8 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
         dv32 = dv = torch.zeros(v.shape, device=dev, dtype=torch.float32)
     else:  # dq's scratch is free again: dk reuses it
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dk32 = dq32 if dq32 is not dq else _scratch(k, p, dk)
-        dv32 = _scratch(v, p, dv)
+        dk32 = dq32 if dq32 is not dq else _scratch(dk, p)
+        dv32 = _scratch(dv, p)
     del dq32
     args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, g0, gz0, gk, dk32, dv32, dk, dv)
     consts = (p.H, L, p.split, p.n_split, p.hk2, p.kgrad, p.eps)
@@ -1205,6 +1209,7 @@ class _FavorTriton(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do):  # type: ignore[override]
         saved = ctx.saved_tensors
         q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg = saved[:12]
@@ -1279,7 +1284,7 @@ def favor_attention_triton(
             multiple of ``tile``.
         slice_m: features per slice, 16, 32 or 64 dividing M (default: the widest that does).
         logit_precision: the product ``x W^T`` that feeds ``exp``: ``"split"`` (two bf16 products,
-            default for bf16/fp16), ``"bf16"`` (one, faster), ``"fp32"`` (default for float32).
+            default for bf16), ``"bf16"`` (one, faster), ``"tf32"`` (default for float32 and fp16).
         deterministic: bitwise reproducible results (no atomics; slower, causal most). Default:
             ``torch.are_deterministic_algorithms_enabled()``.
 

@@ -5,7 +5,8 @@ contiguous (the layout the attention kernels read). Eager PyTorch spends about t
 per tensor on this (the view/permute, a float32 round trip, four products, two sums, a concatenation,
 the cast back, and as many again in backward); here each element is read and written once per
 direction. Same numbers as :func:`protein_lm.model._rotate`: float32 arithmetic on the same
-``cos``/``sin`` tables, rounded once to the input dtype.
+``cos``/``sin`` tables, each product rounded before the sum (no FMA contraction, as in eager
+PyTorch), rounded once to the input dtype.
 
 Rotation of the halves ``(x1, x2) = (x[..., :D/2], x[..., D/2:])`` by the angle table:
 ``(x1 c - x2 s, x1 s + x2 c)``; its gradient is the inverse rotation ``(g1 c + g2 s, -g1 s + g2 c)``.
@@ -17,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["rotary_split", "rotary_split_supported"]
 
@@ -88,7 +90,19 @@ def _launch(qkv: Tensor, cos: Tensor, sin: Tensor, q: Tensor, k: Tensor, v: Tens
     b, heads, length, d = q.shape
     grid = (b * triton.cdiv(length, ROWS) * heads,)
     _rotary_split_kernel[grid](
-        qkv, cos, sin, q, k, v, length, H=heads, HALF=d // 2, R=ROWS, BACKWARD=backward, num_warps=4
+        qkv,
+        cos,
+        sin,
+        q,
+        k,
+        v,
+        length,
+        H=heads,
+        HALF=d // 2,
+        R=ROWS,
+        BACKWARD=backward,
+        num_warps=4,
+        enable_fp_fusion=False,  # x1*c - x2*s rounded like eager PyTorch: bitwise the same results
     )
 
 
@@ -100,28 +114,31 @@ class _RotarySplit(torch.autograd.Function):
         q, k, v = (torch.empty(b, heads, length, d, device=qkv.device, dtype=qkv.dtype) for _ in range(3))
         _launch(qkv, cos, sin, q, k, v, backward=False)
         ctx.save_for_backward(cos, sin)
-        ctx.shape = qkv.shape
+        ctx.shape, ctx.dtype = qkv.shape, qkv.dtype
         return q, k, v
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dq: Tensor, dk: Tensor, dv: Tensor):  # type: ignore[override]
+        # autograd materialises missing gradients as zeros; they may arrive non-contiguous
         cos, sin = ctx.saved_tensors
-        ref = next(g for g in (dq, dk, dv) if g is not None)
-        grads = [
-            (g if g is not None else torch.zeros_like(ref)).to(ref.dtype).contiguous() for g in (dq, dk, dv)
-        ]
-        dqkv = torch.empty(ctx.shape, device=ref.device, dtype=ref.dtype)
+        grads = [g.to(ctx.dtype).contiguous() for g in (dq, dk, dv)]
+        dqkv = torch.empty(ctx.shape, device=dq.device, dtype=ctx.dtype)
         _launch(dqkv, cos, sin, *grads, backward=True)
         return dqkv, None, None, None
 
 
 def rotary_split_supported(qkv: Tensor, head_dim: int) -> bool:
-    """Whether :func:`rotary_split` covers this call: CUDA (or Triton's interpreter), an even
-    power-of-two head dimension, eager mode (under ``torch.compile`` Inductor fuses the PyTorch code)."""
-    import os
-
-    on_device = qkv.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return on_device and head_dim >= 2 and not head_dim & (head_dim - 1) and not torch.compiler.is_compiling()
+    """Whether the model should use :func:`rotary_split`: CUDA, bf16 / fp16 / fp32 (the kernel computes
+    in float32, so float64 keeps the PyTorch path), an even power-of-two head dimension, eager mode
+    (under ``torch.compile`` Inductor fuses the PyTorch code itself)."""
+    return (
+        qkv.is_cuda
+        and qkv.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and head_dim >= 2
+        and not head_dim & (head_dim - 1)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def rotary_split(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor]:
