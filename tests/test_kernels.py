@@ -9,16 +9,14 @@ GPU (marker ``gpu``): compiled kernels on bf16 inputs vs the reference on the sa
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.interpreter import run_interpreted
+
 EPS = 1e-30  # FavorAttention's normaliser floor (docs/architecture.md); what the model actually uses
 CASES = [
     (kernel, causal, pad)
@@ -189,22 +187,7 @@ def _bf16_logit_projection(proj, d):
 
 @pytest.fixture(scope="module")
 def interpreted():
-    # Triton is a dev dependency on Linux (pyproject): a missing install must fail, not skip.
-    if not sys.platform.startswith("linux"):
-        pytest.skip("Triton's interpreter is only installed on Linux")
-    import triton  # noqa: F401
-
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpret"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 DET = pytest.mark.parametrize("tag", ["", "det-"], ids=["atomic", "deterministic"])

@@ -8,15 +8,12 @@ GPU (marker ``gpu``): the model's attention projection with and without the fuse
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.interpreter import run_interpreted
 
 
 def _reference_split(qkv, cos, sin, heads):
@@ -53,14 +50,7 @@ def _compare(b, length, heads, d, device, dtype):
 
 @pytest.fixture(scope="module")
 def interpreted():
-    if not sys.platform.startswith("linux"):
-        pytest.skip("Triton's interpreter is only installed on Linux")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run(
-        [sys.executable, __file__, "--interpret"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__, timeout=300)
 
 
 def test_interpreted_rotary_split_matches_pytorch_rotary(interpreted):
