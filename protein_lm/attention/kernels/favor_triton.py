@@ -875,6 +875,27 @@ def _causal_dkv_kernel(
         _slice_done(ATOMIC)
 
 
+@triton.jit
+def _exclusive_scan_kernel(X, OUT, n, E, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Exclusive prefix (REVERSE: suffix) sum over dim 1 of ``(R, n, E)`` float32: one program per row
+    and block of E, walking the n splits in order, so the sums never depend on scheduling."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(E, BLOCK)
+    cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < E
+    base = (pid // n_blocks).to(tl.int64) * n * E
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, n):
+        if REVERSE:
+            step = n - 1 - i
+        else:
+            step = i
+        off = base + step.to(tl.int64) * E + cols
+        x = tl.load(X + off, mask=mask, other=0.0)
+        tl.store(OUT + off, acc, mask=mask)
+        acc += x
+
+
 # --------------------------------------------------------------------------------------------- #
 # host side
 # --------------------------------------------------------------------------------------------- #
@@ -1026,9 +1047,21 @@ def _weights(
     return hi.contiguous(), lo.contiguous(), wg, precision == "split"
 
 
-def _exclusive_scan(x: Tensor, reverse: bool = False) -> Tensor:
+def _exclusive_scan(x: Tensor, reverse: bool = False, deterministic: bool = False) -> Tensor:
     """Exclusive prefix (or suffix) sum over dim 1, without ``cumsum - x`` (which cancels badly
-    when one split holds huge values, e.g. ``dO / eps`` of queries that see only padding)."""
+    when one split holds huge values, e.g. ``dO / eps`` of queries that see only padding).
+
+    ``deterministic``: a sequential Triton scan (``torch.cumsum`` on CUDA floats refuses to run under
+    ``torch.use_deterministic_algorithms(True)``)."""
+    if deterministic:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        rows, n = x.shape[:2]
+        width = x[0, 0].numel()
+        block = 1024
+        grid = rows * triton.cdiv(width, block)
+        _launch("_exclusive_scan_kernel", _exclusive_scan_kernel, grid, x, out, n, width, block, reverse)
+        return out
     if reverse:
         return _exclusive_scan(x.flip(1)).flip(1).contiguous()
     out = torch.zeros_like(x)
@@ -1079,8 +1112,8 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
         gk = torch.zeros(BH, device=dev, dtype=torch.float32)
     rowc = torch.empty(BH, L, device=dev, dtype=torch.float32)
     if p.causal:
-        s0 = _exclusive_scan(sp)  # state entering each split
-        z0 = _exclusive_scan(zp)
+        s0 = _exclusive_scan(sp, deterministic=not p.atomic)  # state entering each split
+        z0 = _exclusive_scan(zp, deterministic=not p.atomic)
         del sp, zp
         if p.atomic:  # zeroed float32 sums, finished by _finish_kernel; shift computed up front
             num = torch.zeros(BH, L, D, device=dev, dtype=torch.float32)
@@ -1163,8 +1196,8 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
     args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, s0, z0, gk, dq32, dq, gp, gzp)
     consts = (p.H, L, p.split, p.n_split, p.hk2, p.eps)
     _launch("_causal_dq_kernel", _causal_dq_kernel, grid, *args, *consts, **slices)
-    g0 = _exclusive_scan(gp, reverse=True)  # suffix state after each split
-    gz0 = _exclusive_scan(gzp, reverse=True)
+    g0 = _exclusive_scan(gp, reverse=True, deterministic=not p.atomic)  # suffix state after each split
+    gz0 = _exclusive_scan(gzp, reverse=True, deterministic=not p.atomic)
     del gp, gzp
     if p.atomic:  # dk reuses dq's float32 buffer (peak: two of them plus the outputs), so copy dq
         dq = dq32.to(q.dtype, copy=True)
