@@ -1028,8 +1028,9 @@ def _weights(
 
     ``precision``: ``"split"`` multiplies ``W_hi + W_lo`` (two bf16 products, ~16 mantissa bits; the
     default for bf16 inputs), ``"bf16"`` one bf16 product, ``"tf32"`` one tf32 product (the default
-    for float32 inputs, and for fp16 ones, which the caller upcasts; exact float32 in the interpreter). With float32 inputs, ``"split"`` and ``"bf16"`` keep the bf16
-    rounding of W but store it as float32: Triton's interpreter cannot multiply bf16 (tests).
+    for float32 inputs, and for fp16 ones, which the caller upcasts; exact float32 in the
+    interpreter). With float32 inputs, ``"split"`` and ``"bf16"`` keep the bf16 rounding of W but
+    store it as float32: Triton's interpreter cannot multiply bf16 (tests).
     """
     wf = projection.detach().float()
     wl = (wf * p.w_logit).contiguous()
