@@ -393,6 +393,14 @@ def test_torch_deterministic_switch_selects_the_atomic_free_kernels():
     assert (det.per_split, fast.per_split) == (1, 4)
 
 
+def test_bad_logit_precision_is_refused_by_name():
+    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+
+    x = torch.zeros(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="logit_precision must be one of"):
+        favor_attention_triton(x, x, x, torch.zeros(16, 16), logit_precision="fp32")
+
+
 def test_slice_width_choice_and_bad_geometry():
     """Slices: the widest of 64/32/16 dividing M; a split that is not whole tiles is refused (a partial
     last tile would run into the next split and add its rows twice)."""

@@ -1035,9 +1035,7 @@ def _weights(
     wf = projection.detach().float()
     wl = (wf * p.w_logit).contiguous()
     low = dtype in (torch.bfloat16, torch.float16)
-    precision = precision or ("split" if low else "tf32")
-    if precision not in LOGIT_PRECISIONS:
-        raise ValueError(f"logit_precision must be one of {LOGIT_PRECISIONS}, got {precision!r}")
+    precision = precision or ("split" if low else "tf32")  # validated by favor_attention_triton
     wg = (wf * p.w_grad).to(dtype if low else torch.float32).contiguous()
     if precision == "tf32":
         return wl, wl, wg, False
