@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,9 @@ def run_one(attention, length, batch, ckpt, steps, warmup, causal=False, compile
         favor_backend="triton" if attention != "exact" else "auto",
     )
     model = ProteinLM(cfg).cuda()
+    if compiled:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
     if ckpt:
         _checkpointed(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -112,6 +116,10 @@ def run_one(attention, length, batch, ckpt, steps, warmup, causal=False, compile
         "peak_GB": peak,
         "loss": float(loss),
     }
+    if compiled:  # one graph per pass is the goal; breaks cost host time
+        counters = torch._dynamo.utils.counters
+        out["graphs"] = counters["stats"]["unique_graphs"]
+        out["graph_breaks"] = sum(counters["graph_break"].values())
     return out
 
 

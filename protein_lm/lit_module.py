@@ -56,6 +56,8 @@ from protein_lm.model import ModelConfig, ProteinLM
 
 Objective = Literal["mlm", "causal"]
 IGNORE_INDEX = -100
+# torch.compile's modes, accepted by ``compile``
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHECKPOINT_KEY = "protein_lm"
 
 
@@ -201,7 +203,10 @@ class ProteinLMModule(pl.LightningModule):
         redraw_interval: redraw the Performer projections every this many optimiser
             steps (``None`` or 0: never; the paper redraws during training).
         seed: seeds the projection redraws and the per-step dropout RNG.
-        compile: wrap the model's forward in ``torch.compile``.
+        compile: wrap the model's forward in ``torch.compile``: ``true`` (default mode) or a mode
+            name, e.g. ``"reduce-overhead"`` (CUDA graphs: removes the per-kernel launch cost,
+            1.4x the default mode for the concat windows' fixed shapes on an H100 --
+            docs/benchmarks.md; every new batch shape records a new graph).
         init_weights: start from the weights of this ``.ckpt`` / exported file (e.g. the
             output of ``protein-lm convert``); the architecture must match, the attention
             kind may differ. Ignored when resuming with ``--ckpt_path``.
@@ -220,12 +225,14 @@ class ProteinLMModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         redraw_interval: int | None = 1000,
         seed: int = 0,
-        compile: bool = False,
+        compile: bool | str = False,
         init_weights: str | None = None,
     ) -> None:
         super().__init__()
         if objective not in ("mlm", "causal"):
             raise ValueError(f"objective must be 'mlm' or 'causal', got {objective!r}")
+        if isinstance(compile, str) and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be true, false or one of {COMPILE_MODES}, got {compile!r}")
         if isinstance(config, dict):
             config = ModelConfig.from_dict(config)
         if objective == "mlm" and config.causal:
@@ -276,7 +283,8 @@ class ProteinLMModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.hparams.compile and self._compiled is None:
             # Kept out of the module tree so state_dict keys stay "model.*".
-            self.__dict__["_compiled"] = self.model.compiled()
+            mode = self.hparams.compile if isinstance(self.hparams.compile, str) else None
+            self.__dict__["_compiled"] = self.model.compiled(mode)
 
     def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None):
         fn = self._compiled if self._compiled is not None else self.model

@@ -486,6 +486,8 @@ class ProteinLM(nn.Module):
         if padding_mask is not None:
             return padding_mask.bool()
         pad = input_ids.eq(self.config.padding_idx)
+        if torch.compiler.is_compiling():  # no host sync (nor graph break): an all-False mask is exact
+            return pad
         return pad if bool(pad.any()) else None
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
@@ -572,18 +574,19 @@ class ProteinLM(nn.Module):
             with torch.no_grad():
                 x = block(x, mask)
 
-    def compiled(self) -> Any:
-        """``torch.compile(self)``, with the fused Triton FAVOR+ kernels left out of the graph.
+    def compiled(self, mode: str | None = None) -> Any:
+        """``torch.compile(self, mode=mode)``: one graph per pass, the fused Triton FAVOR+ kernels
+        included (``mode`` e.g. ``"reduce-overhead"``: CUDA graphs, for fixed batch shapes).
 
-        Inductor cannot lower the fused kernels (``kernels/favor_triton.py`` views the bool padding
-        mask as uint8), so on CUDA with a Triton-capable backend they run eagerly between compiled
-        regions; everything around them (projections, norms, MLPs, rotary, loss inputs) is fused.
-        The compiled callable shares this module's parameters.
+        The kernels are registered torch ops (``kernels/favor_triton.py``), opaque to Inductor, which
+        fuses everything around them (projections, norms, MLPs, rotary, loss inputs) without a graph
+        break. The compiled callable shares this module's parameters.
         """
-        if torch.cuda.is_available() and self.config.favor_backend != "torch":
-            for kernel in self.favor_modules():
-                kernel.forward = torch.compiler.disable(kernel.forward)
-        return torch.compile(self)
+        if any(module.backend != "torch" for module in self.favor_modules()):
+            from protein_lm.attention.favor import _triton_fn
+
+            _triton_fn()  # import (and register) the kernels now, outside the traced code
+        return torch.compile(self, mode=mode)
 
     # -- Performer projections -------------------------------------------------
 

@@ -64,3 +64,24 @@ def test_config_instantiates(path, tmp_path, sample_fasta, monkeypatch):
         assert (cfg.heads, cfg.depth, cfg.ff_dim, cfg.dim, cfg.max_length) == (8, 6, 2048, 512, 8192)
         assert cli.datamodule.mode == "concat"
     assert cli.trainer.max_steps > 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "mode"), [("true", None), ("false", "off"), ("reduce-overhead", "reduce-overhead")]
+)
+def test_compile_flag_reaches_torch_compile(flag, mode, tmp_path, sample_fasta, monkeypatch):
+    """``--model.compile true | false | <mode>``: the mode given is the one ``ProteinLM.compiled`` gets."""
+    from protein_lm.model import ProteinLM
+
+    monkeypatch.chdir(REPO)
+    seen = []
+    monkeypatch.setattr(ProteinLM, "compiled", lambda self, mode=None: seen.append(mode) or self)
+    args = ["--config", "configs/debug.yaml", "--output_dir", str(tmp_path), "--wandb", "false"]
+    cli = build_cli([*args, "--data.data_dir", str(sample_fasta), "--model.compile", flag], run=False)
+    cli.model.configure_model()
+    assert seen == ([] if mode == "off" else [mode])
+
+
+def test_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        ProteinLMModule(compile="reduce_overhead")

@@ -174,7 +174,41 @@ def _interpret_all() -> dict:
             logit_precision="bf16",
             reference_projection=_bf16_logit_projection,
         )
+    for causal in (False, True):
+        out[f"op-{causal}"] = _check_registered_op(causal)
     return out
+
+
+def _check_registered_op(causal: bool) -> dict:
+    """The kernels as a torch op: ``torch.library.opcheck`` (schema, fake tensors, autograd
+    registration), and ``torch.compile(fullgraph=True, dynamic=True)`` -- one graph, no break, sizes
+    left symbolic -- giving the eager numbers, at two lengths without a recompile."""
+    import torch._dynamo
+
+    from protein_lm.attention.kernels import favor_triton as ft
+
+    g = torch.Generator().manual_seed(11 + causal)
+    proj = torch.randn(32, 16, generator=g)
+    opts = dict(tile=16, walk_split=32, slice_m=16)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(ft.favor_attention_triton, backend="aot_eager", fullgraph=True, dynamic=True)
+    res = {"diff": 0.0}
+    for length in (40, 56):
+        q, k, v = (torch.randn(1, 2, length, 16, generator=g, requires_grad=True) for _ in range(3))
+        pad = torch.zeros(1, length, dtype=torch.bool)
+        pad[0, -5:] = True
+        if length == 40:
+            args = (q, k, v, proj, pad, "softmax", causal, EPS, 16, None, 32, 16, None, False)
+            torch.library.opcheck(ft._forward_op, args)  # raises on any failed check
+        got, want = (
+            f(q, k, v, proj, "softmax", causal, pad, EPS, **opts)
+            for f in (compiled, ft.favor_attention_triton)
+        )
+        grads = [torch.autograd.grad(o.square().sum(), (q, k, v)) for o in (got, want)]
+        res["diff"] = max(res["diff"], _rel(got.detach(), want.detach()), *map(_rel, *grads))
+    res["frames"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return res
 
 
 def _bf16_logit_projection(proj, d):
@@ -235,6 +269,13 @@ def test_interpreted_single_bf16_logit_product(interpreted, causal):
     assert r["out"] < 1e-5, r  # the logits are exactly those of the bf16-rounded projection
     for key in ("dq", "dk", "dv"):  # gradients multiply the unrounded W: bf16-level differences
         assert r[key] < 1e-2, (key, r)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreted_registered_op_compiles_to_one_graph(interpreted, causal):
+    r = interpreted[f"op-{causal}"]
+    assert r["diff"] < 1e-6, r  # same kernels traced or not: the same numbers
+    assert r["frames"] == 1, r  # one graph for both lengths: no break, no recompile
 
 
 # --------------------------------------------------------------------------------------------- GPU
@@ -321,7 +362,7 @@ def test_unsupported_shapes_fall_back_to_reference(monkeypatch):
     def no_kernels(*args, **kwargs):
         raise AssertionError("a Triton kernel was launched for an unsupported shape")
 
-    monkeypatch.setattr(favor_triton._FavorTriton, "apply", no_kernels)
+    monkeypatch.setattr(favor_triton, "_forward_op", no_kernels)
     q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     k, v = torch.randn(1, 2, 12, 16, dtype=torch.float64), torch.randn(1, 2, 12, 16, dtype=torch.float64)
     proj = torch.randn(24, 16, dtype=torch.float64)
@@ -337,20 +378,21 @@ def test_gpu_favor_module_dispatches_to_triton():
     from protein_lm.attention.kernels import favor_triton
 
     launched = []
-    real_apply = favor_triton._FavorTriton.apply
+    real_forward = favor_triton._forward
 
     def spy(*args):
-        launched.append(args[4:6])  # (kernel, causal)
-        return real_apply(*args)
+        plan = args[-1]
+        launched.append(("softmax" if plan.softmax else "relu", plan.causal))
+        return real_forward(*args)
 
     att = FavorAttention(64, 256, causal=True, backend="triton", seed=0).cuda()
     ref = FavorAttention(64, 256, causal=True, backend="torch", seed=0).cuda()
     q, k, v = (torch.randn(2, 4, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    favor_triton._FavorTriton.apply = spy
+    favor_triton._forward = spy
     try:
         out = att(q, k, v)
     finally:
-        favor_triton._FavorTriton.apply = real_apply
+        favor_triton._forward = real_forward
     assert launched == [("softmax", True)]  # the fused kernels ran, not a silent fallback
     assert _rel(out.float(), ref(q, k, v).float()) < 2e-2
 
@@ -368,7 +410,7 @@ def test_blind_queries_match_brute_force():
     pad[0] = True  # a row that is all padding
     pad[1, :5] = True  # leading padding
     for causal in (False, True):
-        got = _blind_queries(pad.view(torch.uint8), causal)
+        got = _blind_queries(pad, causal)
         for b in range(pad.shape[0]):
             for t in range(pad.shape[1]):
                 keys = range(t + 1) if causal else range(pad.shape[1])
