@@ -257,10 +257,13 @@ def test_positions_reach_the_attention(attention):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True])
-def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal):
-    """`ProteinLM.compiled()` (what `fit --model.compile true` runs): same logits and gradients as the
-    eager model, with the fused FAVOR+ kernels still launched (not a silent PyTorch fallback)."""
+@pytest.mark.parametrize(("causal", "mode"), [(False, None), (True, None), (False, "reduce-overhead")])
+def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal, mode):
+    """`ProteinLM.compiled(mode)` (what `fit --model.compile true|MODE` runs): same logits and
+    gradients as the eager model, with the fused FAVOR+ kernels still launched (not a silent PyTorch
+    fallback), in one graph per pass."""
+    import torch._dynamo
+
     from protein_lm.attention.kernels import favor_triton
 
     cfg = ModelConfig(
@@ -287,17 +290,25 @@ def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal):
 
     results = []
     favor_triton._forward = spy
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    # CUDA graphs: the 1st call warms up, the 2nd records, the 3rd replays (no Python launches)
+    calls = 3 if mode == "reduce-overhead" else 1
     try:
-        for fn in (model, model.compiled()):
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                logits = fn(ids).logits.float()
-            logits.square().mean().backward()
-            results.append((logits.detach(), model.embed.weight.grad.detach().clone()))
+        for fn, n in ((model, 1), (model.compiled(mode), calls)):
+            for _ in range(n):
+                model.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = fn(ids).logits.float()
+                logits.square().mean().backward()
+            results.append((logits.detach().clone(), model.embed.weight.grad.detach().clone()))
+            launched.append("end")
     finally:
         favor_triton._forward = real_forward
-    assert launched and all(c == causal for c in launched)
-    assert len(launched) == 2 * cfg.depth  # each layer's kernels ran once per pass
+    eager, compiled = launched[: cfg.depth + 1], launched[cfg.depth + 1 : -1]
+    assert eager == [causal] * cfg.depth + ["end"]  # each layer's kernels ran once
+    assert compiled and set(compiled) == {causal}  # ... and inside the compiled graph too
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # no graph break
     (le, ge), (lc, gc) = results
     assert ((lc - le).norm() / le.norm()).item() < 2e-2
     assert ((gc - ge).norm() / ge.norm()).item() < 5e-2
