@@ -50,6 +50,10 @@ walks the slices' contributions to a row (linear in the slices) are summed in on
   last writes the output dtype (the forward takes its shift as an online max over the slices
   instead of ``_rowmax_kernel``). Bitwise reproducible, ~1.7x slower (bench/NOTES_gpu.md).
 
+The host code is two registered torch ops (``protein_lm::favor_triton_fwd`` / ``_bwd``, with fake
+tensor shapes and the autograd formula registered), so ``torch.compile`` traces a model around them
+in one graph instead of breaking it at every attention layer.
+
 Between kernels, tiny PyTorch ops combine the per-split partial sums (``(B*H, splits, M, D)``):
 a max-rescaled sum (bidirectional) or an exclusive prefix / suffix scan (causal). Backward
 recomputes everything from ``q, k, v, out`` and the per-row normaliser and shift.
@@ -1221,7 +1225,7 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
 # A copy of this file loaded under another module name (bench/profile_kernels.py --impl) registers
 # its own ops instead of clashing with the installed ones.
 _NS = "protein_lm"
-_OP = "favor_" + re.sub(r"\W", "_", __name__.rsplit(".", 1)[-1])
+_OP = re.sub(r"\W", "_", __name__.rsplit(".", 1)[-1])
 _OPTS = "str kernel, bool causal, float eps, int tile, int? state_split, int? walk_split, int? slice_m, "
 _OPTS += "str? logit_precision, bool deterministic"
 
