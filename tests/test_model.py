@@ -312,3 +312,45 @@ def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal, mode)
     (le, ge), (lc, gc) = results
     assert ((lc - le).norm() / le.norm()).item() < 2e-2
     assert ((gc - ge).norm() / ge.norm()).item() < 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_compiled_model_follows_changing_lengths(causal):
+    """Single-protein batches change length from batch to batch: after the first change the compiled
+    model goes symbolic in L (the kernels' op reports its split count as a size known only at run
+    time) and keeps matching the eager model without compiling again for every new length."""
+    import torch._dynamo
+
+    cfg = ModelConfig(
+        dim=64,
+        depth=2,
+        heads=2,
+        ff_dim=128,
+        attention="performer-softmax",
+        num_features=64,
+        causal=causal,
+        feature_seed=0,
+        favor_backend="triton",
+        max_length=2048,
+    )
+    torch.manual_seed(0)
+    model = ProteinLM(cfg).cuda()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model.compiled()
+    for length in (300, 200, 1100, 257):
+        ids = random_ids(2, length).cuda()
+        pad = torch.zeros(2, length, dtype=torch.bool, device="cuda")
+        pad[1, length // 2 :] = True  # a shorter second protein, as collate pads it
+        grads = []
+        for fn in (model, compiled):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = fn(ids, pad).logits.float()
+            logits[~pad].square().mean().backward()
+            grads.append((logits[~pad].detach(), model.embed.weight.grad.detach().clone()))
+        (le, ge), (lc, gc) = grads
+        assert ((lc - le).norm() / le.norm()).item() < 2e-2, length
+        assert ((gc - ge).norm() / ge.norm()).item() < 5e-2, length
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static, then symbolic in L
