@@ -486,7 +486,9 @@ class ProteinLM(nn.Module):
         if padding_mask is not None:
             return padding_mask.bool()
         pad = input_ids.eq(self.config.padding_idx)
-        if torch.compiler.is_compiling():  # no host sync (nor graph break): an all-False mask is exact
+        if torch.compiler.is_compiling() and self.config.is_performer:
+            # no host sync (nor graph break); an all-False mask is exact and costs FAVOR+ little (it
+            # would cost exact attention its flash kernel, so that keeps the check)
             return pad
         return pad if bool(pad.any()) else None
 

@@ -180,34 +180,41 @@ def _interpret_all() -> dict:
 
 
 def _check_registered_op(causal: bool) -> dict:
-    """The kernels as a torch op: ``torch.library.opcheck`` (schema, fake tensors, autograd
-    registration), and ``torch.compile(fullgraph=True, dynamic=True)`` -- one graph, no break, sizes
-    left symbolic -- giving the eager numbers, at two lengths without a recompile."""
+    """The kernels as torch ops, as ``ProteinLM.compiled`` uses them: ``torch.library.opcheck``
+    (schema, fake tensors incl. symbolic sizes, autograd registration) for softmax and ReLU, with and
+    without padding, atomic and deterministic; then ``torch.compile`` (no ``fullgraph``) over three
+    lengths, against the eager path (an ``autograd.Function`` over the same kernels), with the
+    projection changed in place between forward and backward (a redraw must not leak into it)."""
     import torch._dynamo
 
     from protein_lm.attention.kernels import favor_triton as ft
 
     g = torch.Generator().manual_seed(11 + causal)
     proj = torch.randn(32, 16, generator=g)
-    opts = dict(tile=16, walk_split=32, slice_m=16)
+    res = {"diff": 0.0}
+    for kernel, use_pad, det in (("softmax", True, False), ("relu", False, True)):
+        q, k, v = (torch.randn(1, 2, 40, 16, generator=g, requires_grad=True) for _ in range(3))
+        pad = torch.arange(40)[None] >= 35 if use_pad else None
+        # walk_split None: the causal split count comes from the SM count and L (symbolic in the fake)
+        torch.library.opcheck(
+            ft._forward_op, (q, k, v, proj, pad, kernel, causal, EPS, 16, None, None, 16, None, det)
+        )
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = torch.compile(ft.favor_attention_triton, backend="aot_eager", fullgraph=True, dynamic=True)
-    res = {"diff": 0.0}
-    for length in (40, 56):
+    compiled = torch.compile(ft.favor_attention_triton, backend="aot_eager")
+    for length in (40, 56, 72):
         q, k, v = (torch.randn(1, 2, length, 16, generator=g, requires_grad=True) for _ in range(3))
-        pad = torch.zeros(1, length, dtype=torch.bool)
-        pad[0, -5:] = True
-        if length == 40:
-            args = (q, k, v, proj, pad, "softmax", causal, EPS, 16, None, 32, 16, None, False)
-            torch.library.opcheck(ft._forward_op, args)  # raises on any failed check
-        got, want = (
-            f(q, k, v, proj, "softmax", causal, pad, EPS, **opts)
-            for f in (compiled, ft.favor_attention_triton)
-        )
-        grads = [torch.autograd.grad(o.square().sum(), (q, k, v)) for o in (got, want)]
-        res["diff"] = max(res["diff"], _rel(got.detach(), want.detach()), *map(_rel, *grads))
-    res["frames"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        pad = torch.arange(length)[None] >= length - 5
+        grads = []
+        for f in (compiled, ft.favor_attention_triton):
+            out = f(q, k, v, proj, "softmax", causal, pad, EPS, tile=16, slice_m=16)
+            proj.add_(0.5)  # a redraw between forward and backward
+            grads.append((out.detach(), *torch.autograd.grad(out.square().sum(), (q, k, v))))
+            proj.sub_(0.5)
+        res["diff"] = max(res["diff"], *map(_rel, *grads))
+    counters = torch._dynamo.utils.counters
+    res["graphs"] = counters["stats"]["unique_graphs"]
+    res["breaks"] = sum(counters["graph_break"].values())
     return res
 
 
@@ -272,10 +279,11 @@ def test_interpreted_single_bf16_logit_product(interpreted, causal):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_interpreted_registered_op_compiles_to_one_graph(interpreted, causal):
+def test_interpreted_registered_op_compiles_without_breaks(interpreted, causal):
     r = interpreted[f"op-{causal}"]
-    assert r["diff"] < 1e-6, r  # same kernels traced or not: the same numbers
-    assert r["frames"] == 1, r  # one graph for both lengths: no break, no recompile
+    assert r["diff"] < 1e-5, r  # compiled (ops) and eager (autograd.Function): float32 rounding apart
+    assert r["breaks"] == 0, r
+    assert r["graphs"] <= 2, r  # static, then symbolic in L: no recompile for the third length
 
 
 # --------------------------------------------------------------------------------------------- GPU
@@ -362,7 +370,7 @@ def test_unsupported_shapes_fall_back_to_reference(monkeypatch):
     def no_kernels(*args, **kwargs):
         raise AssertionError("a Triton kernel was launched for an unsupported shape")
 
-    monkeypatch.setattr(favor_triton, "_forward_op", no_kernels)
+    monkeypatch.setattr(favor_triton, "_forward", no_kernels)
     q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
     k, v = torch.randn(1, 2, 12, 16, dtype=torch.float64), torch.randn(1, 2, 12, 16, dtype=torch.float64)
     proj = torch.randn(24, 16, dtype=torch.float64)

@@ -77,6 +77,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = ["favor_attention_triton", "DEFAULT_BLOCK", "LOGIT_PRECISIONS"]
 
@@ -909,13 +910,26 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
-def _split_len(length: int, programs_per_row: int, tile: int, device: torch.device, waves: float) -> int:
-    """Rows per program so that about ``waves * SMs`` programs run (multiple of the tile)."""
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _split_len(length, programs_per_row: int, tile: int, device: torch.device, waves: float):
+    """Rows per program so that about ``waves * SMs`` programs run (multiple of the tile). Integer
+    arithmetic only: ``length`` may be a symbolic size (torch.compile, see ``_forward_fake``)."""
     want = max(1, int(waves * _num_sms(device)))
-    per = math.ceil(length * programs_per_row / want)
-    per = max(tile, math.ceil(per / tile) * tile)
-    n_tiles = math.ceil(length / tile)
-    return min(per, n_tiles * tile)
+    per = torch.sym_max(tile, _cdiv(_cdiv(length * programs_per_row, want), tile) * tile)
+    return torch.sym_min(per, _cdiv(length, tile) * tile)
+
+
+def _causal_splits(
+    length, bh: int, slices: int, tile: int, walk_split: int | None, deterministic: bool, device
+):
+    """``(rows per split, splits)`` of the causal walks: one walk per (split, slice) with atomics,
+    one per split in the deterministic mode."""
+    per_row = bh * (1 if deterministic else slices)
+    split = walk_split or _split_len(length, per_row, tile, device, waves=CAUSAL_WAVES)
+    return split, _cdiv(length, split)
 
 
 def _config(device: torch.device) -> dict:
@@ -947,6 +961,23 @@ def _slice_width(m: int, slice_m: int | None = None) -> int | None:
     return slice_m if ok else None
 
 
+def _check_options(
+    m: int, tile: int, state_split: int | None, walk_split: int | None, slice_m: int | None
+) -> int:
+    """The slice width, or ``ValueError`` for options the kernels cannot run (no shape needed: the
+    wrapper checks them before torch.compile traces the op, so that the caller can fall back)."""
+    bm = _slice_width(m, slice_m)
+    if bm is None:
+        raise ValueError(f"num_features M={m}: no slice width in 16, 32, 64 divides it (slice_m={slice_m})")
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"tile must be a power of two >= 16, got {tile}")
+    for name, rows in (("state_split", state_split), ("walk_split", walk_split)):
+        if rows is not None and (rows <= 0 or rows % tile):
+            # a walk covers whole tiles: a partial one would re-add the next split's rows
+            raise ValueError(f"{name} must be a positive multiple of tile={tile}, got {rows}")
+    return bm
+
+
 class _Plan:
     """Launch geometry and derived constants shared by forward and backward."""
 
@@ -968,18 +999,7 @@ class _Plan:
         self.B, self.H, self.L, self.D, self.M = b, h, length, d, m
         self.BH = b * h
         self.T = tile
-        bm = _slice_width(m, slice_m)
-        if bm is None:
-            raise ValueError(
-                f"num_features M={m}: no slice width in 16, 32, 64 divides it (slice_m={slice_m})"
-            )
-        if tile < 16 or tile & (tile - 1):
-            raise ValueError(f"tile must be a power of two >= 16, got {tile}")
-        for name, rows in (("state_split", state_split), ("walk_split", walk_split)):
-            if rows is not None and (rows <= 0 or rows % tile):
-                # a walk covers whole tiles: a partial one would re-add the next split's rows
-                raise ValueError(f"{name} must be a positive multiple of tile={tile}, got {rows}")
-        self.BM = bm
+        self.BM = _check_options(m, tile, state_split, walk_split, slice_m)
         self.NS = m // self.BM
         self.softmax = kernel == "softmax"
         self.causal = causal
@@ -1001,7 +1021,7 @@ class _Plan:
         dev = q.device
         n_tiles = math.ceil(length / tile)
         if causal:  # one split = one walk per slice; the key-state kernel uses the same splits
-            split = walk_split or _split_len(length, self.BH * per_split, tile, dev, waves=CAUSAL_WAVES)
+            split = _causal_splits(length, self.BH, self.NS, tile, walk_split, deterministic, dev)[0]
             self.split = self.walk_split = split
         else:  # the key- and query-state passes: one program per (split, slice)
             self.split = state_split or _split_len(length, self.BH * self.NS, tile, dev, waves=STATE_WAVES)
@@ -1113,7 +1133,8 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
         gk = gmax + p.lg_sqrt_m  # the head's key shift, with the 1/sqrt(M) factor
     else:
         gk = torch.zeros(BH, device=dev, dtype=torch.float32)
-    rowc = torch.empty(BH, L, device=dev, dtype=torch.float32)
+    # per-query shifts (softmax); ReLU has none, but every output of the op must be defined
+    rowc = (torch.empty if p.softmax else torch.zeros)(BH, L, device=dev, dtype=torch.float32)
     if p.causal:
         s0 = _exclusive_scan(sp, deterministic=not p.atomic)  # state entering each split
         z0 = _exclusive_scan(zp, deterministic=not p.atomic)
@@ -1230,32 +1251,68 @@ _OPTS = "str kernel, bool causal, float eps, int tile, int? state_split, int? wa
 _OPTS += "str? logit_precision, bool deterministic"
 
 
+def _plan(q: Tensor, projection: Tensor, opts: tuple) -> tuple[_Plan, str | None]:
+    """The launch plan and the logit precision from the options tuple (order: ``_OPTS``)."""
+    kernel, causal, eps, tile, state_split, walk_split, slice_m, precision, deterministic = opts
+    plan = _Plan(q, projection, kernel, causal, eps, tile, state_split, walk_split, slice_m, deterministic)
+    return plan, precision
+
+
+def _bytes(pad: Tensor | None) -> Tensor | None:
+    return None if pad is None else pad.view(torch.uint8)  # Triton loads the bool mask as bytes
+
+
+def _output_grad(do: Tensor, o: Tensor, pad: Tensor | None, causal: bool) -> Tensor:
+    """dO as the backward kernels take it."""
+    if pad is not None:
+        # Queries that see no real key (leading padding under a causal mask, or a row that is all
+        # padding) have output 0 and, in exact arithmetic, zero gradient: their normaliser is 0,
+        # floored at eps. Their dO / eps (up to 1e30 * dO) would otherwise amplify bf16 rounding
+        # into garbage dk/dv (measured on an H100: 26-29% error with leading padding).
+        do = do.masked_fill(_blind_queries(pad, causal)[:, None, :, None], 0)
+    return do.to(o.dtype).contiguous()
+
+
+class _FavorEager(torch.autograd.Function):
+    """Eager path: the kernels without the op dispatcher, which costs more host time per call than
+    the launches themselves (a Performer step is host-bound on a fast GPU)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, projection, pad, opts):  # type: ignore[override]
+        p, precision = _plan(q, projection, opts)
+        whi, wlo, wg, split_w = _weights(projection, q.dtype, p, precision)
+        o, den, rowc, s0, z0, gk = _forward(q, k, v, _bytes(pad), whi, wlo, split_w, p)
+        ctx.save_for_backward(q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, pad)
+        ctx.plan, ctx.split_w = p, split_w
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):  # type: ignore[override]
+        q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, pad = ctx.saved_tensors
+        p = ctx.plan
+        do = _output_grad(do, o, pad, p.causal)
+        dq, dk, dv = _backward(
+            q, k, v, o, do, den, rowc, _bytes(pad), whi, wlo, wg, ctx.split_w, s0, z0, gk, p
+        )
+        return dq, dk, dv, None, None, None
+
+
+# Under torch.compile the same kernels are two registered ops, opaque to Dynamo and Inductor, so a
+# model compiles to one graph around them. A copy of this file loaded under another module name
+# (bench/profile_kernels.py --impl) registers its own ops instead of clashing with these.
 @torch.library.custom_op(
     f"{_NS}::{_OP}_fwd",
     mutates_args=(),
     schema=f"(Tensor q, Tensor k, Tensor v, Tensor projection, Tensor? pad, {_OPTS}) -> Tensor[]",
 )
-def _forward_op(
-    q,
-    k,
-    v,
-    projection,
-    pad,
-    kernel,
-    causal,
-    eps,
-    tile,
-    state_split,
-    walk_split,
-    slice_m,
-    logit_precision,
-    deterministic,
-):
-    """``[o, den, rowc, s0, z0, gk]``: the output and what backward needs (``pad`` bool, True at padding)."""
-    p = _Plan(q, projection, kernel, causal, eps, tile, state_split, walk_split, slice_m, deterministic)
-    whi, wlo, _, split_w = _weights(projection, q.dtype, p, logit_precision)
-    pad = None if pad is None else pad.view(torch.uint8)  # Triton loads bytes
-    return list(_forward(q, k, v, pad, whi, wlo, split_w, p))
+def _forward_op(q, k, v, projection, pad, *opts):
+    """``[o, den, rowc, s0, z0, gk, projection copy]``: the output and what backward needs (``pad``
+    bool, True at padding). The copy keeps backward right if the projection is redrawn in between
+    (a copy made outside the op could be recomputed from the redrawn buffer by the partitioner)."""
+    p, precision = _plan(q, projection, opts)
+    whi, wlo, _, split_w = _weights(projection, q.dtype, p, precision)
+    return [*_forward(q, k, v, _bytes(pad), whi, wlo, split_w, p), projection.clone()]
 
 
 @_forward_op.register_fake
@@ -1272,24 +1329,21 @@ def _forward_fake(
     state_split,
     walk_split,
     slice_m,
-    logit_precision,
+    precision,
     deterministic,
 ):
     b, h, length, d = q.shape
     m = projection.shape[0]
     f32 = dict(device=q.device, dtype=torch.float32)
-    if causal:  # per-split states entering each split (float32); the split count follows the plan
-        if all(isinstance(n, int) for n in q.shape):
-            n_split = _Plan(
-                q, projection, kernel, causal, eps, tile, state_split, walk_split, slice_m
-            ).n_split
-        else:  # dynamic shapes: a size only known when the op runs (never specialise on L)
-            n_split = torch.library.get_ctx().new_dynamic_size()
+    if causal:  # per-split states entering each split (float32); sizes may be symbolic in L
+        slices = m // _slice_width(m, slice_m)
+        n_split = _causal_splits(length, b * h, slices, tile, walk_split, deterministic, q.device)[1]
         s0, z0 = q.new_empty(b * h, n_split, m, d, **f32), q.new_empty(b * h, n_split, m, **f32)
     else:  # summed states, S in the input dtype
         s0, z0 = q.new_empty(b * h, m, d), q.new_empty(b * h, m, **f32)
     rows = q.new_empty(b * h, length, **f32)
-    return [torch.empty_like(v), rows, torch.empty_like(rows), s0, z0, q.new_empty(b * h, **f32)]
+    gk = q.new_empty(b * h, **f32)
+    return [torch.empty_like(v), rows, torch.empty_like(rows), s0, z0, gk, torch.empty_like(projection)]
 
 
 @torch.library.custom_op(
@@ -1300,34 +1354,11 @@ def _forward_fake(
         f"Tensor z0, Tensor gk, Tensor projection, Tensor? pad, {_OPTS}) -> (Tensor, Tensor, Tensor)"
     ),
 )
-def _backward_op(
-    q,
-    k,
-    v,
-    o,
-    do,
-    den,
-    rowc,
-    s0,
-    z0,
-    gk,
-    projection,
-    pad,
-    kernel,
-    causal,
-    eps,
-    tile,
-    state_split,
-    walk_split,
-    slice_m,
-    logit_precision,
-    deterministic,
-):
+def _backward_op(q, k, v, o, do, den, rowc, s0, z0, gk, projection, pad, *opts):
     """``dq, dk, dv`` (recomputes the features; the weights are re-derived from the projection)."""
-    p = _Plan(q, projection, kernel, causal, eps, tile, state_split, walk_split, slice_m, deterministic)
-    whi, wlo, wg, split_w = _weights(projection, q.dtype, p, logit_precision)
-    pad = None if pad is None else pad.view(torch.uint8)
-    return _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk, p)
+    p, precision = _plan(q, projection, opts)
+    whi, wlo, wg, split_w = _weights(projection, q.dtype, p, precision)
+    return _backward(q, k, v, o, do, den, rowc, _bytes(pad), whi, wlo, wg, split_w, s0, z0, gk, p)
 
 
 @_backward_op.register_fake
@@ -1336,30 +1367,22 @@ def _backward_fake(q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, projection, pad = inputs[:5]
-    o, den, rowc, s0, z0, gk = output
+    q, k, v, _, pad = inputs[:5]
+    o, den, rowc, s0, z0, gk, projection = output
     ctx.save_for_backward(q, k, v, o, den, rowc, s0, z0, gk, projection, pad)
-    ctx.mark_non_differentiable(den, rowc, s0, z0, gk)
+    ctx.mark_non_differentiable(den, rowc, s0, z0, gk, projection)
     ctx.opts = inputs[5:]
 
 
-def _autograd_backward(ctx, grads):
+def _op_backward(ctx, grads):
     q, k, v, o, den, rowc, s0, z0, gk, projection, pad = ctx.saved_tensors
-    do = grads[0]  # the other outputs are internal (never used downstream)
-    causal = ctx.opts[1]
-    if pad is not None:
-        # Queries that see no real key (leading padding under a causal mask, or a row that is all
-        # padding) have output 0 and, in exact arithmetic, zero gradient: their normaliser is 0,
-        # floored at eps. Their dO / eps (up to 1e30 * dO) would otherwise amplify bf16 rounding
-        # into garbage dk/dv (measured on an H100: 26-29% error with leading padding).
-        do = do.masked_fill(_blind_queries(pad, causal)[:, None, :, None], 0)
-    do = do.to(o.dtype).contiguous()
+    do = _output_grad(grads[0], o, pad, ctx.opts[1])  # grads of the other outputs: unused
     dq, dk, dv = _backward_op(q, k, v, o, do, den, rowc, s0, z0, gk, projection, pad, *ctx.opts)
     return (dq, dk, dv) + (None,) * (len(ctx.opts) + 2)
 
 
 # No double backward: the backward op has no autograd of its own.
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def _blind_queries(pad: Tensor, causal: bool) -> Tensor:
