@@ -1469,6 +1469,7 @@ def favor_attention_triton(
         if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (q.shape[0], q.shape[2]):
             raise ValueError("key_padding_mask must be bool (B, L), True at padding")
         pad = key_padding_mask.contiguous()
+    _check_options(m, tile, state_split, walk_split, slice_m)  # before tracing: callers may fall back
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     opts = (
@@ -1482,5 +1483,8 @@ def favor_attention_triton(
         logit_precision,
         deterministic,
     )
-    out = _forward_op(q, k, v, projection.detach(), pad, *opts)[0]
+    if torch.compiler.is_compiling():
+        out = _forward_op(q, k, v, projection.detach(), pad, *opts)[0]
+    else:
+        out = _FavorEager.apply(q, k, v, projection.detach(), pad, opts)
     return out.to(dtype)
