@@ -204,8 +204,8 @@ class ProteinLMModule(pl.LightningModule):
             steps (``None`` or 0: never; the paper redraws during training).
         seed: seeds the projection redraws and the per-step dropout RNG.
         compile: wrap the model's forward in ``torch.compile``: ``true`` (default mode) or a mode
-            name, e.g. ``"reduce-overhead"`` (CUDA graphs: removes the per-kernel launch cost;
-            1.35x the default mode and 1.5x eager for the concat windows' fixed shapes on an H100,
+            name, e.g. ``"reduce-overhead"`` (CUDA graphs: removes the per-kernel launch cost; for
+            the concat windows' fixed shapes on an H100, 1.35x the default mode in bench/model.py,
             docs/benchmarks.md; every new batch shape records a new graph).
         init_weights: start from the weights of this ``.ckpt`` / exported file (e.g. the
             output of ``protein-lm convert``); the architecture must match, the attention

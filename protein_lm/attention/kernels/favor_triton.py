@@ -50,9 +50,10 @@ walks the slices' contributions to a row (linear in the slices) are summed in on
   last writes the output dtype (the forward takes its shift as an online max over the slices
   instead of ``_rowmax_kernel``). Bitwise reproducible, ~1.7x slower (bench/NOTES_gpu.md).
 
-The host code is two registered torch ops (``protein_lm::favor_triton_fwd`` / ``_bwd``, with fake
-tensor shapes and the autograd formula registered), so ``torch.compile`` traces a model around them
-in one graph instead of breaking it at every attention layer.
+Eager calls run the host code through an ``autograd.Function``. Under ``torch.compile`` the same code
+runs as two registered torch ops (``protein_lm::favor_triton_fwd`` / ``_bwd``, with fake tensor shapes
+and the autograd formula registered), so a model compiles to one graph around them instead of
+breaking at every attention layer.
 
 Between kernels, tiny PyTorch ops combine the per-split partial sums (``(B*H, splits, M, D)``):
 a max-rescaled sum (bidirectional) or an exclusive prefix / suffix scan (causal). Backward
