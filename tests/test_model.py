@@ -256,6 +256,24 @@ def test_positions_reach_the_attention(attention):
         assert torch.allclose(a, b, atol=1e-4) == equivariant, (attention, position)
 
 
+def _triton_performer(causal: bool, dim: int, heads: int, max_length: int) -> ProteinLM:
+    """A 2-layer Performer-softmax model on CUDA with the fused Triton kernels (d_ff = 2 dim, m = dim)."""
+    cfg = ModelConfig(
+        dim=dim,
+        depth=2,
+        heads=heads,
+        ff_dim=2 * dim,
+        attention="performer-softmax",
+        num_features=dim,
+        causal=causal,
+        feature_seed=0,
+        favor_backend="triton",
+        max_length=max_length,
+    )
+    torch.manual_seed(0)
+    return ProteinLM(cfg).cuda()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(("causal", "mode"), [(False, None), (True, None), (False, "reduce-overhead")])
 def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal, mode):
@@ -266,20 +284,8 @@ def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal, mode)
 
     from protein_lm.attention.kernels import favor_triton
 
-    cfg = ModelConfig(
-        dim=128,
-        depth=2,
-        heads=4,
-        ff_dim=256,
-        attention="performer-softmax",
-        num_features=128,
-        causal=causal,
-        feature_seed=0,
-        favor_backend="triton",
-        max_length=512,
-    )
-    torch.manual_seed(0)
-    model = ProteinLM(cfg).cuda()
+    model = _triton_performer(causal, dim=128, heads=4, max_length=512)
+    cfg = model.config
     ids = random_ids(2, 300).cuda()
     launched = []
     real_forward = favor_triton._forward  # what the registered op runs, eager or compiled
@@ -318,24 +324,11 @@ def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal, mode)
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_compiled_model_follows_changing_lengths(causal):
     """Single-protein batches change length from batch to batch: after the first change the compiled
-    model goes symbolic in L (the kernels' op reports its split count as a size known only at run
-    time) and keeps matching the eager model without compiling again for every new length."""
+    model goes symbolic in L (the kernels' op computes its causal split count symbolically, without a
+    graph break) and keeps matching the eager model without compiling again for every new length."""
     import torch._dynamo
 
-    cfg = ModelConfig(
-        dim=64,
-        depth=2,
-        heads=2,
-        ff_dim=128,
-        attention="performer-softmax",
-        num_features=64,
-        causal=causal,
-        feature_seed=0,
-        favor_backend="triton",
-        max_length=2048,
-    )
-    torch.manual_seed(0)
-    model = ProteinLM(cfg).cuda()
+    model = _triton_performer(causal, dim=64, heads=2, max_length=2048)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = model.compiled()
