@@ -199,6 +199,14 @@ def _check_registered_op(causal: bool) -> dict:
         torch.library.opcheck(
             ft._forward_op, (q, k, v, proj, pad, kernel, causal, EPS, 16, None, None, 16, None, det)
         )
+    # eager calls bypass the op dispatcher (it doubled their host time): the op must not be called
+    real_op, op_calls = ft._forward_op, []
+    ft._forward_op = lambda *args: op_calls.append(args) or real_op(*args)
+    try:
+        ft.favor_attention_triton(q, k, v, proj, "softmax", causal, None, EPS, tile=16, slice_m=16)
+    finally:
+        ft._forward_op = real_op
+    res["eager_op_calls"] = len(op_calls)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(ft.favor_attention_triton, backend="aot_eager")
@@ -283,6 +291,7 @@ def test_interpreted_registered_op_compiles_without_breaks(interpreted, causal):
     r = interpreted[f"op-{causal}"]
     assert r["diff"] < 1e-5, r  # compiled (ops) and eager (autograd.Function): float32 rounding apart
     assert r["breaks"] == 0, r
+    assert r["eager_op_calls"] == 0, r
     assert r["graphs"] <= 2, r  # static, then symbolic in L: no recompile for the third length
 
 
