@@ -1242,10 +1242,8 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
 
 
 # --------------------------------------------------------------------------------------------- #
-# torch ops: opaque to torch.compile (one graph around them, no break), autograd registered below
+# entry points with autograd: an autograd.Function (eager), two registered ops (torch.compile)
 # --------------------------------------------------------------------------------------------- #
-# A copy of this file loaded under another module name (bench/profile_kernels.py --impl) registers
-# its own ops instead of clashing with the installed ones.
 _NS = "protein_lm"
 _OP = re.sub(r"\W", "_", __name__.rsplit(".", 1)[-1])
 _OPTS = "str kernel, bool causal, float eps, int tile, int? state_split, int? walk_split, int? slice_m, "
