@@ -138,42 +138,30 @@ def _interpret_all() -> dict:
                 slice_m=16,
                 deterministic=det,
             )
-    # the hi/lo split projection used for bf16 inputs (the interpreter cannot multiply bf16)
-    for causal in (False, True):
-        out[f"split-{causal}"] = _run_case(
-            "softmax",
-            causal,
-            True,
-            torch.float32,
-            2,
-            1,
-            40,
-            16,
-            32,
-            "cpu",
-            tile=16,
-            walk_split=32,
-            logit_precision="split",
-        )
-    # one bf16 product for the logits (W' = W d^-1/4 log2 e rounded to bf16): the reference gets the
-    # same rounded projection, so out must match tightly; the gradients use the unrounded W
-    for causal in (False, True):
-        out[f"bf16-logits-{causal}"] = _run_case(
-            "softmax",
-            causal,
-            True,
-            torch.float32,
-            2,
-            1,
-            40,
-            16,
-            32,
-            "cpu",
-            tile=16,
-            walk_split=32,
-            logit_precision="bf16",
-            reference_projection=_bf16_logit_projection,
-        )
+    # the hi/lo split projection used for bf16 inputs (the interpreter cannot multiply bf16); and one
+    # bf16 product for the logits (W' = W d^-1/4 log2 e rounded to bf16): the reference gets the same
+    # rounded projection, so out must match tightly; the gradients use the unrounded W
+    for tag, precision, reference in (
+        ("split", "split", None),
+        ("bf16-logits", "bf16", _bf16_logit_projection),
+    ):
+        for causal in (False, True):
+            out[f"{tag}-{causal}"] = _run_case(
+                "softmax",
+                causal,
+                True,
+                torch.float32,
+                2,
+                1,
+                40,
+                16,
+                32,
+                "cpu",
+                reference_projection=reference,
+                tile=16,
+                walk_split=32,
+                logit_precision=precision,
+            )
     for causal in (False, True):
         out[f"op-{causal}"] = _check_registered_op(causal)
     return out

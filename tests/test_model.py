@@ -15,18 +15,9 @@ ATTENTIONS = ["exact", "performer-softmax", "performer-relu"]
 
 
 def tiny(attention: str, causal: bool = False, **kw) -> ProteinLM:
-    cfg = ModelConfig(
-        dim=32,
-        depth=2,
-        heads=4,
-        ff_dim=64,
-        attention=attention,
-        num_features=32,
-        causal=causal,
-        feature_seed=0,
-        favor_backend="torch",
-        **kw,
-    )
+    """A 2-layer model in eval mode; ``kw`` overrides any ``ModelConfig`` field."""
+    sizes = dict(dim=32, depth=2, heads=4, ff_dim=64, num_features=32, feature_seed=0, favor_backend="torch")
+    cfg = ModelConfig(**{**sizes, "attention": attention, "causal": causal, **kw})
     torch.manual_seed(0)
     return ProteinLM(cfg).eval()
 
@@ -258,20 +249,8 @@ def test_positions_reach_the_attention(attention):
 
 def _triton_performer(causal: bool, dim: int, heads: int, max_length: int) -> ProteinLM:
     """A 2-layer Performer-softmax model on CUDA with the fused Triton kernels (d_ff = 2 dim, m = dim)."""
-    cfg = ModelConfig(
-        dim=dim,
-        depth=2,
-        heads=heads,
-        ff_dim=2 * dim,
-        attention="performer-softmax",
-        num_features=dim,
-        causal=causal,
-        feature_seed=0,
-        favor_backend="triton",
-        max_length=max_length,
-    )
-    torch.manual_seed(0)
-    return ProteinLM(cfg).cuda()
+    sizes = dict(dim=dim, heads=heads, ff_dim=2 * dim, num_features=dim, max_length=max_length)
+    return tiny("performer-softmax", causal, favor_backend="triton", **sizes).cuda().train()
 
 
 @pytest.mark.gpu
