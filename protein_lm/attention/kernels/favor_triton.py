@@ -43,8 +43,8 @@ fp32 tile and never spills):
 The bidirectional passes use no atomics: their results are bitwise reproducible. In the causal
 walks the slices' contributions to a row (linear in the slices) are summed in one of two ways:
 
-* default: one program per (split, slice), adding to zeroed float32 buffers with atomics; PyTorch
-  casts them. Fastest, but the last float32 bits depend on the order the slices land in.
+* default: one program per (split, slice), adding to zeroed float32 buffers with atomics (the
+  forward's are zeroed by the key-state pass, the backward's by PyTorch, which casts them). Fastest, but the last float32 bits depend on the order the slices land in.
 * deterministic (``torch.use_deterministic_algorithms(True)`` or ``deterministic=True``): one program
   per split walks the slices in turn; the first stores to a float32 scratch, later ones add, the
   last writes the output dtype (the forward takes its shift as an online max over the slices
@@ -55,8 +55,8 @@ runs as two registered torch ops (``protein_lm::favor_triton_fwd`` / ``_bwd``, w
 and the autograd formula registered), so a model compiles to one graph around them instead of
 breaking at every attention layer.
 
-Between kernels, tiny PyTorch ops combine the per-split partial sums (``(B*H, splits, M, D)``):
-a max-rescaled sum (bidirectional) or an exclusive prefix / suffix scan (causal). Backward
+Between kernels, the per-split partial sums (``(B*H, splits, M, D)``) are combined: a max-rescaled
+sum in PyTorch (bidirectional) or ``_exclusive_scan_kernel``'s prefix / suffix scan (causal). Backward
 recomputes everything from ``q, k, v, out`` and the per-row normaliser and shift.
 
 Precision: inputs bf16 (or fp32). The projection ``x W^T`` that feeds ``exp`` runs as two bf16
@@ -253,6 +253,13 @@ def _slice_done(ATOMIC: tl.constexpr):
         tl.debug_barrier()
 
 
+@triton.jit
+def _own_rows(inb, j, T: tl.constexpr, NS: tl.constexpr):
+    """The tile rows that slice ``j``'s program handles in a pass shared out among the slices (row r
+    goes to slice r % NS): one slice doing all of it would make its programs the slowest."""
+    return inb & ((tl.arange(0, T) % NS) == j)
+
+
 # --------------------------------------------------------------------------------------------- #
 # kernels shared by both modes
 # --------------------------------------------------------------------------------------------- #
@@ -266,6 +273,8 @@ def _key_state_kernel(
     SP,
     ZP,
     MP,
+    NUM,
+    DEN,
     H,
     L,
     split_len,
@@ -279,8 +288,11 @@ def _key_state_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    ZERO_SUMS: tl.constexpr,
 ):
-    """Per (split, feature slice): SP = sum phi_k^T V, ZP = sum phi_k, MP = the split's key shift."""
+    """Per (split, feature slice): SP = sum phi_k^T V, ZP = sum phi_k, MP = the split's key shift.
+    ZERO_SUMS: the slices also zero their share of the split's rows of the causal forward's float32
+    sums NUM / DEN (the same splits), which saves a fill pass over memory before the atomic walk."""
     NS: tl.constexpr = M // BM
     bh, sp, ms = _split_slice(n_split, NS)
     b = bh // H
@@ -293,7 +305,11 @@ def _key_state_kernel(
     whi = tl.load(WHI + w_off)
     wlo = tl.load(WLO + w_off)
     for t0 in range(0, split_len, T):
-        rows, _, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+        rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
+        if ZERO_SUMS:
+            own = _own_rows(inb, ms, T, NS)
+            tl.store(NUM + ptr, tl.zeros([T, D], tl.float32), mask=own[:, None])
+            tl.store(DEN + bh.to(tl.int64) * L + rows, tl.zeros([T], tl.float32), mask=own)
         k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
         v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
         u = _proj(k, whi, wlo, SPLIT_W)
@@ -1071,26 +1087,20 @@ def _weights(
     return hi.contiguous(), lo.contiguous(), wg, precision == "split"
 
 
-def _exclusive_scan(x: Tensor, reverse: bool = False, deterministic: bool = False) -> Tensor:
+def _exclusive_scan(x: Tensor, reverse: bool = False) -> Tensor:
     """Exclusive prefix (or suffix) sum over dim 1, without ``cumsum - x`` (which cancels badly
     when one split holds huge values, e.g. ``dO / eps`` of queries that see only padding).
 
-    ``deterministic``: a sequential Triton scan (``torch.cumsum`` on CUDA floats refuses to run under
-    ``torch.use_deterministic_algorithms(True)``)."""
-    if deterministic:
-        x = x.contiguous()
-        out = torch.empty_like(x)
-        rows, n = x.shape[:2]
-        width = x[0, 0].numel()
-        block = 1024
-        grid = rows * triton.cdiv(width, block)
-        _launch("_exclusive_scan_kernel", _exclusive_scan_kernel, grid, x, out, n, width, block, reverse)
-        return out
-    if reverse:
-        return _exclusive_scan(x.flip(1)).flip(1).contiguous()
-    out = torch.zeros_like(x)
-    if x.shape[1] > 1:
-        torch.cumsum(x[:, :-1], dim=1, out=out[:, 1:])
+    A sequential Triton scan: one pass over memory in either direction (``torch.cumsum`` took
+    flips, a fill and copies, ~0.1 ms at 8k) and deterministic (``torch.cumsum`` on CUDA floats
+    refuses to run under ``torch.use_deterministic_algorithms(True)``)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    rows, n = x.shape[:2]
+    width = x[0, 0].numel()
+    block = 1024
+    grid = rows * triton.cdiv(width, block)
+    _launch("_exclusive_scan_kernel", _exclusive_scan_kernel, grid, x, out, n, width, block, reverse)
     return out
 
 
@@ -1107,14 +1117,17 @@ def _scratch(out: Tensor, p: _Plan) -> Tensor:
     return torch.empty(out.shape, device=out.device, dtype=torch.float32)
 
 
-def _key_states(k, v, pad, whi, wlo, p: _Plan, common: dict):
-    """Per-split partial key states ``(BH, n_split, M, D)``, ``(BH, n_split, M)`` and key shifts."""
+def _key_states(k, v, pad, whi, wlo, p: _Plan, common: dict, zero: tuple | None = None):
+    """Per-split partial key states ``(BH, n_split, M, D)``, ``(BH, n_split, M)`` and key shifts.
+    ``zero``: the causal forward's ``(num, den)`` float32 sums, zeroed on the way."""
     BH, M, D = p.BH, p.M, p.D
     sp = torch.empty(BH, p.n_split, M, D, device=k.device, dtype=torch.float32)
     zp = torch.empty(BH, p.n_split, M, device=k.device, dtype=torch.float32)
     mp = torch.empty(BH, p.n_split, p.NS, device=k.device, dtype=torch.float32)
-    args = (k, v, pad, whi, wlo, sp, zp, mp, p.H, p.L, p.split, p.n_split, p.hk2, p.lg_sqrt_m)
-    _launch("_key_state_kernel", _key_state_kernel, BH * p.n_split * p.NS, *args, **common)
+    num, den = zero if zero is not None else (sp, zp)  # dummy pointers
+    args = (k, v, pad, whi, wlo, sp, zp, mp, num, den, p.H, p.L, p.split, p.n_split, p.hk2, p.lg_sqrt_m)
+    grid = BH * p.n_split * p.NS
+    _launch("_key_state_kernel", _key_state_kernel, grid, *args, **common, ZERO_SUMS=zero is not None)
     return sp, zp, mp
 
 
@@ -1124,7 +1137,13 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
     has_pad = pad is not None
     pad_t = pad if has_pad else q  # dummy pointer
     common = p.consts(has_pad, split_w)
-    sp, zp, mp = _key_states(k, v, pad_t, whi, wlo, p, common)
+    sums = None
+    if p.atomic:  # float32 sums of the slices' atomics, zeroed by the key-state pass (same splits)
+        sums = (
+            torch.empty(BH, L, D, device=dev, dtype=torch.float32),
+            torch.empty(BH, L, device=dev, dtype=torch.float32),
+        )
+    sp, zp, mp = _key_states(k, v, pad_t, whi, wlo, p, common, zero=sums)
     if p.softmax:
         gmax = mp.amax(dim=(1, 2))  # (BH,)
         gmax = torch.where(gmax > _NEG / 2, gmax, torch.zeros_like(gmax))  # all-padding heads
@@ -1137,12 +1156,11 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
     # per-query shifts (softmax); ReLU has none, but every output of the op must be defined
     rowc = (torch.empty if p.softmax else torch.zeros)(BH, L, device=dev, dtype=torch.float32)
     if p.causal:
-        s0 = _exclusive_scan(sp, deterministic=not p.atomic)  # state entering each split
-        z0 = _exclusive_scan(zp, deterministic=not p.atomic)
+        s0 = _exclusive_scan(sp)  # state entering each split
+        z0 = _exclusive_scan(zp)
         del sp, zp
-        if p.atomic:  # zeroed float32 sums, finished by _finish_kernel; shift computed up front
-            num = torch.zeros(BH, L, D, device=dev, dtype=torch.float32)
-            den = torch.zeros(BH, L, device=dev, dtype=torch.float32)
+        if p.atomic:  # the zeroed float32 sums, finished by _finish_kernel; shift computed up front
+            num, den = sums
             o = num.view(q.shape) if v.dtype == torch.float32 else torch.empty_like(v)
             if p.softmax:
                 args = (q, pad_t, whi, wlo, rowc, p.H, L, p.walk_split, p.n_walk, p.lg_sqrt_m)
@@ -1221,8 +1239,8 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
     args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, s0, z0, gk, dq32, dq, gp, gzp)
     consts = (p.H, L, p.split, p.n_split, p.hk2, p.eps)
     _launch("_causal_dq_kernel", _causal_dq_kernel, grid, *args, *consts, **slices)
-    g0 = _exclusive_scan(gp, reverse=True, deterministic=not p.atomic)  # suffix state after each split
-    gz0 = _exclusive_scan(gzp, reverse=True, deterministic=not p.atomic)
+    g0 = _exclusive_scan(gp, reverse=True)  # suffix state after each split
+    gz0 = _exclusive_scan(gzp, reverse=True)
     del gp, gzp
     if p.atomic:  # dk reuses dq's float32 buffer (peak: two of them plus the outputs), so copy dq
         dq = dq32.to(q.dtype, copy=True)
