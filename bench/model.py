@@ -6,11 +6,17 @@ fixed shapes ``L x batch``; the longest lengths optionally with activation check
 block recomputed in backward). Needs a CUDA GPU.
 
     python bench/model.py --out bench/results/model_h100.json
+    python bench/model.py --longest --out bench/results/model_longest_h100.json
+
+``--longest`` searches, for each model and checkpointing choice, the longest batch-1 sequence that
+trains: it doubles L until a step runs out of GPU memory, or until the step time predicted from the
+last length (x2 per doubling for Performer, x4 for exact) passes ``--max-step-s``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -46,6 +52,46 @@ COMPILED_RUNS = [
     ("performer-softmax", 131072, 1, False, "default"),
     ("performer-softmax", 131072, 1, False, "reduce-overhead"),
 ]
+
+
+# (attention, checkpointing, first L) of the --longest search
+LONGEST_SEARCH = [
+    ("performer-softmax", False, 262144),
+    ("performer-softmax", True, 1048576),
+    ("exact", False, 262144),
+    ("exact", True, 524288),
+]
+# step time per doubling of L: linear attention, quadratic attention
+GROWTH = {"exact": 4.0}
+
+
+def longest(run, attention: str, ckpt: bool, start: int, max_step_s: float, max_len: int) -> list[dict]:
+    """Doubles L from ``start`` while ``run(attention, L, ckpt)`` (a result dict; raises
+    ``torch.cuda.OutOfMemoryError`` when L does not fit) succeeds. Stops on out-of-memory, at
+    ``max_len``, or before a length whose predicted step time passes ``max_step_s``. Returns every
+    try; the last one says why the search stopped (``stop``), the longest success is marked."""
+    tries: list[dict] = []
+    length = start
+    while True:
+        if length > max_len:
+            stop = f"L > --max-L {max_len}"
+            break
+        if tries:
+            predicted = tries[-1]["step_s"] * GROWTH.get(attention, 2.0)
+            if predicted > max_step_s:
+                stop = f"predicted step {predicted:.0f} s > --max-step-s {max_step_s:g}"
+                break
+        try:
+            r = run(attention, length, ckpt)
+        except torch.cuda.OutOfMemoryError as e:
+            stop = f"OOM at L={length}: " + str(e).split("\n")[0][:100]
+            break
+        tries.append(r)
+        length *= 2
+    if tries:
+        tries[-1]["longest"] = True
+    tries.append({"attention": attention, "checkpointing": ckpt, "L": length, "stop": stop})
+    return tries
 
 
 def _checkpointed(model):
@@ -130,18 +176,10 @@ def run_one(attention, length, batch, ckpt, steps, warmup, causal=False, compile
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--max-L", type=int, default=1 << 21)
-    p.add_argument("--compile", action="store_true", help="also time COMPILED_RUNS (torch.compile modes)")
-    p.add_argument("--only-compiled", action="store_true", help="time only COMPILED_RUNS, compiled")
-    p.add_argument("--out", default="")
-    args = p.parse_args(argv)
+def _info() -> dict:
     import triton
 
-    info = {
+    return {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -151,6 +189,58 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "command": " ".join(sys.argv),
     }
+
+
+def _write(args, doc: dict) -> None:
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+
+
+def main_longest(args) -> None:
+    """The longest batch-1 sequence that trains, per model and checkpointing (one step timed)."""
+
+    def run(attention, length, ckpt):
+        try:
+            r = run_one(attention, length, 1, ckpt, steps=1, warmup=1)
+        finally:  # a failed try's tensors must not crowd the next one
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(json.dumps(r), flush=True)
+        return r
+
+    results = []
+    for attention, ckpt, start in LONGEST_SEARCH:
+        results += longest(run, attention, ckpt, start, args.max_step_s, args.max_L)
+        print(json.dumps(results[-1]), flush=True)
+    _write(args, {"info": _info(), "results": results})
+    print(f"\n{torch.cuda.get_device_name()}  longest batch-1 sequence that trains (one step, bf16)")
+    print(f"{'attention':20s}{'ckpt':>6s}{'longest L':>11s}{'tok/s':>10s}{'peak GB':>9s}  stopped")
+    for attention, ckpt, _ in LONGEST_SEARCH:
+        rows = [r for r in results if r["attention"] == attention and r["checkpointing"] == ckpt]
+        best = next((r for r in rows if r.get("longest")), None)
+        size = (
+            f"{best['L']:>11d}{best['tokens_per_s'] / 1e3:>9.0f}k{best['peak_GB']:>9.1f}"
+            if best
+            else " " * 29
+        )
+        print(f"{attention:20s}{str(ckpt):>6s}{size}  {rows[-1]['stop']}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--max-L", type=int, default=1 << 21)
+    p.add_argument("--compile", action="store_true", help="also time COMPILED_RUNS (torch.compile modes)")
+    p.add_argument("--only-compiled", action="store_true", help="time only COMPILED_RUNS, compiled")
+    p.add_argument("--longest", action="store_true", help="only the longest-sequence search (batch 1)")
+    p.add_argument("--max-step-s", type=float, default=30.0, help="--longest: the slowest step to try")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    if args.longest:
+        return main_longest(args)
+    info = _info()
     results = []
     runs = [] if args.only_compiled else [(*r, None) for r in DEFAULT_RUNS]
     if args.compile or args.only_compiled:
@@ -181,10 +271,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
         results.append(r)
         print(json.dumps(r), flush=True)
-    doc = {"info": info, "results": results}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1))
+    _write(args, {"info": info, "results": results})
     print(f"\n{info['gpu']}  training step (fwd+bwd+AdamW), bf16")
     print(
         f"{'attention':20s}{'L':>9s}{'batch':>6s}{'ckpt':>6s}{'compiled':>17s}{'tok/s':>12s}{'peak GB':>9s}"
