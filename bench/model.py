@@ -66,10 +66,11 @@ GROWTH = {"exact": 4.0}
 
 
 def longest(run, attention: str, ckpt: bool, start: int, max_step_s: float, max_len: int) -> list[dict]:
-    """Doubles L from ``start`` while ``run(attention, L, ckpt)`` (a result dict; raises
-    ``torch.cuda.OutOfMemoryError`` when L does not fit) succeeds. Stops on out-of-memory, at
-    ``max_len``, or before a length whose predicted step time passes ``max_step_s``. Returns every
-    try; the last one says why the search stopped (``stop``), the longest success is marked."""
+    """Doubles L from ``start`` while ``run(attention, L, ckpt)`` (a result dict with ``step_s``;
+    raises when L does not fit in GPU memory) succeeds. Stops on out-of-memory, at ``max_len``, after
+    a step slower than ``max_step_s``, or before a length whose predicted step time passes it.
+    Returns every try; the last one says why the search stopped (``stop``); the longest success is
+    marked ``longest``."""
     tries: list[dict] = []
     length = start
     while True:
@@ -83,15 +84,26 @@ def longest(run, attention: str, ckpt: bool, start: int, max_step_s: float, max_
                 break
         try:
             r = run(attention, length, ckpt)
-        except torch.cuda.OutOfMemoryError as e:
-            stop = f"OOM at L={length}: " + str(e).split("\n")[0][:100]
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            stop = f"OOM at L={length}: " + str(e).split("\n")[0][:160]
             break
         tries.append(r)
         length *= 2
+        if r["step_s"] > max_step_s:
+            stop = f"step {r['step_s']:.0f} s > --max-step-s {max_step_s:g}"
+            break
     if tries:
         tries[-1]["longest"] = True
     tries.append({"attention": attention, "checkpointing": ckpt, "L": length, "stop": stop})
     return tries
+
+
+def _out_of_memory(e: Exception) -> bool:
+    """The allocator's error, or a library's failed allocation (e.g. cuBLAS) that says so."""
+    text = str(e)
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
 
 
 def _checkpointed(model):
@@ -200,6 +212,8 @@ def _write(args, doc: dict) -> None:
 def main_longest(args) -> None:
     """The longest batch-1 sequence that trains, per model and checkpointing (one step timed)."""
 
+    info, done = _info(), []
+
     def run(attention, length, ckpt):
         try:
             r = run_one(attention, length, 1, ckpt, steps=1, warmup=1)
@@ -207,13 +221,15 @@ def main_longest(args) -> None:
             gc.collect()
             torch.cuda.empty_cache()
         print(json.dumps(r), flush=True)
+        done.append(r)
+        _write(args, {"info": info, "results": done})  # kept if a later try crashes
         return r
 
     results = []
     for attention, ckpt, start in LONGEST_SEARCH:
         results += longest(run, attention, ckpt, start, args.max_step_s, args.max_L)
         print(json.dumps(results[-1]), flush=True)
-    _write(args, {"info": _info(), "results": results})
+    _write(args, {"info": info, "results": results})
     print(f"\n{torch.cuda.get_device_name()}  longest batch-1 sequence that trains (one step, bf16)")
     print(f"{'attention':20s}{'ckpt':>6s}{'longest L':>11s}{'tok/s':>10s}{'peak GB':>9s}  stopped")
     for attention, ckpt, _ in LONGEST_SEARCH:

@@ -57,3 +57,27 @@ def test_longest_reports_no_length_when_the_first_fails_and_stops_at_max_len(
     assert calls == expect_calls
     assert [r["L"] for r in rows if r.get("longest")] == expect_longest
     assert rows[-1]["stop"].startswith("OOM" if limit == 512 else "L > --max-L 2048")
+
+
+def test_longest_stops_after_a_measured_step_over_the_limit_even_the_first():
+    calls: list = []
+    rows = longest(_fake(1 << 30, lambda n: 50.0, calls), "exact", True, 1024, 30.0, 1 << 20)
+    assert calls == [1024]  # it trained, so it is reported, but nothing longer is tried
+    assert [r["L"] for r in rows if r.get("longest")] == [1024]
+    assert rows[-1]["stop"] == "step 50 s > --max-step-s 30"
+
+
+def test_longest_treats_a_library_allocation_failure_as_out_of_memory_and_reraises_other_errors():
+    def run(attention, length, ckpt):
+        if length > 1024:
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate")
+        return {"attention": attention, "L": length, "checkpointing": ckpt, "step_s": 0.1}
+
+    rows = longest(run, "exact", False, 1024, 30.0, 1 << 20)
+    assert rows[-1]["stop"].startswith("OOM at L=2048: CUDA error: CUBLAS_STATUS_ALLOC_FAILED")
+
+    def broken(attention, length, ckpt):
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        longest(broken, "exact", False, 1024, 30.0, 1 << 20)

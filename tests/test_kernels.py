@@ -9,6 +9,7 @@ GPU (marker ``gpu``): compiled kernels on bf16 inputs vs the reference on the sa
 from __future__ import annotations
 
 import json
+import math
 import sys
 import zlib
 
@@ -164,7 +165,69 @@ def _interpret_all() -> dict:
             )
     for causal in (False, True):
         out[f"op-{causal}"] = _check_registered_op(causal)
+    out["scan"] = _check_scan()
+    out["nan-buffers"] = _check_uninitialised_buffers()
     return out
+
+
+def _check_scan() -> dict:
+    """``_exclusive_scan`` (the causal split states) against a float64 exclusive scan: one split, many
+    splits, widths that are not a multiple of the kernel's column block, both directions, and one
+    huge split whose value must not reach the splits before it (no ``inclusive - x`` cancellation)."""
+    from protein_lm.attention.kernels.favor_triton import _exclusive_scan
+
+    g = torch.Generator().manual_seed(3)
+    res = {"err": 0.0, "before_huge": 0.0}
+    for rows, n, width in ((1, 1, 5), (2, 3, 7), (2, 17, 256), (1, 40, 300)):
+        x = torch.randn(rows, n, width, generator=g)
+        huge = n // 2
+        x[:, huge] *= 1e12
+        for reverse in (False, True):
+            got = _exclusive_scan(x, reverse=reverse).double()
+            xs = x.double().flip(1) if reverse else x.double()
+            ref = torch.cat([torch.zeros_like(xs[:, :1]), xs.cumsum(1)[:, :-1]], dim=1)
+            ref = ref.flip(1) if reverse else ref
+            res["err"] = max(res["err"], ((got - ref).abs() / (ref.abs() + 1.0)).max().item())
+            untouched = got[:, huge + 1 :] if reverse else got[:, : huge + 1]  # before the huge split
+            if untouched.numel():
+                res["before_huge"] = max(res["before_huge"], untouched.abs().max().item())
+    return res
+
+
+def _check_uninitialised_buffers() -> dict:
+    """The atomic causal path with every ``torch.empty`` / ``empty_like`` buffer filled with NaN (the
+    allocator may hand back any bytes): the results must equal those of a normal run bitwise, so every
+    float32 sum the kernels add to was zeroed first (here: by the key-state pass)."""
+    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 70, 16, generator=g) for _ in range(3))
+    proj, do = torch.randn(64, 16, generator=g), torch.randn(2, 2, 70, 16, generator=g)
+    pad = torch.arange(70)[None].expand(2, -1) >= torch.tensor([[70], [61]])
+
+    def run():
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = favor_attention_triton(
+            *ins, proj, "softmax", True, pad, EPS, tile=16, walk_split=32, slice_m=16
+        )
+        out.backward(do)
+        return [out.detach()] + [t.grad for t in ins]
+
+    def nan_filled(make):
+        def make_nan(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(math.nan) if t.is_floating_point() else t
+
+        return make_nan
+
+    normal = run()
+    empty, empty_like = torch.empty, torch.empty_like
+    torch.empty, torch.empty_like = nan_filled(empty), nan_filled(empty_like)
+    try:
+        poisoned = run()
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+    return {"equal": all(torch.equal(a, b) for a, b in zip(normal, poisoned, strict=True))}
 
 
 def _check_registered_op(causal: bool) -> dict:
@@ -220,6 +283,16 @@ def _bf16_logit_projection(proj, d):
 
     s = d**-0.25 / math.log(2)
     return (proj.double() * s).to(torch.bfloat16).double() / s
+
+
+def test_interpreted_split_state_scan_matches_float64(interpreted):
+    r = interpreted["scan"]
+    assert r["err"] < 1e-6, r
+    assert r["before_huge"] < 1e3, r  # an O(1) sum of earlier splits, not a cancelled 1e12
+
+
+def test_interpreted_causal_sums_are_zeroed_inside_the_kernels(interpreted):
+    assert interpreted["nan-buffers"]["equal"]
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,8 @@ The bidirectional passes use no atomics: their results are bitwise reproducible.
 walks the slices' contributions to a row (linear in the slices) are summed in one of two ways:
 
 * default: one program per (split, slice), adding to zeroed float32 buffers with atomics (the
-  forward's are zeroed by the key-state pass, the backward's by PyTorch, which casts them). Fastest, but the last float32 bits depend on the order the slices land in.
+  forward's are zeroed by the key-state pass, the backward's by PyTorch, which casts them).
+  Fastest, but the last float32 bits depend on the order the slices land in.
 * deterministic (``torch.use_deterministic_algorithms(True)`` or ``deterministic=True``): one program
   per split walks the slices in turn; the first stores to a float32 scratch, later ones add, the
   last writes the output dtype (the forward takes its shift as an online max over the slices
@@ -1093,7 +1094,9 @@ def _exclusive_scan(x: Tensor, reverse: bool = False) -> Tensor:
 
     A sequential Triton scan: one pass over memory in either direction (``torch.cumsum`` took
     flips, a fill and copies, ~0.1 ms at 8k) and deterministic (``torch.cumsum`` on CUDA floats
-    refuses to run under ``torch.use_deterministic_algorithms(True)``)."""
+    refuses to run under ``torch.use_deterministic_algorithms(True)``). Each program walks the
+    splits one at a time: with the automatic splits that is ~33 steps for B*H = 8, but ~260 for a
+    single head (not measured; a blocked walk would cut it)."""
     x = x.contiguous()
     out = torch.empty_like(x)
     rows, n = x.shape[:2]
