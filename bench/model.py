@@ -9,8 +9,9 @@ block recomputed in backward). Needs a CUDA GPU.
     python bench/model.py --longest --out bench/results/model_longest_h100.json
 
 ``--longest`` searches, for each model and checkpointing choice, the longest batch-1 sequence that
-trains: it doubles L until a step runs out of GPU memory, or until the step time predicted from the
-last length (x2 per doubling for Performer, x4 for exact) passes ``--max-step-s``.
+trains: it doubles L until a step runs out of GPU memory, or until a step's time, measured or
+predicted from the last length (x2 per doubling for Performer, x4 for exact), passes
+``--max-step-s``. The JSON is rewritten after every try.
 """
 
 from __future__ import annotations
