@@ -17,7 +17,8 @@ What it adds to the plain model — and nothing else:
   ranks before dividing (:class:`TokenMetrics`) — not a mean of per-batch means,
   which would over-weight short batches. Logged as ``val/loss``, ``val/accuracy``,
   ``val/perplexity`` (``test/*`` likewise); ``train/loss`` is the per-step batch loss;
-* AdamW with linear warm-up and cosine decay to ``min_lr_ratio * lr``; no weight decay
+* AdamW with linear warm-up and cosine (or linear) decay to ``min_lr_ratio * lr``, over the
+  steps or over a wall-clock budget (``schedule``, :mod:`protein_lm.schedules`); no weight decay
   on biases, norms and embeddings (:func:`param_groups`); gradient clipping is the
   Trainer's (``gradient_clip_val`` in the configs);
 * Performer projection redraw every ``redraw_interval`` optimiser steps, from a
@@ -53,6 +54,7 @@ from protein_lm.attention.adaptive_span import span_statistics
 from protein_lm.errors import UserError
 from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
 from protein_lm.model import ModelConfig, ProteinLM
+from protein_lm.schedules import SCHEDULES, TrainClock, time_warmup_decay, warmup_decay
 
 Objective = Literal["mlm", "causal"]
 IGNORE_INDEX = -100
@@ -164,16 +166,7 @@ def warmup_cosine(warmup_steps: int, total_steps: int | None, min_lr_ratio: floa
 
     With ``total_steps=None`` the rate stays at 1 after warm-up.
     """
-
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if not total_steps or total_steps <= warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    return warmup_decay(warmup_steps, total_steps, min_lr_ratio, "cosine")
 
 
 def _mix_seed(*parts: int) -> int:
@@ -200,6 +193,10 @@ class ProteinLMModule(pl.LightningModule):
         max_steps: length of the cosine decay; ``None`` uses the Trainer's estimate
             (``trainer.estimated_stepping_batches``).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
+        schedule: decay after warm-up: ``cosine`` / ``linear`` over the steps up to ``max_steps``,
+            or ``time_cosine`` / ``time_linear`` over ``budget_minutes`` of training time
+            (:attr:`train_clock`, which evaluations may pause), for runs with a time budget.
+        budget_minutes: the training-time budget of the ``time_*`` schedules.
         redraw_interval: redraw the Performer projections every this many optimiser
             steps (``None`` or 0: never; the paper redraws during training).
         seed: seeds the projection redraws and the per-step dropout RNG.
@@ -223,6 +220,8 @@ class ProteinLMModule(pl.LightningModule):
         warmup_steps: int = 1000,
         max_steps: int | None = None,
         min_lr_ratio: float = 0.1,
+        schedule: str = "cosine",
+        budget_minutes: float | None = None,
         redraw_interval: int | None = 1000,
         seed: int = 0,
         compile: bool | str = False,
@@ -233,6 +232,10 @@ class ProteinLMModule(pl.LightningModule):
             raise ValueError(f"objective must be 'mlm' or 'causal', got {objective!r}")
         if isinstance(compile, str) and compile not in COMPILE_MODES:
             raise ValueError(f"compile must be true, false or one of {COMPILE_MODES}, got {compile!r}")
+        if schedule not in SCHEDULES:
+            raise UserError(f"model.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        if schedule.startswith("time_") and not (budget_minutes and budget_minutes > 0):
+            raise UserError(f"model.schedule {schedule} needs model.budget_minutes > 0, got {budget_minutes!r}")
         if isinstance(config, dict):
             config = ModelConfig.from_dict(config)
         if objective == "mlm" and config.causal:
@@ -251,6 +254,8 @@ class ProteinLMModule(pl.LightningModule):
                 "warmup_steps": warmup_steps,
                 "max_steps": max_steps,
                 "min_lr_ratio": min_lr_ratio,
+                "schedule": schedule,
+                "budget_minutes": budget_minutes,
                 "redraw_interval": redraw_interval,
                 "seed": seed,
                 "compile": compile,
@@ -264,6 +269,9 @@ class ProteinLMModule(pl.LightningModule):
             self._load_initial_weights(init_weights)
         self.val_metrics = TokenMetrics()
         self.test_metrics = TokenMetrics()
+        # Training seconds for the time schedules; started when fitting starts, paused by
+        # evaluations (Lightning's validation here, a benchmark's own evaluations elsewhere).
+        self.train_clock = TrainClock()
         self._compiled: Callable | None = None
         self._rng_step: tuple[int, int] = (-1, 0)  # (global_step, micro-batch) of the last reseed
         self._pending_rng: dict[str, Any] | None = None
@@ -297,6 +305,10 @@ class ProteinLMModule(pl.LightningModule):
         return loss, out.aux_loss, loss_sum, correct, count
 
     # -- training ----------------------------------------------------------------
+
+    def on_train_start(self) -> None:
+        if not self.train_clock.started:
+            self.train_clock.start()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = int(self.global_step)
@@ -346,6 +358,12 @@ class ProteinLMModule(pl.LightningModule):
         _, _, loss_sum, correct, count = self._shared_step(batch)
         self.val_metrics.update(loss_sum, correct, count)
 
+    def on_validation_start(self) -> None:
+        self.train_clock.pause()
+
+    def on_validation_end(self) -> None:
+        self.train_clock.resume()
+
     def on_validation_epoch_start(self) -> None:
         reset_pkm_usage(self.model)  # PKM slot usage is measured over the validation set only
 
@@ -392,8 +410,12 @@ class ProteinLMModule(pl.LightningModule):
         for group in groups:
             if group.pop("lr_schedule", None) == "constant":
                 lambdas.append(lambda step: 1.0)
+            elif hp.schedule.startswith("time_"):
+                budget = 60.0 * float(hp.budget_minutes)
+                lambdas.append(time_warmup_decay(hp.warmup_steps, budget, hp.min_lr_ratio, hp.schedule,
+                                                 self.train_clock))
             else:
-                lambdas.append(warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
+                lambdas.append(warmup_decay(hp.warmup_steps, total, hp.min_lr_ratio, hp.schedule))
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
