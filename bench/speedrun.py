@@ -43,6 +43,7 @@ import math
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -317,6 +318,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> dict[str, Any]:
         text = json.dumps(document, indent=1, allow_nan=True)
         write_atomically(json_path, lambda tmp: tmp.write_text(text + "\n"), "--json")
 
+    # Lightning's validation is off, so the best-on-val/loss checkpoint callback never sees its metric.
+    warnings.filterwarnings("ignore", message=r".*could not find the monitored key.*")
     recorder = SpeedrunRecorder(eval_sets, args.eval_every, 60.0 * args.minutes, write)
     trainer.callbacks.append(recorder)
     trainer.fit(module, datamodule=datamodule)
