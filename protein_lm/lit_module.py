@@ -17,7 +17,7 @@ What it adds to the plain model — and nothing else:
   ranks before dividing (:class:`TokenMetrics`) — not a mean of per-batch means,
   which would over-weight short batches. Logged as ``val/loss``, ``val/accuracy``,
   ``val/perplexity`` (``test/*`` likewise); ``train/loss`` is the per-step batch loss;
-* AdamW with linear warm-up and cosine (or linear) decay to ``min_lr_ratio * lr``, over the
+* AdamW (or Muon for the weight matrices, ``optimizer``) with linear warm-up and cosine (or linear) decay to ``min_lr_ratio * lr``, over the
   steps or over a wall-clock budget (``schedule``, :mod:`protein_lm.schedules`); no weight decay
   on biases, norms and embeddings (:func:`param_groups`); gradient clipping is the
   Trainer's (``gradient_clip_val`` in the configs);
@@ -54,6 +54,7 @@ from protein_lm.attention.adaptive_span import span_statistics
 from protein_lm.errors import UserError
 from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
 from protein_lm.model import ModelConfig, ProteinLM
+from protein_lm.optimizers import MuonAdamW, split_for_muon
 from protein_lm.schedules import SCHEDULES, TrainClock, time_warmup_decay, warmup_decay
 
 Objective = Literal["mlm", "causal"]
@@ -61,6 +62,7 @@ IGNORE_INDEX = -100
 # torch.compile's modes, accepted by ``compile``
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CHECKPOINT_KEY = "protein_lm"
+OPTIMIZERS = ("adamw", "muon")
 
 
 class NonFiniteLossError(UserError):
@@ -197,6 +199,8 @@ class ProteinLMModule(pl.LightningModule):
             or ``time_cosine`` / ``time_linear`` over ``budget_minutes`` of training time
             (:attr:`train_clock`, which evaluations may pause), for runs with a time budget.
         budget_minutes: the training-time budget of the ``time_*`` schedules.
+        optimizer: ``adamw``, or ``muon``: ``torch.optim.Muon`` for the 2-D weights of the linear
+            layers and AdamW for embeddings, norms, biases (:mod:`protein_lm.optimizers`).
         redraw_interval: redraw the Performer projections every this many optimiser
             steps (``None`` or 0: never; the paper redraws during training).
         seed: seeds the projection redraws and the per-step dropout RNG.
@@ -222,6 +226,7 @@ class ProteinLMModule(pl.LightningModule):
         min_lr_ratio: float = 0.1,
         schedule: str = "cosine",
         budget_minutes: float | None = None,
+        optimizer: str = "adamw",
         redraw_interval: int | None = 1000,
         seed: int = 0,
         compile: bool | str = False,
@@ -236,6 +241,8 @@ class ProteinLMModule(pl.LightningModule):
             raise UserError(f"model.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
         if schedule.startswith("time_") and not (budget_minutes and budget_minutes > 0):
             raise UserError(f"model.schedule {schedule} needs model.budget_minutes > 0, got {budget_minutes!r}")
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         if isinstance(config, dict):
             config = ModelConfig.from_dict(config)
         if objective == "mlm" and config.causal:
@@ -256,6 +263,7 @@ class ProteinLMModule(pl.LightningModule):
                 "min_lr_ratio": min_lr_ratio,
                 "schedule": schedule,
                 "budget_minutes": budget_minutes,
+                "optimizer": optimizer,
                 "redraw_interval": redraw_interval,
                 "seed": seed,
                 "compile": compile,
@@ -402,12 +410,17 @@ class ProteinLMModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay)
-        lambdas = []
+        if hp.optimizer == "muon":
+            optimizer: torch.optim.Optimizer = MuonAdamW(split_for_muon(groups), lr=hp.lr, betas=tuple(hp.betas),
+                                                         eps=hp.eps)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         total = hp.max_steps
         if total is None and self.trainer is not None:
             estimate = self.trainer.estimated_stepping_batches
             total = int(estimate) if math.isfinite(estimate) else None
-        for group in groups:
+        lambdas = []
+        for group in optimizer.param_groups:  # the optimiser's order (Muon's groups come first)
             if group.pop("lr_schedule", None) == "constant":
                 lambdas.append(lambda step: 1.0)
             elif hp.schedule.startswith("time_"):
@@ -416,7 +429,6 @@ class ProteinLMModule(pl.LightningModule):
                                                  self.train_clock))
             else:
                 lambdas.append(warmup_decay(hp.warmup_steps, total, hp.min_lr_ratio, hp.schedule))
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
