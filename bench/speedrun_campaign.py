@@ -119,7 +119,7 @@ def start(campaign: dict[str, Any], out: Path, only: list[str] | None) -> list[t
         cmd = run_command(name, campaign["runs"][name], campaign, out)
         (out / f"{name}.cmd.json").write_text(json.dumps(cmd) + "\n")
         with open(out / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         pid_file = out / f"{name}.pid"
         tmp = pid_file.with_name(pid_file.name + ".part")
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--status", action="store_true", help="print each run's last row and whether it is alive")
     parser.add_argument("--stop", action="store_true", help="send SIGTERM to the runs still alive")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the runs write there whatever their working directory
     only = [n for n in args.only.split(",") if n] if args.only else None
     try:
         if args.status:

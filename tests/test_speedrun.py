@@ -206,7 +206,7 @@ def test_campaign_starts_detached_runs_and_reports_them(tmp_path, ood_fasta):
     launcher = [sys.executable, str(REPO / "bench" / "speedrun_campaign.py")]
     try:
         started = subprocess.run([*launcher, str(spec), "--out", str(out)], capture_output=True, text=True,
-                                 timeout=60, check=True).stdout
+                                 timeout=60, check=True, cwd=REPO).stdout  # the configs' relative paths
         assert "started a" in started and "started b" in started
         report = {e["run"]: e for e in speedrun_campaign.status(out)}
         assert set(report) == {"a", "b"} and all(e["alive"] for e in report.values())  # returned at once
