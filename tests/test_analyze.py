@@ -167,26 +167,36 @@ def test_analyze_writes_every_file(tmp_path, tiny_checkpoint, sample_fasta, caps
     rc = main([*argv, "--max-sequences", "4", "--max-length", "80"])
     assert rc == 0
     err = capsys.readouterr().err
-    assert "4/4 sequences" in err
+    assert "4/4 proteins" in err
     names = {p.name for p in out.iterdir()}
     expected = {
-        "similarity.csv",
-        "similarity_aggregated.csv",
-        "head_scores.csv",
+        "logodds_best_head.csv",
+        "logodds_aggregated.csv",
+        "logodds_head_scores.csv",
         "mass.npy",
         "uniform_mass.npy",
         "summary.json",
         "similarity_vs_blosum62.png",
-        "similarity_vs_blosum62_clustered.png",
-        "similarity_aggregated_vs_blosum62.png",
-        "head_correlations.png",
+        "logodds_best_head_vs_blosum62.png",
+        "logodds_best_head_vs_blosum62_clustered.png",
+        "vig_soft.csv",
+        "vig_exact.csv",
+        "vig_soft_sums.npy",
+        "vig_exact_sums.npy",
+        "vig_exact_vs_blosum62.png",
+        "vig_per_layer.png",
+        "substitution.csv",
+        "substitution_counts.npy",
+        "substitution_vs_blosum62.png",
+        "logodds_aggregated_vs_blosum62.png",
+        "logodds_head_correlations.png",
     }
     assert expected <= names
     assert "stale.txt" not in names  # an earlier analysis is replaced as a whole
     assert out.stat().st_mode & 0o777 != 0o700  # not mkdtemp's private mode
     assert [n for n in names if n.startswith("attention_") and n.endswith(".png")]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".analysis")]  # no temp dirs left
-    for csv_name in ("similarity.csv", "similarity_aggregated.csv"):
+    for csv_name in ("logodds_best_head.csv", "logodds_aggregated.csv"):
         header, row_labels, matrix = _read_matrix_csv(out / csv_name)
         assert header == ["", *STANDARD_AA] and row_labels == list(STANDARD_AA)
         assert matrix.shape == (20, 20) and np.all(np.isfinite(matrix))
@@ -199,7 +209,7 @@ def test_analyze_writes_every_file(tmp_path, tiny_checkpoint, sample_fasta, caps
     assert summary["num_sequences"] == 4 and summary["null"] == "uniform"
     assert -1 <= summary["blosum62_pearson"] <= 1 and 1 <= summary["rank_DE"] <= 190
     assert (summary["best_layer"], summary["best_head"]) in {(l, h) for l in range(2) for h in range(2)}
-    scores = list(csv.DictReader((out / "head_scores.csv").open()))
+    scores = list(csv.DictReader((out / "logodds_head_scores.csv").open()))
     assert len(scores) == 4
     best = next(
         r
@@ -289,7 +299,7 @@ def test_analyze_mass_and_correlation_match_a_direct_computation(tmp_path, tiny_
     np.testing.assert_allclose(np.load(out / "mass.npy"), expected, rtol=1e-4, atol=1e-7)
 
     summary = json.loads((out / "summary.json").read_text())
-    _, _, sim = _read_matrix_csv(out / "similarity.csv")
+    _, _, sim = _read_matrix_csv(out / "logodds_best_head.csv")
     blosum = substitution_matrices.load("BLOSUM62")
     ref = np.array([[blosum[a][b] for b in STANDARD_AA] for a in STANDARD_AA], dtype=float)
     upper = np.triu_indices(20, k=1)

@@ -191,7 +191,7 @@ def test_analyze_null_marginal_vs_uniform_log_odds_by_hand(analyze_setup, tmp_pa
         s = summaries[null]
         best = mass[s["best_layer"], s["best_head"]]
         by_hand = _log_odds(best, expected, 0.01)
-        csv_best = _read_matrix(runs[null] / "similarity.csv")
+        csv_best = _read_matrix(runs[null] / "logodds_best_head.csv")
         assert csv_best[d, e] == pytest.approx(by_hand[d, e], abs=2e-6)
         np.testing.assert_allclose(csv_best, by_hand, atol=2e-6)
     # The two nulls give different matrices for the same head.
@@ -398,5 +398,5 @@ def test_analyze_learned_positions_crops_to_the_window(tmp_path, capsys):
     np.testing.assert_allclose(np.load(out / "mass.npy"), mass, rtol=1e-5, atol=1e-6)
     # uniform null in closed form: n residues of n + 2 positions, self left out -> n (n - 1) / (n + 2)
     assert np.load(out / "uniform_mass.npy").sum() == pytest.approx(22 * 21 / 24 + 10 * 9 / 12)
-    assert np.isfinite(_read_matrix(out / "similarity.csv")).all()
+    assert np.isfinite(_read_matrix(out / "logodds_best_head.csv")).all()
     assert (out / "attention_long.png").is_file()

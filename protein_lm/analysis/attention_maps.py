@@ -23,17 +23,20 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from protein_lm.analysis.similarity import SimilarityAccumulator
+from protein_lm.analysis.substitution import SubstitutionAccumulator
+from protein_lm.analysis.vig import VigAccumulator
 from protein_lm.tokenizer import CLS_ID, EOS_ID, PAD_ID, STANDARD_AA_IDS
 
 RESIDUE_IDS = tuple(range(4, 31))  # every residue token (standard and X/B/U/Z/O/./-), no specials
 DEFAULT_BLOCK_ELEMENTS = 1 << 24  # 16 M numbers = 64 MB of float32 per block
+DEFAULT_BATCH_TOKENS = 8192  # framed, padded tokens per analysis batch
 
 
 def frame(tokens: np.ndarray | Iterable[int]) -> Tensor:
@@ -202,6 +205,34 @@ def _model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def length_batches(
+    sequences: Sequence[tuple[str, np.ndarray]], max_tokens: int
+) -> Iterator[list[tuple[str, np.ndarray]]]:
+    """Group proteins of similar length, longest first, into batches of at most ``max_tokens``
+    framed, padded tokens (a protein longer than that goes alone). Sorting keeps padding small."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][1]))
+    batch: list[tuple[str, np.ndarray]] = []
+    width = 0
+    for i in order:
+        length = len(sequences[i][1]) + 2
+        width = max(width, length)
+        if batch and (len(batch) + 1) * width > max_tokens:
+            yield batch
+            batch, width = [], length
+        batch.append(sequences[i])
+    if batch:
+        yield batch
+
+
+def frame_batch(token_lists: Sequence[np.ndarray]) -> Tensor:
+    """Residue token ids of several proteins -> ``(B, L_max + 2)`` framed ids, ``<pad>`` after ``<eos>``."""
+    framed = [frame(t)[0] for t in token_lists]
+    out = torch.full((len(framed), max(len(f) for f in framed)), PAD_ID, dtype=torch.long)
+    for row, f in zip(out, framed, strict=True):
+        row[: len(f)] = f
+    return out
+
+
 def accumulate_similarity(
     model,
     sequences: Iterable[tuple[str, np.ndarray]],
@@ -210,52 +241,79 @@ def accumulate_similarity(
     max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     progress: bool = False,
     total: int | None = None,
+    vig: VigAccumulator | None = None,
+    substitution: SubstitutionAccumulator | None = None,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    seed: int = 0,
+    label: str = "analyze",
 ) -> SimilarityAccumulator:
-    """Sum attention mass between residue types over sequences, for every layer and head.
+    """Sum attention statistics over proteins, for every layer and head, in length-sorted batches.
 
-    Also sums the uniform-attention baseline of the same sequences (``accumulator.baseline``).
+    Always sums the log-odds attention mass and its uniform-attention baseline (``accumulator``);
+    with ``vig`` also Vig et al.'s key-type sums (self-edges kept, as they do), and with
+    ``substitution`` the masked-LM predictions (one extra forward pass per batch, masks drawn from
+    ``seed`` so that every model scored with the same seed sees the same masked positions).
+    Padding never changes a protein's contribution, so the result does not depend on ``batch_tokens``.
 
     Args:
         model: a ProteinLM in eval mode (any device; inputs are moved to it).
         sequences: ``(id, residue token ids)`` pairs (no special tokens; cropped by the caller).
         accumulator: add to this one (default: a new one sized for the model).
-        exclude_self: drop each position's attention to itself (see docs/analysis.md).
+        exclude_self: drop each position's attention to itself from the log-odds mass.
         max_block_elements: memory bound per attention block.
-        progress: print progress over sequences to stderr.
-        total: number of sequences, for the progress line.
+        progress: print progress (with an ETA) to stderr.
+        total: unused, kept for callers that pass it; the total is counted from ``sequences``.
+        vig: Vig et al.'s accumulator to fill too.
+        substitution: masked-LM readout accumulator to fill too.
+        batch_tokens: framed, padded tokens per batch.
+        seed: seeds the masked positions of the substitution readout.
+        label: prefix of the progress lines.
     """
+    from protein_lm.analysis.substitution import score_batch
+
     cfg = model.config
+    sequences = list(sequences)
     acc = accumulator or SimilarityAccumulator(cfg.depth, cfg.heads)
     device = _model_device(model)
+    generator = np.random.default_rng(seed)
+    all_residues = sum(len(t) for _, t in sequences)
+    done_sequences = done_residues = 0
+    shown_tenth = -1
     t0 = time.time()
-    for n, (_, tokens) in enumerate(sequences, 1):
-        ids = frame(tokens).to(device)
-        for layer, start, block in iter_attention_blocks(model, ids, max_block_elements=max_block_elements):
+    for batch in length_batches(sequences, batch_tokens):
+        ids = frame_batch([t for _, t in batch]).to(device)
+        pad = ids.eq(PAD_ID)
+        padding_mask = pad if bool(pad.any()) else None
+        for layer, start, block in iter_attention_blocks(
+            model, ids, padding_mask, max_block_elements=max_block_elements
+        ):
             rows = block.shape[2]
-            acc.add(
-                layer,
-                block,
-                ids[:, start : start + rows],
-                ids,
-                query_offset=start if exclude_self else None,
-            )
-        acc.add_baseline(ids, causal=bool(cfg.causal), exclude_self=exclude_self)
-        acc.finish_sequence(1, residues=int(np.isin(np.asarray(tokens), STANDARD_AA_IDS).sum()))
-        if progress:
-            _progress(n, total, acc.num_residues, time.time() - t0)
+            query_ids = ids[:, start : start + rows]
+            acc.add(layer, block, query_ids, ids, query_offset=start if exclude_self else None)
+            if vig is not None:
+                vig.add(layer, block, query_ids, ids)
+        acc.add_baseline(ids, causal=bool(cfg.causal), exclude_self=exclude_self, padding_mask=pad)
+        if substitution is not None:
+            score_batch(model, ids, padding_mask, substitution, generator)
+        standard = sum(int(np.isin(np.asarray(t), STANDARD_AA_IDS).sum()) for _, t in batch)
+        acc.finish_sequence(len(batch), residues=standard)
+        done_sequences += len(batch)
+        done_residues += sum(len(t) for _, t in batch)
+        tenth = 10 * done_residues // max(1, all_residues)
+        if progress and (sys.stderr.isatty() or tenth != shown_tenth):  # logs: about 10 lines a pass
+            shown_tenth = tenth
+            _progress(label, done_sequences, len(sequences), done_residues, all_residues, time.time() - t0)
     if progress and sys.stderr.isatty():
         print(file=sys.stderr)
     return acc
 
 
-def _progress(n: int, total: int | None, residues: int, seconds: float) -> None:
-    of = f"/{total}" if total else ""
-    end = "\r" if sys.stderr.isatty() else "\n"
-    if end == "\n" and total and n not in (1, total) and n % max(1, total // 20):
-        return  # in logs, about 20 lines
+def _progress(label: str, n: int, total: int, residues: int, all_residues: int, seconds: float) -> None:
+    eta = seconds * (all_residues - residues) / residues if residues else float("nan")
     print(
-        f"analyze: {n}{of} sequences, {residues:,} residues, {seconds:.1f} s",
-        end=end,
+        f"{label}: {n}/{total} proteins, {residues:,}/{all_residues:,} residues, {seconds:.1f} s, "
+        f"ETA {eta:.0f} s",
+        end="\r" if sys.stderr.isatty() else "\n",
         file=sys.stderr,
         flush=True,
     )

@@ -126,6 +126,64 @@ def plot_similarity_vs_blosum(
     return fig
 
 
+def standardise_off_diagonal(matrix: np.ndarray) -> np.ndarray:
+    """z-scores of a (20, 20) matrix's off-diagonal values (diagonal NaN), so matrices of different
+    units (a correlation, BLOSUM's half bits) share one colour scale."""
+    m = np.array(matrix, dtype=np.float64)
+    np.fill_diagonal(m, np.nan)
+    vals = m[np.isfinite(m)]
+    if vals.size < 2 or vals.std() == 0:
+        return m
+    return (m - vals.mean()) / vals.std()
+
+
+def plot_readout_vs_blosum(matrix: np.ndarray, title: str, subtitle: str = "") -> plt.Figure:
+    """A 20×20 readout beside BLOSUM62: one colour scale (off-diagonal z-scores), one residue order.
+
+    The order is average-linkage clustering of BLOSUM62, so its blocks (acidic D E, basic K R, aromatic
+    F W Y, aliphatic I L M V, ...) sit together and the model's matrix is read against them.
+    """
+    blosum = blosum62_log2_odds()
+    order = average_linkage_order(blosum)
+    labels = [STANDARD_AA[i] for i in order]
+    left = standardise_off_diagonal(matrix)[np.ix_(order, order)]
+    right = standardise_off_diagonal(blosum)[np.ix_(order, order)]
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.8))
+    _heatmap(axes[0], left, labels, title, "z-score of off-diagonal values", 2.5)
+    _heatmap(axes[1], right, labels, "BLOSUM62", "z-score of off-diagonal values", 2.5)
+    for ax in axes:
+        ax.set_xlabel("residue type")
+        ax.set_ylabel("residue type")
+    suptitle = "Amino-acid similarity vs BLOSUM62 (same order: clustered BLOSUM62; same colour scale)"
+    fig.suptitle(suptitle + (f"\n{subtitle}" if subtitle else ""), fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
+def plot_per_layer(curves: dict[str, Sequence[float]], title: str) -> plt.Figure:
+    """Pearson r with BLOSUM62 of a per-layer statistic, one line per model (e.g. trained, random seeds)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=np.float64)
+        random = name.startswith("random")
+        ax.plot(
+            np.arange(len(values)),
+            values,
+            marker="o",
+            color="0.6" if random else "tab:blue",
+            lw=1.2 if random else 2.2,
+            label=name,
+        )
+    ax.axhline(0.0, color="black", lw=0.6)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("Pearson r with BLOSUM62 (190 pairs)")
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_head_correlations(
     pearson: np.ndarray,
     spearman: np.ndarray,

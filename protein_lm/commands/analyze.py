@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -34,9 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from protein_lm.analysis.vig import EXACT_THRESHOLD, MIN_TOTAL, VARIANTS
 from protein_lm.devices import resolve_device
 from protein_lm.errors import UserError
 
+DEFAULT_BATCH_TOKENS = 8192  # as attention_maps' (not imported here: it would load torch for --help)
 MAP_MAX_RESIDUES = 128  # per-protein figure: longer proteins are cropped for legibility
 
 
@@ -78,6 +81,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="keep each position's attention to itself (left out by default: it only feeds the diagonal)",
     )
+    parser.add_argument(
+        "--random-inits",
+        type=int,
+        default=2,
+        help="chance level: random initialisations of the checkpoint's architecture analysed on the "
+        "same proteins (default 2)",
+    )
+    parser.add_argument(
+        "--permutations",
+        type=int,
+        default=9999,
+        help="residue-label permutations for each p-value (default 9999)",
+    )
+    parser.add_argument(
+        "--vig-threshold",
+        type=float,
+        default=EXACT_THRESHOLD,
+        help=f"Vig et al.'s exact variant keeps attention edges above this weight (default {EXACT_THRESHOLD})",
+    )
+    parser.add_argument(
+        "--vig-min-total",
+        type=float,
+        default=MIN_TOTAL,
+        help=f"heads with less kept attention weight are dropped (default {MIN_TOTAL:g})",
+    )
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=DEFAULT_BATCH_TOKENS,
+        help=f"framed, padded tokens per batch (default {DEFAULT_BATCH_TOKENS}); results do not depend on it",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seeds masks, random weights, permutations")
     parser.add_argument(
         "--on-invalid",
         choices=("error", "skip"),
@@ -155,6 +190,17 @@ def _check_out(out: Path) -> None:
             )
 
 
+def _check_writable(directory: Path) -> None:
+    """Fail now, not after the analysis, when the output's folder cannot be written."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".analyze-probe-", dir=probe))
+    except OSError as e:
+        raise UserError(f"--out: cannot write to {probe} ({e.strerror}); choose another directory") from None
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp`` is complete."""
     umask = os.umask(0)
@@ -169,21 +215,115 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every numeric option's range, before any work (a one-line error each)."""
+    checks = [
+        (args.max_sequences >= 1, "--max-sequences must be at least 1"),
+        (args.max_length >= 2, "--max-length must be at least 2"),
+        (math.isfinite(args.pseudocount) and 0 <= args.pseudocount < 1, "--pseudocount must be in [0, 1)"),
+        (args.random_inits >= 1, "--random-inits must be at least 1 (the chance level of every statistic)"),
+        (args.permutations >= 99, "--permutations must be at least 99"),
+        (math.isfinite(args.vig_threshold) and 0 <= args.vig_threshold < 1, "--vig-threshold must be in [0, 1)"),
+        (math.isfinite(args.vig_min_total) and args.vig_min_total >= 0, "--vig-min-total must be >= 0"),
+        (args.batch_tokens >= 1, "--batch-tokens must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def _readout(model, sequences, args, label: str) -> dict:
+    """Every accumulator of one model over the analysed proteins."""
+    from protein_lm.analysis.attention_maps import accumulate_similarity
+    from protein_lm.analysis.substitution import SubstitutionAccumulator
+    from protein_lm.analysis.vig import VigAccumulator
+
+    cfg = model.config
+    vig = VigAccumulator(cfg.depth, cfg.heads, threshold=args.vig_threshold)
+    substitution = SubstitutionAccumulator()
+    acc = accumulate_similarity(
+        model,
+        sequences,
+        exclude_self=not args.include_self,
+        progress=True,
+        vig=vig,
+        substitution=substitution,
+        batch_tokens=args.batch_tokens,
+        seed=args.seed,
+        label=f"analyze: {label}",
+    )
+    return {
+        "acc": acc,
+        "logodds": acc.result(pseudocount=args.pseudocount, null=args.null),
+        "vig": {v: vig.result(v, args.vig_min_total) for v in VARIANTS},
+        "vig_per_layer": {v: vig.per_layer(v, args.vig_min_total) for v in VARIANTS},
+        "vig_sums": vig.sums,
+        "substitution": substitution,
+    }
+
+
+def _num(x) -> float | None:
+    return None if x is None or not np.isfinite(x) else round(float(x), 6)
+
+
+def _statistics(readout: dict, args, p_values: bool) -> dict:
+    """The headline numbers of one model (with permutation p-values when asked)."""
+    from protein_lm.analysis.permutation import blosum_permutation_test
+
+    out: dict = {}
+    matrices = {f"vig_{v}": r.matrix for v, r in readout["vig"].items()}
+    matrices["substitution"] = readout["substitution"].matrix
+    for v, r in readout["vig"].items():
+        out.update(
+            {
+                f"vig_{v}_pearson": _num(r.pearson),
+                f"vig_{v}_spearman": _num(r.spearman),
+                f"vig_{v}_num_heads": r.num_heads,
+                f"vig_{v}_rank_DE": r.rank_DE,
+                f"vig_{v}_rank_FY": r.rank_FY,
+                f"vig_{v}_per_layer_pearson": [_num(x.pearson) for x in readout["vig_per_layer"][v]],
+            }
+        )
+    sub = readout["substitution"].summary()
+    out.update({f"substitution_{k}": (_num(x) if isinstance(x, float) else x) for k, x in sub.items()})
+    logodds = readout["logodds"]
+    out["logodds_best_head_pearson"] = _num(logodds.pearson[logodds.best_layer, logodds.best_head])
+    if p_values:
+        for name, matrix in matrices.items():
+            _, p = blosum_permutation_test(matrix, args.permutations, seed=args.seed)
+            out[f"{name}_p_value"] = _num(p)
+        # The best of all heads: every permutation repeats the choice of the best head.
+        _, p = blosum_permutation_test(logodds.per_head.reshape(-1, 20, 20), args.permutations, seed=args.seed)
+        out["logodds_best_head_p_value"] = _num(p)
+    return out
+
+
+def _chance_text(stats: dict, random_stats: list[dict], key: str) -> str:
+    values = [r[key] for r in random_stats if r[key] is not None]
+    rnd = ", ".join(f"{v:.2f}" for v in values) or "n/a"
+    p = stats.get(f"{key.removesuffix('_pearson')}_p_value")
+    r = stats[key]
+    text = f"Pearson r = {r:.3f}" if r is not None else "Pearson r = n/a"
+    if p is not None:
+        text += f", permutation p = {p:.2g}"
+    return text + f"; random weights of this architecture: r = {rnd}"
+
+
 def run(args: argparse.Namespace) -> int:
     fasta = Path(args.fasta)
     out = Path(args.out).resolve()
     _check_out(out)
-    if args.max_sequences < 1:
-        raise UserError("--max-sequences must be at least 1")
-    if args.max_length < 2:
-        raise UserError("--max-length must be at least 2")
+    _check_args(args)
     if not fasta.is_file():
         raise UserError(f"{fasta}: FASTA file not found")
+    _check_writable(out.parent)
 
     import torch
 
     from protein_lm.analysis import plots
-    from protein_lm.analysis.attention_maps import accumulate_similarity, attention_map, frame
+    from protein_lm.analysis.attention_maps import attention_map, frame
+    from protein_lm.analysis.chance import random_weights_like
     from protein_lm.checkpoint import load_model
 
     device = resolve_device(args.device)
@@ -214,11 +354,17 @@ def run(args: argparse.Namespace) -> int:
     picked = (args.protein, _find_protein(fasta, args.protein, args.on_invalid)) if args.protein else None
 
     t0 = time.time()
-    acc = accumulate_similarity(
-        model, sequences, exclude_self=not args.include_self, progress=True, total=len(sequences)
-    )
-    result = acc.result(pseudocount=args.pseudocount, null=args.null)
+    trained = _readout(model, sequences, args, "trained model")
+    stats = _statistics(trained, args, p_values=True)
+    random_seeds = [args.seed + 1000 + i for i in range(args.random_inits)]
+    random_stats = []
+    for s in random_seeds:
+        fresh = random_weights_like(model, s)
+        random_stats.append(_statistics(_readout(fresh, sequences, args, f"random weights (seed {s})"), args, False))
+        del fresh
     seconds = time.time() - t0
+    result = trained["logodds"]
+    acc = trained["acc"]
 
     if picked is not None:
         protein_id, protein = picked
@@ -235,31 +381,69 @@ def run(args: argparse.Namespace) -> int:
         from protein_lm.analysis.blosum import compare_with_blosum62
         from protein_lm.tokenizer import TOKENS
 
+        heads_total = cfg.depth * cfg.heads
+        for v in VARIANTS:
+            r = trained["vig"][v]
+            _write_matrix_csv(tmp / f"vig_{v}.csv", r.matrix)
+            np.save(tmp / f"vig_{v}_sums.npy", trained["vig_sums"][v])
+            name = "similarity_vs_blosum62.png" if v == "soft" else f"vig_{v}_vs_blosum62.png"
+            what = "every edge weighted by its attention" if v == "soft" else f"edges > {args.vig_threshold:g}"
+            plots.save(
+                plots.plot_readout_vs_blosum(
+                    r.matrix,
+                    f"Vig et al. ({v}: {what}), {r.num_heads} of {heads_total} heads",
+                    _chance_text(stats, random_stats, f"vig_{v}_pearson"),
+                ),
+                tmp / name,
+            )
+        sub = trained["substitution"]
+        _write_matrix_csv(tmp / "substitution.csv", sub.matrix)
+        np.save(tmp / "substitution_counts.npy", sub.counts)
+        plots.save(
+            plots.plot_readout_vs_blosum(
+                sub.matrix,
+                f"masked-LM substitutions (log2 odds), {sub.num_positions:,} positions"
+                if not cfg.causal
+                else f"next-residue predictions (log2 odds), {sub.num_positions:,} positions",
+                _chance_text(stats, random_stats, "substitution_pearson"),
+            ),
+            tmp / "substitution_vs_blosum62.png",
+        )
+        curves = {"trained": stats["vig_soft_per_layer_pearson"]}
+        for s, r in zip(random_seeds, random_stats, strict=True):
+            curves[f"random weights (seed {s})"] = r["vig_soft_per_layer_pearson"]
+        curves = {k: [np.nan if x is None else x for x in v] for k, v in curves.items()}
+        plots.save(
+            plots.plot_per_layer(curves, "Vig et al. (soft), heads of each layer alone"),
+            tmp / "vig_per_layer.png",
+        )
+
+        # The log-odds view (attention mass between residue types against uniform attention).
         best = (result.best_layer, result.best_head)
         best_scores = compare_with_blosum62(result.best)
-        title = f"layer {best[0]}, head {best[1]} (best of {cfg.depth * cfg.heads} heads)"
-        _write_matrix_csv(tmp / "similarity.csv", result.best)
-        _write_matrix_csv(tmp / "similarity_aggregated.csv", result.aggregated)
-        _write_head_scores(tmp / "head_scores.csv", result)
+        title = f"layer {best[0]}, head {best[1]} (best of {heads_total} heads)"
+        _write_matrix_csv(tmp / "logodds_best_head.csv", result.best)
+        _write_matrix_csv(tmp / "logodds_aggregated.csv", result.aggregated)
+        _write_head_scores(tmp / "logodds_head_scores.csv", result)
         np.save(tmp / "mass.npy", result.mass)
         np.save(tmp / "uniform_mass.npy", acc.baseline)
         plots.save(
             plots.plot_similarity_vs_blosum(result.best, title, clustered=False, scores=best_scores),
-            tmp / "similarity_vs_blosum62.png",
+            tmp / "logodds_best_head_vs_blosum62.png",
         )
         plots.save(
             plots.plot_similarity_vs_blosum(result.best, title, clustered=True, scores=best_scores),
-            tmp / "similarity_vs_blosum62_clustered.png",
+            tmp / "logodds_best_head_vs_blosum62_clustered.png",
         )
         plots.save(
             plots.plot_similarity_vs_blosum(
                 result.aggregated, "all heads (aggregated)", clustered=False, scores=result.aggregated_scores
             ),
-            tmp / "similarity_aggregated_vs_blosum62.png",
+            tmp / "logodds_aggregated_vs_blosum62.png",
         )
         plots.save(
             plots.plot_head_correlations(result.pearson, result.spearman, result.best, best),
-            tmp / "head_correlations.png",
+            tmp / "logodds_head_correlations.png",
         )
         residues = "".join(TOKENS[int(i)] for i in protein)
         map_file = f"attention_{_safe_name(protein_id)}.png"
@@ -267,9 +451,18 @@ def run(args: argparse.Namespace) -> int:
             plots.plot_attention_grid(maps, residues, title=f"{protein_id}: {cfg.attention} attention"),
             tmp / map_file,
         )
-        summary = result.summary()
+        summary = {"headline": "vig_soft", **stats}
+        summary["random_weights"] = [{"seed": s, **r} for s, r in zip(random_seeds, random_stats, strict=True)]
+        for key in ("vig_soft_pearson", "vig_exact_pearson", "substitution_pearson", "logodds_best_head_pearson"):
+            values = [r[key] for r in random_stats if r[key] is not None]
+            summary[f"{key}_random_mean"] = _num(float(np.mean(values))) if values else None
+        summary.update(result.summary())
         summary.update(
             {
+                "vig_threshold": args.vig_threshold,
+                "vig_min_total": args.vig_min_total,
+                "permutations": args.permutations,
+                "seed": args.seed,
                 "checkpoint": str(args.checkpoint),
                 "fasta": str(fasta),
                 "attention": cfg.attention,
@@ -285,15 +478,21 @@ def run(args: argparse.Namespace) -> int:
                 "seconds": round(seconds, 2),
             }
         )
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
         _replace_dir(tmp, out)
+    except OSError as e:  # e.g. the disk filled up while writing: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"--out {out}: could not write the analysis ({e.strerror or e})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    rnd = summary["vig_soft_pearson_random_mean"]
     print(
-        f"analyze: {result.num_sequences} sequences; best head layer {best[0]} head {best[1]}: "
-        f"Pearson {summary['blosum62_pearson']}, Spearman {summary['blosum62_spearman']} with BLOSUM62, "
-        f"rank(D,E) {summary['rank_DE']}, rank(F,Y) {summary['rank_FY']} of 190 -> {out}",
+        f"analyze: {result.num_sequences} proteins; Vig et al. (soft) r = {summary['vig_soft_pearson']} "
+        f"(p = {summary['vig_soft_p_value']}; random weights {rnd}), exact r = {summary['vig_exact_pearson']} "
+        f"(p = {summary['vig_exact_p_value']}); masked-LM substitutions r = {summary['substitution_pearson']} "
+        f"(p = {summary['substitution_p_value']}); rank(D,E) {summary['vig_soft_rank_DE']}, "
+        f"rank(F,Y) {summary['vig_soft_rank_FY']} of 190 -> {out}",
         file=sys.stderr,
     )
     return 0

@@ -1,0 +1,32 @@
+"""Chance levels: the same statistic on random weights of the checkpoint's own architecture.
+
+A statistic read off a trained model means something only next to what an untrained network of the
+same shape gives on the same proteins: random embeddings already separate residue types, and a
+random network's attention already depends on them. :func:`random_weights_like` builds that network
+(the model's own :class:`~protein_lm.model.ModelConfig`, freshly initialised from ``seed``, random
+features drawn from ``seed`` too), without touching the caller's RNG state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+def random_weights_like(model, seed: int):
+    """A freshly initialised model with ``model``'s class and config, on its device, in eval mode."""
+    config = model.config
+    if config.is_performer:
+        config = dataclasses.replace(config, feature_seed=seed)
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - every ProteinLM has parameters
+        device = torch.device("cpu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(config)
+    return fresh.to(device).eval()
+
+
+__all__ = ["random_weights_like"]
