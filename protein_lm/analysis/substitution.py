@@ -5,21 +5,22 @@ model *learned* it at all. At scored positions we take the model's predicted dis
 20 standard residues (renormalised over those 20) and sum it by the true residue::
 
     C[a, b] = sum over scored positions t with x_t = a of p(b | context)
-    P = (C + C^T) / (2 sum(C))          # symmetrised joint distribution "true a ~ predicted b"
-    p = P.sum(1);  S = log2( P / (p p^T) )
+    P = C / sum(C)                       # joint distribution of (true a, predicted b)
+    r = P.sum(1);  c = P.sum(0)          # how often a is the truth; how often b is predicted
+    S = log2( P / (r c^T) );  S <- (S + S^T) / 2
 
-the BLOSUM construction (observed pair frequency over the product of the marginals), in log2 odds.
-Its 190 off-diagonal values are compared with BLOSUM62: a model that predicts E where D is hidden
-has a high ``S[D, E]``.
+the BLOSUM construction (observed pair frequency over the product of the marginals), in log2 odds,
+with each marginal taken on its own side so that a model predicting the same distribution at every
+position (random weights, a unigram model) gives ``S = 0`` exactly. Its 190 off-diagonal values are
+compared with BLOSUM62: a model that predicts E where D is hidden has a high ``S[D, E]``.
 
 * Masked-LM models: in each protein a seeded random 15% of the standard residues (at least one) are
   replaced by ``<mask>`` in one forward pass; every selected position is scored.
 * Causal models: no masking; every standard residue after ``<cls>`` is scored from the prediction at
   the position before it.
 
-A model that predicts the same distribution everywhere (random weights, a unigram model) gives
-``C[a, b] = n_a q_b``: almost no off-diagonal structure beyond composition, which is what the random
--weight chance level in ``protein-lm analyze`` measures.
+What remains for an untrained network (its predictions still vary a little with the context) is
+the random-weight chance level that ``protein-lm analyze`` reports beside it.
 """
 
 from __future__ import annotations
@@ -34,16 +35,14 @@ MASK_FRACTION = 0.15
 def substitution_log_odds(counts: np.ndarray) -> np.ndarray:
     """(20, 20) predicted-mass counts ``C`` -> log2 odds ``S`` (see the module doc); NaN where undefined."""
     c = np.asarray(counts, dtype=np.float64)
-    sym = (c + c.T) / 2.0
-    total = sym.sum()
+    total = c.sum()
     if total <= 0:
         return np.full((NUM_AA, NUM_AA), np.nan)
-    joint = sym / total
-    p = joint.sum(axis=1)
-    expected = np.outer(p, p)
+    joint = c / total
+    expected = np.outer(joint.sum(axis=1), joint.sum(axis=0))
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.log2(joint / expected)
-    return np.where(expected > 0, out, np.nan)
+        out = np.where(expected > 0, np.log2(joint / expected), np.nan)
+    return (out + out.T) / 2.0
 
 
 def masked_positions(types: np.ndarray, generator: np.random.Generator, fraction: float = MASK_FRACTION):
