@@ -9,7 +9,13 @@ import torch
 from protein_lm.analysis.blosum import blosum62, off_diagonal
 from protein_lm.analysis.chance import random_weights_like
 from protein_lm.analysis.permutation import blosum_permutation_test, max_pearson_with_blosum
-from protein_lm.analysis.vig import VigAccumulator, VigResult, feature_correlation, head_features, key_type_sums
+from protein_lm.analysis.vig import (
+    VigAccumulator,
+    VigResult,
+    feature_correlation,
+    head_features,
+    key_type_sums,
+)
 from protein_lm.model import ModelConfig, ProteinLM
 from protein_lm.tokenizer import CLS_ID, EOS_ID, PAD_ID, STANDARD_AA, STANDARD_AA_IDS, TOKENS
 
