@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("protein_lm.commands.convert", "exact-attention checkpoint -> Performer checkpoint"),
     "analyze": ("protein_lm.commands.analyze", "attention -> amino-acid similarity, BLOSUM62 comparison, heatmaps"),
     "spans": ("protein_lm.commands.spans", "adaptive attention span per layer and head -> figure (+ JSON)"),
+    "embed": ("protein_lm.commands.embed", "per-protein embeddings (mean / per-residue / cls) -> safetensors"),
+    "score": ("protein_lm.commands.score", "per-sequence pseudo-log-likelihood, variant effects -> CSV"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a model (LightningCLI; --config configs/<name>.yaml)",
