@@ -39,7 +39,9 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from protein_lm.callbacks import split_checkpointing
 from protein_lm.datamodule import ProteinDataModule
+from protein_lm.checkpoint import read_checkpoint
 from protein_lm.errors import UserError
+from protein_lm.finetune import apply_init_weights
 from protein_lm.lit_module import ProteinLMModule
 
 DEFAULT_RUNS_DIR = "runs"
@@ -54,6 +56,10 @@ class ProteinLMCLI(LightningCLI):
         # jsonargparse names them `protein-lm [options] fit`; the top level has no options here.
         for name, parser in getattr(self, "_subcommand_parsers", {}).items():
             parser.prog = f"protein-lm {name}"
+
+    def parse_arguments(self, parser, args) -> None:
+        self._argv = [str(a) for a in args] if isinstance(args, list | tuple) else []
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D401 - Lightning hook
         parser.add_argument(
@@ -127,12 +133,23 @@ class ProteinLMCLI(LightningCLI):
             if subcommand == "fit":
                 return ckpt  # nothing to resume yet: Lightning warns and starts from scratch
             raise UserError(f"--ckpt_path last: no last checkpoint in {dirpath}")
-        if not Path(ckpt).is_file():
+        if not Path(ckpt).exists():
             raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        if read_checkpoint(ckpt)["format"] != "lightning":
+            # Exported weights hold no training state: evaluate them as the model's initial weights.
+            if subcommand == "fit":
+                raise UserError(f"--ckpt_path {ckpt}: exported weights hold no training state to resume; "
+                                f"start from them with --model.init_weights {ckpt}")
+            cfg["model"]["init_weights"] = str(ckpt)
+            cfg["data"]["objective"] = cfg["model"]["objective"] = read_checkpoint(ckpt)["objective"]
+            return None
         return ckpt
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
+        note = apply_init_weights(cfg, getattr(self, "_argv", []))
+        if note:
+            print(note, file=sys.stderr, flush=True)
         out = self._output_dir()
         cfg["output_dir"] = str(out)
         if cfg.get("checkpoint") is not None and not cfg["checkpoint"].get("dirpath"):
