@@ -38,8 +38,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from protein_lm.callbacks import split_checkpointing
-from protein_lm.datamodule import ProteinDataModule
 from protein_lm.checkpoint import read_checkpoint
+from protein_lm.datamodule import ProteinDataModule
 from protein_lm.errors import UserError
 from protein_lm.finetune import apply_init_weights
 from protein_lm.lit_module import ProteinLMModule
