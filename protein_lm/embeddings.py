@@ -37,6 +37,7 @@ from protein_lm.inference import (
     window_starts,
 )
 from protein_lm.model import ProteinLM
+from protein_lm.outputs import check_output_dir
 
 KINDS = ("mean", "per_tok", "cls")
 INDEX_FORMAT = "protein_lm.embeddings"
@@ -117,20 +118,12 @@ def tensor_name(protein_id: str, layer: int, kind: str) -> str:
     return f"{protein_id}/{layer}/{kind}"
 
 
-def check_output_dir(out: str | os.PathLike) -> Path:
-    """Refuse (before any work) an output directory that already holds something."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out}: exists and is not an empty directory; choose a new one")
-    return out
-
-
 class EmbeddingWriter:
     """Writes shards into ``out.part/`` and renames it to ``out`` at :meth:`close`, so an
     interrupted run never leaves a directory that looks complete."""
 
     def __init__(self, out: str | os.PathLike, meta: dict[str, Any]):
-        self.out = check_output_dir(out)
+        self.out = check_output_dir(out, "--out")
         self.tmp = self.out.with_name(self.out.name + ".part")
         if self.tmp.exists():
             shutil.rmtree(self.tmp)  # debris of an earlier interrupted run of the same command

@@ -35,13 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from protein_lm.checkpoint import load_model
     from protein_lm.devices import resolve_device
-    from protein_lm.embeddings import EmbeddingWriter, check_output_dir, embed_proteins
+    from protein_lm.embeddings import EmbeddingWriter, embed_proteins
     from protein_lm.errors import UserError
     from protein_lm.inference import progress, read_proteins, residues_per_window, window_starts
+    from protein_lm.outputs import check_output_dir
 
     if args.shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
-    check_output_dir(args.out)
+    check_output_dir(args.out, "--out")
     device = resolve_device(args.device)
     model, info = load_model(args.checkpoint)
     model.to(device).eval()
