@@ -94,8 +94,14 @@ class ProteinLMCLI(LightningCLI):
 
     def _output_dir(self, cfg: Any = None) -> Path:
         cfg = self._cfg() if cfg is None else cfg
+        root = (cfg.get("trainer") or {}).get("default_root_dir")
         if cfg.get("output_dir"):
+            if root and Path(root) != Path(cfg["output_dir"]):
+                raise UserError(f"--trainer.default_root_dir {root} and --output_dir {cfg['output_dir']} differ; "
+                                "give --output_dir only (checkpoints and logs all go there)")
             return Path(cfg["output_dir"])
+        if root:  # Lightning's name for the same thing
+            return Path(root)
         configs = cfg.get("config") or []
         name = Path(str(configs[-1])).stem if configs else "default"
         return Path(DEFAULT_RUNS_DIR) / name
@@ -154,6 +160,8 @@ class ProteinLMCLI(LightningCLI):
         cfg["output_dir"] = str(out)
         if cfg.get("checkpoint") is not None and not cfg["checkpoint"].get("dirpath"):
             cfg["checkpoint"]["dirpath"] = str(out / "checkpoints")
+        if self.subcommand == "fit" and not cfg.get("ckpt_path") and cfg.get("checkpoint") is not None:
+            _refuse_mixing_runs(Path(cfg["checkpoint"]["dirpath"]))
         trainer = cfg["trainer"]
         if trainer.get("precision") is None:
             on_gpu = torch.cuda.is_available() and trainer.get("accelerator") not in ("cpu",)
@@ -261,6 +269,15 @@ def _recorded_score(path: Path, monitor: str) -> float | None:
         if Path(str(state.get("best_model_path", ""))).name == path.name and state.get("best_model_score") is not None:
             return float(state["best_model_score"])
     return None
+
+
+def _refuse_mixing_runs(dirpath: Path) -> None:
+    """A new run must not write next to another run's checkpoints (``--ckpt_path best`` could pick theirs)."""
+    old = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
+    if old:
+        raise UserError(f"{dirpath} holds checkpoints of an earlier run ({', '.join(old[:3])}"
+                        f"{', ...' if len(old) > 3 else ''}): resume it with --ckpt_path last, or start a new "
+                        "run with --output_dir NEW_DIR (or delete them)")
 
 
 def _as_list(value: Any) -> list[Any]:
