@@ -10,7 +10,7 @@ final LayerNorm):
 * ``mean`` (dim,): the average of ``per_tok`` over the residues (ESM's "mean" representation);
 * ``cls`` (dim,): the state at ``<cls>`` (averaged over the windows of a long protein).
 
-On disk (``write_embeddings``): a directory holding ``shard-00000.safetensors``, ... (``shard_size``
+On disk (:class:`EmbeddingWriter`, ``protein-lm embed``): a directory holding ``shard-00000.safetensors``, ... (``shard_size``
 proteins each, tensors named ``{id}/{layer}/{kind}``, float32) and ``index.json`` mapping each id to
 its shard and length; :func:`read_embeddings` reads it back.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from protein_lm.inference import (
     window_starts,
 )
 from protein_lm.model import ProteinLM
-from protein_lm.outputs import check_output_dir
 
 KINDS = ("mean", "per_tok", "cls")
 INDEX_FORMAT = "protein_lm.embeddings"
@@ -119,15 +117,11 @@ def tensor_name(protein_id: str, layer: int, kind: str) -> str:
 
 
 class EmbeddingWriter:
-    """Writes shards into ``out.part/`` and renames it to ``out`` at :meth:`close`, so an
-    interrupted run never leaves a directory that looks complete."""
+    """Adds shards to a directory and finishes it with ``index.json`` (the caller makes it atomic,
+    see :func:`protein_lm.outputs.write_dir_atomically`)."""
 
-    def __init__(self, out: str | os.PathLike, meta: dict[str, Any]):
-        self.out = check_output_dir(out, "--out")
-        self.tmp = self.out.with_name(self.out.name + ".part")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)  # debris of an earlier interrupted run of the same command
-        self.tmp.mkdir(parents=True)
+    def __init__(self, directory: Path, meta: dict[str, Any]):
+        self.directory = Path(directory)
         self.meta = meta
         self.records: dict[str, dict[str, Any]] = {}
         self.shards: list[str] = []
@@ -142,22 +136,15 @@ class EmbeddingWriter:
             for kind, by_layer in emb.items()
             for layer, t in by_layer.items()
         }
-        save_file(tensors, str(self.tmp / name))
+        save_file(tensors, str(self.directory / name))
         self.shards.append(name)
         for prot in proteins:
             self.records[prot.id] = {"shard": name, "length": int(len(prot.tokens))}
 
-    def close(self) -> Path:
+    def write_index(self) -> None:
         index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, **self.meta,
                  "shards": self.shards, "records": self.records}
-        (self.tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
-        if self.out.exists():
-            self.out.rmdir()  # empty (checked at the start)
-        os.replace(self.tmp, self.out)
-        return self.out
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        (self.directory / "index.json").write_text(json.dumps(index, indent=1) + "\n")
 
 
 def read_embeddings(directory: str | os.PathLike, ids: Sequence[str] | None = None

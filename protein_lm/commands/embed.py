@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from protein_lm.embeddings import EmbeddingWriter, embed_proteins
     from protein_lm.errors import UserError
     from protein_lm.inference import progress, read_proteins, residues_per_window, window_starts
-    from protein_lm.outputs import check_output_dir
+    from protein_lm.outputs import check_output_dir, write_dir_atomically
 
     if args.shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
@@ -57,19 +57,21 @@ def run(args: argparse.Namespace) -> int:
     meta = {"checkpoint": str(args.checkpoint), "fasta": str(args.fasta), "layers": layers,
             "include": list(dict.fromkeys(args.include)), "dim": model.config.dim,
             "window": window, "overlap": overlap, "objective": info["objective"]}
-    writer = EmbeddingWriter(args.out, meta)
     total = sum(len(window_starts(len(p.tokens), window, overlap)) for p in proteins)
-    try:
+    shards: list[str] = []
+
+    def write(tmp) -> None:
+        writer = EmbeddingWriter(tmp, meta)
         with progress(total, "window", not args.quiet) as bar:
             for i in range(0, len(proteins), args.shard_size):
                 shard = proteins[i : i + args.shard_size]
                 emb = embed_proteins(model, shard, layers, window, overlap, args.batch_size,
                                      meta["include"], args.bf16, on_batch=bar.update)
                 writer.add_shard(shard, emb)
-        out = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+        writer.write_index()
+        shards.extend(writer.shards)
+
+    out = write_dir_atomically(args.out, write, "--out")
     print(f"wrote {out}: {len(proteins):,} proteins, layers {layers}, {' '.join(meta['include'])}, "
-          f"{len(writer.shards)} shard(s), index {out / 'index.json'}")
+          f"{len(shards)} shard(s), index {out / 'index.json'}")
     return 0
