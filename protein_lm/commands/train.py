@@ -38,7 +38,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from protein_lm.callbacks import split_checkpointing
-from protein_lm.checkpoint import read_checkpoint
+from protein_lm.checkpoint import WEIGHTS_FORMAT, read_checkpoint
 from protein_lm.datamodule import ProteinDataModule
 from protein_lm.errors import UserError
 from protein_lm.finetune import apply_init_weights
@@ -141,13 +141,14 @@ class ProteinLMCLI(LightningCLI):
             raise UserError(f"--ckpt_path last: no last checkpoint in {dirpath}")
         if not Path(ckpt).exists():
             raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file")
-        if read_checkpoint(ckpt)["format"] != "lightning":
+        objective = _exported_objective(ckpt)
+        if objective is not None:
             # Exported weights hold no training state: evaluate them as the model's initial weights.
             if subcommand == "fit":
                 raise UserError(f"--ckpt_path {ckpt}: exported weights hold no training state to resume; "
                                 f"start from them with --model.init_weights {ckpt}")
             cfg["model"]["init_weights"] = str(ckpt)
-            cfg["data"]["objective"] = cfg["model"]["objective"] = read_checkpoint(ckpt)["objective"]
+            cfg["data"]["objective"] = cfg["model"]["objective"] = objective
             return None
         return ckpt
 
@@ -269,6 +270,18 @@ def _recorded_score(path: Path, monitor: str) -> float | None:
         if Path(str(state.get("best_model_path", ""))).name == path.name and state.get("best_model_score") is not None:
             return float(state["best_model_score"])
     return None
+
+
+def _exported_objective(path: str) -> str | None:
+    """The objective of the exported model at ``path``; None for anything else (a Lightning checkpoint)."""
+    if not Path(path).is_dir():
+        try:  # memory-mapped: a large training checkpoint costs next to nothing to look at
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not ours to judge here: Lightning reports it when it loads the file
+            return None
+        if not isinstance(data, dict) or data.get("format") != WEIGHTS_FORMAT:
+            return None
+    return read_checkpoint(path)["objective"]
 
 
 def _refuse_mixing_runs(dirpath: Path) -> None:
