@@ -73,14 +73,23 @@ def embed_proteins(
         raise UserError(f"--include takes some of {', '.join(KINDS)}, got {' '.join(include) or 'nothing'}")
     resolved = sorted(set(model.hidden_layers(layers).values()))
     device = next(model.parameters()).device
-    # One row per window: (protein index, first residue).
-    rows = [(p, s) for p, prot in enumerate(proteins) for s in window_starts(len(prot.tokens), window, overlap)]
     dim = model.config.dim
-    tok_sum = [{layer: torch.zeros(len(p.tokens), dim, dtype=torch.float64) for layer in resolved} for p in proteins]
-    tok_count = [torch.zeros(len(p.tokens), dtype=torch.float64) for p in proteins]
-    cls_sum = [{layer: torch.zeros(dim, dtype=torch.float64) for layer in resolved} for _ in proteins]
-    n_windows = [0] * len(proteins)
+    starts = [window_starts(len(prot.tokens), window, overlap) for prot in proteins]
+    rows = [(p, s) for p, ss in enumerate(starts) for s in ss]  # one model input per window
     lengths = [min(window, len(proteins[p].tokens)) for p, _ in rows]
+    # How many windows see each residue, known before any runs: a window's share of a residue's
+    # average is its state / count, so the mean needs no per-residue storage.
+    counts = []
+    for prot, ss in zip(proteins, starts, strict=True):
+        c = torch.zeros(len(prot.tokens), dtype=torch.float64)
+        for s in ss:
+            c[s : s + window] += 1
+        counts.append(c)
+    keep_tokens = "per_tok" in include
+    per_tok = [{layer: torch.zeros(len(p.tokens), dim) for layer in resolved} if keep_tokens else {}
+               for p in proteins]
+    mean = [{layer: torch.zeros(dim, dtype=torch.float64) for layer in resolved} for _ in proteins]
+    cls = [{layer: torch.zeros(dim, dtype=torch.float64) for layer in resolved} for _ in proteins]
     for batch in length_sorted_batches(lengths, batch_size):
         inputs = [frame(proteins[rows[r][0]].tokens[rows[r][1] : rows[r][1] + lengths[r]]) for r in batch]
         ids, pad = padded_batch(inputs, device)
@@ -90,23 +99,23 @@ def embed_proteins(
         for b, r in enumerate(batch):
             p, start = rows[r]
             n = lengths[r]
-            tok_count[p][start : start + n] += 1
-            n_windows[p] += 1
             for layer in resolved:
-                tok_sum[p][layer][start : start + n] += hidden[layer][b, 1 : 1 + n]
-                cls_sum[p][layer] += hidden[layer][b, 0]
+                share = hidden[layer][b, 1 : 1 + n] / counts[p][start : start + n, None]  # (n, dim)
+                if keep_tokens:
+                    per_tok[p][layer][start : start + n] += share.float()
+                mean[p][layer] += share.sum(0) / len(proteins[p].tokens)
+                cls[p][layer] += hidden[layer][b, 0] / len(starts[p])
         if on_batch is not None:
             on_batch(len(batch))
     out = []
     for p in range(len(proteins)):
-        per_tok = {layer: tok_sum[p][layer] / tok_count[p][:, None] for layer in resolved}
         result: dict[str, dict[int, Tensor]] = {}
-        if "per_tok" in include:
-            result["per_tok"] = {layer: t.float() for layer, t in per_tok.items()}
+        if keep_tokens:
+            result["per_tok"] = per_tok[p]
         if "mean" in include:
-            result["mean"] = {layer: t.mean(0).float() for layer, t in per_tok.items()}
+            result["mean"] = {layer: t.float() for layer, t in mean[p].items()}
         if "cls" in include:
-            result["cls"] = {layer: (c / n_windows[p]).float() for layer, c in cls_sum[p].items()}
+            result["cls"] = {layer: t.float() for layer, t in cls[p].items()}
         out.append(result)
     return out
 
