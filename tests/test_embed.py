@@ -12,6 +12,7 @@ from protein_lm.cli import main
 from protein_lm.embeddings import embed_proteins, read_embeddings
 from protein_lm.inference import Protein, frame, window_starts
 from protein_lm.tokenizer import encode_residues
+from tests.conftest import REPO
 from tests.helpers.tiny_models import save_tiny, tiny_model
 
 SEQS = {
@@ -117,3 +118,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "emb.part").exists()
     if case != "out_not_empty":
         assert not out.exists()
+
+
+def test_shipped_model_on_the_shipped_sample(tmp_path, sample_fasta):
+    from protein_lm.fasta import read_fasta
+
+    records = []
+    for rec in read_fasta(sample_fasta):
+        records.append(rec)
+        if len(records) == 6:
+            break
+    fasta = tmp_path / "six.fasta"
+    fasta.write_text("".join(f">{r.id}\n{_letters(r.tokens)}\n" for r in records))
+    out = tmp_path / "emb"
+    shipped = str(REPO / "checkpoints" / "performer-softmax-bid-swissprot2014.pt")
+    assert main(["embed", "--checkpoint", shipped, "--fasta", str(fasta), "--out", str(out), "--quiet",
+                 "--include", "mean", "per_tok", "--layers", "-1", "3", "--batch-size", "4"]) == 0
+    emb = read_embeddings(out)
+    assert list(emb) == [r.id for r in records]
+    for r in records:
+        per_tok = emb[r.id]["per_tok"][6]
+        assert per_tok.shape == (len(r.tokens), 256) and emb[r.id]["mean"][3].shape == (256,)
+        torch.testing.assert_close(emb[r.id]["mean"][6], per_tok.mean(0), atol=1e-5, rtol=1e-5)
+
+
+def _letters(tokens) -> str:
+    from protein_lm.tokenizer import TOKENS
+
+    return "".join(TOKENS[int(t)] for t in tokens)

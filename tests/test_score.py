@@ -12,6 +12,7 @@ from protein_lm.cli import main
 from protein_lm.inference import Protein, frame, window_starts
 from protein_lm.scoring import read_mutations, score_mutations, score_sequences
 from protein_lm.tokenizer import MASK_ID, TOKEN_TO_ID, encode_residues
+from tests.conftest import REPO
 from tests.helpers.tiny_models import save_tiny, tiny_model
 
 SEQS = {"pep": "ACD", "short": "MKTAYIAKQR", "long": "GAVLIPFYWSTCMNQDEKRHGAVLIPFYW"}  # long: 29 > window 10
@@ -158,3 +159,35 @@ def test_bad_mutation_rows_are_one_line_errors_naming_the_line(tmp_path, capsys,
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("protein-lm score: error:")
     assert f"{muts} line 3" in err and message in err
     assert not out.exists()
+
+
+def test_shipped_model_scores_short_sample_proteins_and_variants(tmp_path, sample_fasta):
+    from protein_lm.fasta import read_fasta
+    from protein_lm.tokenizer import TOKENS
+
+    short = []
+    for rec in read_fasta(sample_fasta):
+        if len(rec.tokens) <= 70:
+            short.append(rec)
+        if len(short) == 2:
+            break
+    fasta = tmp_path / "short.fasta"
+    fasta.write_text("".join(f">{r.id}\n{''.join(TOKENS[int(t)] for t in r.tokens)}\n" for r in short))
+    first = short[0]
+    wt = TOKENS[int(first.tokens[4])]
+    mt = "W" if wt != "W" else "A"
+    muts = tmp_path / "m.csv"
+    muts.write_text(f"id,mutation\n{first.id},{wt}5{mt}\n{first.id},{wt}5{wt}\n")
+    shipped = str(REPO / "checkpoints" / "performer-softmax-bid-swissprot2014.pt")
+    out = tmp_path / "s.csv"
+    assert main(["score", "--checkpoint", shipped, "--fasta", str(fasta), "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == [r.id for r in short]
+    # an under-trained model still beats uniform guessing over the 33 tokens
+    assert all(-np.log(33) < float(r["pll_per_residue"]) < 0 for r in rows)
+    out = tmp_path / "v.csv"
+    assert main(["score", "--checkpoint", shipped, "--fasta", str(fasta), "--out", str(out), "--quiet",
+                 "--mutations", str(muts)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert float(rows[1]["masked_marginal"]) == 0.0 == float(rows[1]["wildtype_marginal"])  # a synonymous "variant"
+    assert float(rows[0]["masked_marginal"]) != 0.0
