@@ -18,7 +18,7 @@ env:
 	@bash scripts/setup_env.sh
 
 quickstart: env
-	$(PY) -m protein_lm fit --config configs/quickstart.yaml
+	$(PY) -m protein_lm fit --config configs/quickstart.yaml --ckpt_path last   # a second run resumes (or is done)
 	$(PY) -m protein_lm analyze --checkpoint $(RUN)/checkpoints/last.ckpt \
 	    --fasta data/swissprot_sample.fasta.gz --max-sequences 300 --out $(RUN)/analysis
 	@echo

@@ -48,10 +48,15 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """The parts every consumer needs, from either format.
 
     Returns:
-        dict with ``format`` (``"lightning"`` or ``"weights"``), ``config`` (dict),
+        dict with ``format`` (``"lightning"``, ``"weights"`` or ``"safetensors"``, an exported
+        directory, see :mod:`protein_lm.safetensors_dir`), ``config`` (dict),
         ``objective``, ``state_dict`` (keys of :class:`ProteinLM`), ``metrics`` (dict),
         ``global_step``, ``epoch``, ``path``.
     """
+    if Path(path).is_dir():
+        from protein_lm.safetensors_dir import read_directory
+
+        return read_directory(path, map_location)
     data = _read(path, map_location)
     if data.get("format") == WEIGHTS_FORMAT:
         if int(data.get("version", 0)) > WEIGHTS_VERSION:

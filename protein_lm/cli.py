@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("protein_lm.commands.convert", "exact-attention checkpoint -> Performer checkpoint"),
     "analyze": ("protein_lm.commands.analyze", "attention -> amino-acid similarity, BLOSUM62 comparison, heatmaps"),
     "spans": ("protein_lm.commands.spans", "adaptive attention span per layer and head -> figure (+ JSON)"),
+    "embed": ("protein_lm.commands.embed", "per-protein embeddings (mean / per-residue / cls) -> safetensors"),
+    "score": ("protein_lm.commands.score", "per-sequence pseudo-log-likelihood, variant effects -> CSV"),
+    "init-example": ("protein_lm.commands.init_example", "copy the shipped configs, sample data and model into DIR"),
+    "probe": ("protein_lm.commands.probe", "secondary-structure probe (FLIP, Q3) on frozen embeddings vs baselines"),
 }
 LIGHTNING_COMMANDS = {
     "fit": "train a model (LightningCLI; --config configs/<name>.yaml)",

@@ -196,6 +196,8 @@ class ModelOutput(NamedTuple):
 
     logits: Tensor  # (B, L, V)
     aux_loss: Tensor  # scalar; sum of the submodules' auxiliary losses (0 when none)
+    # {layer: (B, L, dim)} for the layers asked for with ``return_hidden``; None otherwise
+    hidden: dict[int, Tensor] | None = None
 
 
 # --------------------------------------------------------------------------- positions
@@ -442,6 +444,7 @@ class ProteinLM(nn.Module):
 
         model = ProteinLM(ModelConfig(dim=64, depth=2, heads=4, ff_dim=128))
         out = model(input_ids)            # out.logits: (B, L, 33)
+        out = model(input_ids, return_hidden=[0, -1])  # out.hidden[-1]: (B, L, dim), final LayerNorm
         for layer, attn in model.attention_maps(input_ids):
             ...                           # attn: (B, H, L, L), rows sum to 1
     """
@@ -505,24 +508,59 @@ class ProteinLM(nn.Module):
             x = x + self.pos_embed(torch.arange(length, device=input_ids.device))
         return self.dropout(x)
 
-    def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None) -> ModelOutput:
-        """Logits for every position.
+    def forward(
+        self,
+        input_ids: Tensor,
+        padding_mask: Tensor | None = None,
+        return_hidden: Iterable[int] | None = None,
+    ) -> ModelOutput:
+        """Logits for every position, and on request the hidden states of chosen layers.
 
         Args:
             input_ids: (B, L) token ids.
             padding_mask: (B, L) bool, True at padding. ``None``: positions holding the
                 ``<pad>`` id are treated as padding.
+            return_hidden: layers whose output to return, ESM's ``repr_layers`` convention:
+                0 is the embedding (the first block's input), ``i`` the output of block ``i``
+                (1-based), and ``depth`` the last block's output after the final LayerNorm
+                (what the output head reads); negative indices count from the end (-1 = depth).
 
         Returns:
-            ``ModelOutput(logits (B, L, V), aux_loss scalar)``. Padding never changes the
-            logits at real positions.
+            ``ModelOutput(logits (B, L, V), aux_loss scalar, hidden {layer: (B, L, dim)} or None)``,
+            ``hidden`` keyed by the indices as given. Padding never changes the outputs at real
+            positions.
         """
         mask = self._padding_mask(input_ids, padding_mask)
+        wanted = self.hidden_layers(return_hidden) if return_hidden is not None else None
+        keep = set(wanted.values()) if wanted is not None else ()
+        hidden: dict[int, Tensor] = {}
         x = self.embed_tokens(input_ids)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if i in keep:
+                hidden[i] = x
             x = block(x, mask)
-        logits = F.linear(self.norm(x), self.embed.weight, self.head_bias)  # (B, L, V)
-        return ModelOutput(logits=logits, aux_loss=self.aux_loss(device=logits.device))
+        x = self.norm(x)
+        logits = F.linear(x, self.embed.weight, self.head_bias)  # (B, L, V)
+        if wanted is None:
+            return ModelOutput(logits=logits, aux_loss=self.aux_loss(device=logits.device))
+        hidden[len(self.blocks)] = x
+        chosen = {given: hidden[layer] for given, layer in wanted.items()}
+        return ModelOutput(logits=logits, aux_loss=self.aux_loss(device=logits.device), hidden=chosen)
+
+    def hidden_layers(self, layers: Iterable[int]) -> dict[int, int]:
+        """``{given index: layer in 0..depth}`` for ``return_hidden`` (negative from the end).
+
+        Raises:
+            IndexError: an index outside ``-(depth + 1) .. depth``.
+        """
+        depth = len(self.blocks)
+        out: dict[int, int] = {}
+        for given in layers:
+            given = int(given)
+            if not -(depth + 1) <= given <= depth:
+                raise IndexError(f"layer {given} out of range for a {depth}-layer model (0..{depth}, or negative)")
+            out[given] = given % (depth + 1)
+        return out
 
     def aux_loss(self, device: torch.device | None = None) -> Tensor:
         """Sum of ``aux_loss()`` over submodules that define it (0 when none do)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,4 +47,32 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], fla
     finally:
         if tmp.exists():
             tmp.unlink()
+    return out
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Fail early if ``path`` holds anything: a directory output never mixes with older files."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{flag} {out}: exists and is not an empty directory; choose a new one")
+    return out
+
+
+def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None], flag: str = "output") -> Path:
+    """Call ``write(tmp_dir)`` on a fresh sibling directory, then rename it to ``path`` (empty or absent)."""
+    out = check_output_dir(path, flag)
+    tmp = out.with_name(out.name + ".part")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # debris of an interrupted earlier run
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as err:
+        raise UserError(f"{flag} {out}: {err.strerror or err}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

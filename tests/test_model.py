@@ -326,3 +326,27 @@ def test_gpu_compiled_model_follows_changing_lengths(causal):
         assert ((lc - le).norm() / le.norm()).item() < 2e-2, length
         assert ((gc - ge).norm() / ge.norm()).item() < 5e-2, length
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static, then symbolic in L
+
+
+@pytest.mark.parametrize("attention", ["exact", "performer-softmax"])
+def test_return_hidden_matches_walking_the_blocks(attention):
+    model = tiny(attention, depth=3)
+    ids = random_ids(2, 10, seed=3)
+    with torch.no_grad():
+        plain = model(ids)
+        out = model(ids, return_hidden=[0, 1, 2, -1, -4])
+        x = model.embed_tokens(ids)
+        walked = [x]
+        for block in model.blocks:
+            x = block(x, None)
+            walked.append(x)
+        walked[-1] = model.norm(walked[-1])
+    assert plain.hidden is None
+    assert set(out.hidden) == {0, 1, 2, -1, -4}
+    for given, layer in [(0, 0), (1, 1), (2, 2), (-1, 3), (-4, 0)]:
+        torch.testing.assert_close(out.hidden[given], walked[layer], atol=0, rtol=0)
+    torch.testing.assert_close(out.logits, plain.logits, atol=0, rtol=0)
+    with pytest.raises(IndexError, match="out of range"):
+        model(ids, return_hidden=[4])
+    with pytest.raises(IndexError, match="out of range"):
+        model(ids, return_hidden=[-5])

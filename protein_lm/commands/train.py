@@ -38,8 +38,10 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from protein_lm.callbacks import split_checkpointing
+from protein_lm.checkpoint import WEIGHTS_FORMAT, read_checkpoint
 from protein_lm.datamodule import ProteinDataModule
 from protein_lm.errors import UserError
+from protein_lm.finetune import apply_init_weights
 from protein_lm.lit_module import ProteinLMModule
 
 DEFAULT_RUNS_DIR = "runs"
@@ -54,6 +56,10 @@ class ProteinLMCLI(LightningCLI):
         # jsonargparse names them `protein-lm [options] fit`; the top level has no options here.
         for name, parser in getattr(self, "_subcommand_parsers", {}).items():
             parser.prog = f"protein-lm {name}"
+
+    def parse_arguments(self, parser, args) -> None:
+        self._argv = [str(a) for a in args] if isinstance(args, list | tuple) else []
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D401 - Lightning hook
         parser.add_argument(
@@ -88,8 +94,14 @@ class ProteinLMCLI(LightningCLI):
 
     def _output_dir(self, cfg: Any = None) -> Path:
         cfg = self._cfg() if cfg is None else cfg
+        root = (cfg.get("trainer") or {}).get("default_root_dir")
         if cfg.get("output_dir"):
+            if root and Path(root) != Path(cfg["output_dir"]):
+                raise UserError(f"--trainer.default_root_dir {root} and --output_dir {cfg['output_dir']} differ; "
+                                "give --output_dir only (checkpoints and logs all go there)")
             return Path(cfg["output_dir"])
+        if root:  # Lightning's name for the same thing
+            return Path(root)
         configs = cfg.get("config") or []
         name = Path(str(configs[-1])).stem if configs else "default"
         return Path(DEFAULT_RUNS_DIR) / name
@@ -127,16 +139,30 @@ class ProteinLMCLI(LightningCLI):
             if subcommand == "fit":
                 return ckpt  # nothing to resume yet: Lightning warns and starts from scratch
             raise UserError(f"--ckpt_path last: no last checkpoint in {dirpath}")
-        if not Path(ckpt).is_file():
+        if not Path(ckpt).exists():
             raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file")
+        objective = _exported_objective(ckpt)
+        if objective is not None:
+            # Exported weights hold no training state: evaluate them as the model's initial weights.
+            if subcommand == "fit":
+                raise UserError(f"--ckpt_path {ckpt}: exported weights hold no training state to resume; "
+                                f"start from them with --model.init_weights {ckpt}")
+            cfg["model"]["init_weights"] = str(ckpt)
+            cfg["data"]["objective"] = cfg["model"]["objective"] = objective
+            return None
         return ckpt
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
+        note = apply_init_weights(cfg, getattr(self, "_argv", []))
+        if note:
+            print(note, file=sys.stderr, flush=True)
         out = self._output_dir()
         cfg["output_dir"] = str(out)
         if cfg.get("checkpoint") is not None and not cfg["checkpoint"].get("dirpath"):
             cfg["checkpoint"]["dirpath"] = str(out / "checkpoints")
+        if self.subcommand == "fit" and not cfg.get("ckpt_path") and cfg.get("checkpoint") is not None:
+            _refuse_mixing_runs(Path(cfg["checkpoint"]["dirpath"]))
         trainer = cfg["trainer"]
         if trainer.get("precision") is None:
             on_gpu = torch.cuda.is_available() and trainer.get("accelerator") not in ("cpu",)
@@ -244,6 +270,27 @@ def _recorded_score(path: Path, monitor: str) -> float | None:
         if Path(str(state.get("best_model_path", ""))).name == path.name and state.get("best_model_score") is not None:
             return float(state["best_model_score"])
     return None
+
+
+def _exported_objective(path: str) -> str | None:
+    """The objective of the exported model at ``path``; None for anything else (a Lightning checkpoint)."""
+    if not Path(path).is_dir():
+        try:  # memory-mapped: a large training checkpoint costs next to nothing to look at
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not ours to judge here: Lightning reports it when it loads the file
+            return None
+        if not isinstance(data, dict) or data.get("format") != WEIGHTS_FORMAT:
+            return None
+    return read_checkpoint(path)["objective"]
+
+
+def _refuse_mixing_runs(dirpath: Path) -> None:
+    """A new run must not write next to another run's checkpoints (``--ckpt_path best`` could pick theirs)."""
+    old = sorted(p.name for p in dirpath.glob("*.ckpt")) if dirpath.is_dir() else []
+    if old:
+        raise UserError(f"{dirpath} holds checkpoints of an earlier run ({', '.join(old[:3])}"
+                        f"{', ...' if len(old) > 3 else ''}): resume it with --ckpt_path last, or start a new "
+                        "run with --output_dir NEW_DIR (or delete them)")
 
 
 def _as_list(value: Any) -> list[Any]:
