@@ -63,6 +63,12 @@ def test_config_instantiates(path, tmp_path, sample_fasta, monkeypatch):
     if path.stem.startswith("concat_"):
         assert (cfg.heads, cfg.depth, cfg.ff_dim, cfg.dim, cfg.max_length) == (8, 6, 2048, 512, 8192)
         assert cli.datamodule.mode == "concat"
+    if path.stem.startswith("recipe_"):  # the recipe that trained the shipped checkpoint
+        from protein_lm.checkpoint import read_checkpoint
+
+        shipped = read_checkpoint(REPO / "checkpoints" / "performer-softmax-bid-swissprot2014.pt")["config"]
+        for name in ("dim", "depth", "heads", "ff_dim", "attention", "num_features", "dropout"):
+            assert getattr(cfg, name) == shipped[name], name
     assert cli.trainer.max_steps > 0
 
 
