@@ -108,10 +108,15 @@ def test_length_batches_cover_every_protein_once_within_the_budget():
         assert len(b) == 1 or len(b) * width <= 400
 
 
-def test_batching_does_not_change_any_statistic():
+@pytest.mark.parametrize(
+    "attention, causal",
+    [("performer-softmax", False), ("performer-relu", False), ("exact", False), ("exact", True),
+     ("performer-softmax", True)],
+)
+def test_batching_does_not_change_any_statistic(attention, causal):
     torch.manual_seed(0)
     model = ProteinLM(ModelConfig(dim=16, depth=2, heads=2, ff_dim=32, num_features=32, favor_backend="torch",
-                                  feature_seed=0)).eval()
+                                  feature_seed=0, attention=attention, causal=causal)).eval()
     rng = np.random.default_rng(5)
     seqs = [(f"p{i}", rng.choice(STANDARD_AA_IDS, n)) for i, n in enumerate([23, 9, 41, 9, 17])]
     results = []
@@ -167,6 +172,9 @@ def test_analyze_summary_has_the_readouts_with_chance_levels(tmp_path, tiny_chec
         (["--permutations", "5"], "--permutations"),
         (["--vig-threshold", "1.5"], "--vig-threshold"),
         (["--batch-tokens", "0"], "--batch-tokens"),
+        (["--random-inits", "1"], "--random-inits"),
+        (["--seed", "-1"], "--seed"),
+        (["--vig-min-total", "0"], "--vig-min-total"),
     ],
 )
 def test_analyze_refuses_bad_options_in_one_line(tmp_path, tiny_checkpoint, sample_fasta, capsys, extra, message):
@@ -186,3 +194,25 @@ def test_analyze_unwritable_out_fails_before_any_work(tmp_path, tiny_checkpoint,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "cannot write" in err and "analyze: trained model" not in err
+
+
+def test_analyze_refuses_a_file_without_standard_residues(tmp_path, tiny_checkpoint, capsys):
+    fasta = tmp_path / "odd.fasta"
+    fasta.write_text(">a\nXXXXBZ\n>b\nXUO\n")
+    argv = ["analyze", "--checkpoint", str(tiny_checkpoint), "--fasta", str(fasta), "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "no standard amino acids" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_analyze_reports_undefined_readouts_as_null(tmp_path, tiny_checkpoint, sample_fasta):
+    """Two short proteins: the exact variant keeps no head (few edges above 0.3) -> null, not a crash,
+    and the figures are still drawn."""
+    out = tmp_path / "an"
+    argv = ["analyze", "--checkpoint", str(tiny_checkpoint), "--fasta", str(sample_fasta), "--out", str(out),
+            "--max-sequences", "2", "--max-length", "20", "--permutations", "99", "--vig-min-total", "1000"]
+    assert main(argv) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["vig_soft_pearson"] is None and s["vig_soft_p_value"] is None and s["vig_soft_rank_DE"] is None
+    assert s["vig_soft_num_heads"] == 0
+    assert (out / "similarity_vs_blosum62.png").stat().st_size > 0

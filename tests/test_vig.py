@@ -42,6 +42,7 @@ def test_known_head_features_give_their_correlation_exactly():
         for i in range(L):
             attn[0, h, i, 0] = 0.1  # to <cls>: dropped
             attn[0, h, i, L - 2] = 0.1  # to <eos>: dropped
+            attn[0, h, i, L - 1] = 0.1  # to padding: dropped
             for j in np.flatnonzero(types >= 0):
                 attn[0, h, i, j] = 0.8 * F[h, types[j]] / 2  # each type occurs twice
     # X is a residue key: it enters the total. Give it nothing so the shares stay F exactly.
@@ -113,7 +114,11 @@ def test_heads_below_min_total_are_dropped():
     features, kept = head_features(sums, min_total=5.0)
     assert kept.sum() == 5 and not kept[0, 1] and features.shape == (5, 20)
     assert VigResult.from_sums(sums, min_total=5.0).num_heads == 5
-    assert np.isnan(VigResult.from_sums(sums[:1, :2], min_total=5.0).matrix).all()  # < 3 heads
+    few = VigResult.from_sums(sums[:1, :2], min_total=5.0)  # < 3 heads: undefined, said so
+    assert np.isnan(few.matrix).all() and few.rank_DE is None and np.isnan(few.pearson)
+    empty = sums.copy()
+    empty[0, 0] = 0.0  # a head with no attention at all is dropped even with a tiny minimum
+    assert VigResult.from_sums(empty, min_total=1e-9).num_heads == 5
 
 
 def test_permutation_p_value_of_blosum_itself_is_the_smallest_possible():
@@ -167,7 +172,10 @@ def test_permutation_statistic_handles_missing_pairs():
     observed, p = blosum_permutation_test(m, 99, seed=0)
     assert observed == pytest.approx(1.0) and p == pytest.approx(0.01)
     assert np.isnan(blosum_permutation_test(np.full((20, 20), np.nan), 99)[1])
-    assert np.isfinite(off_diagonal(m)).sum() == 171
+    # Fewer finite pairs than a full matrix: the statistic still matches the plain Pearson on them.
+    finite = np.isfinite(off_diagonal(m))
+    r_direct = np.corrcoef(off_diagonal(m)[finite], off_diagonal(blosum62())[finite])[0, 1]
+    assert max_pearson_with_blosum(m[None]) == pytest.approx(r_direct, abs=1e-12)
 
 
 def test_random_weights_use_the_checkpoints_own_config_and_leave_the_rng_alone():

@@ -1,4 +1,4 @@
-"""Attention extraction for analysis: per layer and head, one sequence at a time, in row blocks.
+"""Attention extraction for analysis: per layer and head, in row blocks, for batches of proteins.
 
 ``ProteinLM.attention_maps`` returns one layer's full ``(B, H, L, L)`` maps. For a sequence of a few
 thousand residues that is ``H * L^2 * 4`` bytes per layer (8 heads, L = 4,000: 512 MB), and the
@@ -240,7 +240,6 @@ def accumulate_similarity(
     exclude_self: bool = True,
     max_block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     progress: bool = False,
-    total: int | None = None,
     vig: VigAccumulator | None = None,
     substitution: SubstitutionAccumulator | None = None,
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -262,7 +261,6 @@ def accumulate_similarity(
         exclude_self: drop each position's attention to itself from the log-odds mass.
         max_block_elements: memory bound per attention block.
         progress: print progress (with an ETA) to stderr.
-        total: unused, kept for callers that pass it; the total is counted from ``sequences``.
         vig: Vig et al.'s accumulator to fill too.
         substitution: masked-LM readout accumulator to fill too.
         batch_tokens: framed, padded tokens per batch.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 
@@ -18,7 +19,10 @@ def random_weights_like(model, seed: int):
     """A freshly initialised model with ``model``'s class and config, on its device, in eval mode."""
     config = model.config
     if config.is_performer:
-        config = dataclasses.replace(config, feature_seed=seed)
+        # Layer l's projection is seeded feature_seed + 1000 * l: draw feature_seed from its own stream
+        # so that no random model's projection repeats the checkpoint's or another seed's.
+        feature_seed = int(np.random.SeedSequence([seed, 1]).generate_state(1)[0])
+        config = dataclasses.replace(config, feature_seed=feature_seed)
     try:
         device = next(model.parameters()).device
     except StopIteration:  # pragma: no cover - every ProteinLM has parameters

@@ -50,7 +50,7 @@ def blosum_permutation_test(
     matrices: np.ndarray,
     num_permutations: int = 9999,
     seed: int = 0,
-    chunk: int = 512,
+    chunk: int | None = None,
 ) -> tuple[float, float]:
     """Observed statistic and its permutation p-value.
 
@@ -59,7 +59,7 @@ def blosum_permutation_test(
             their Pearson r with BLOSUM62 (one matrix: its r).
         num_permutations: random relabellings of the 20 residue types.
         seed: seeds the permutations (the p-value is reproducible).
-        chunk: permutations evaluated at once (memory: n * chunk * 190 float64).
+        chunk: permutations evaluated at once (memory: n * chunk * 190 float64; default about 32 MB).
 
     Returns:
         ``(observed, p_value)``; ``(nan, nan)`` when the statistic is undefined (all-NaN matrices).
@@ -75,6 +75,7 @@ def blosum_permutation_test(
     if not np.isfinite(observed):
         return float("nan"), float("nan")
     reference = off_diagonal(blosum62())
+    chunk = chunk or max(1, (1 << 22) // (mats.shape[0] * 190))
     rng = np.random.default_rng(seed)
     at_least = 0
     done = 0

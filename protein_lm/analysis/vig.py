@@ -7,7 +7,7 @@ padding and other special tokens dropped on both sides, self-edges kept) and com
 the head's attention that lands on keys of type ``b``::
 
     w_ij = A_h[i, j] * [A_h[i, j] > t]              # t = 0.3 ("exact"), t = -inf ("soft": every edge)
-    total_h = sum_ij w_ij                            # keys of every residue type (X, B, ... included)
+    total_h = sum_ij w_ij                            # keys of every residue token (X, B, Z, U, O, gaps too)
     f_h[b]  = sum_{ij: x_j = b} w_ij / total_h      # the head's feature for residue type b
 
 Heads with ``total_h < min_total`` (100 in their code) are dropped. The similarity of types ``a`` and
@@ -89,7 +89,7 @@ def head_features(sums: np.ndarray, min_total: float = MIN_TOTAL) -> tuple[np.nd
     """
     sums = np.asarray(sums, dtype=np.float64)
     total = sums.sum(-1)
-    kept = total >= min_total
+    kept = (total > 0) & (total >= min_total)
     features = sums[kept][:, :NUM_AA] / total[kept][:, None]
     return features, kept
 
@@ -120,8 +120,8 @@ class VigResult:
     num_heads: int  # heads kept (total >= min_total)
     pearson: float
     spearman: float
-    rank_DE: int
-    rank_FY: int
+    rank_DE: int | None  # None when the matrix is undefined (too few heads kept)
+    rank_FY: int | None
 
     @classmethod
     def from_sums(cls, sums: np.ndarray, min_total: float = MIN_TOTAL) -> VigResult:
@@ -129,13 +129,14 @@ class VigResult:
         features, kept = head_features(sums, min_total)
         matrix = feature_correlation(features)
         scores = compare_with_blosum62(matrix)
+        defined = bool(np.isfinite(matrix).any())
         return cls(
             matrix=matrix,
             num_heads=int(kept.sum()),
             pearson=scores["pearson"],
             spearman=scores["spearman"],
-            rank_DE=pair_rank(matrix, "D", "E"),
-            rank_FY=pair_rank(matrix, "F", "Y"),
+            rank_DE=pair_rank(matrix, "D", "E") if defined else None,
+            rank_FY=pair_rank(matrix, "F", "Y") if defined else None,
         )
 
 
@@ -156,7 +157,8 @@ class VigAccumulator:
         return VigResult.from_sums(self.sums[variant], min_total)
 
     def per_layer(self, variant: str, min_total: float = MIN_TOTAL) -> list[VigResult]:
-        """The statistic over the heads of each layer alone (Vig et al. follow it with depth)."""
+        """The statistic over the heads of each layer alone (Vig et al. follow it with depth); undefined
+        (NaN) for layers with fewer than 3 kept heads."""
         return [VigResult.from_sums(layer, min_total) for layer in self.sums[variant]]
 
 

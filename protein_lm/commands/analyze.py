@@ -1,22 +1,21 @@
-"""``protein-lm analyze``: attention -> amino-acid similarity, BLOSUM62 comparison, figures.
+"""``protein-lm analyze``: amino-acid similarity read off attention and predictions, vs BLOSUM62.
 
-Reads the first ``--max-sequences`` records of a FASTA file, runs the model on each (one at a time,
-``<cls> residues <eos>``, cropped to ``--max-length`` residues), sums the attention mass between
-residue types for every layer and head, and writes to ``--out``:
+Reads the first ``--max-sequences`` records of a FASTA file, frames each ``<cls> residues <eos>``
+(cropped to ``--max-length`` residues), and runs them in length-sorted batches through the model and
+through ``--random-inits`` random-weight models of the same architecture (the chance level). Per model:
+Vig et al.'s statistic (soft and thresholded), the masked-LM substitution readout, and the older
+log-odds view of attention mass between residue types; label-permutation p-values for the trained model.
+Writes to ``--out`` (file list and every ``summary.json`` key in docs/analysis.md):
 
-* ``similarity.csv`` — the best head's 20×20 similarity (log2 odds), rows and columns labelled
-  ``ARNDCQEGHILKMFPSTWYV``; ``similarity_aggregated.csv`` — all heads together;
-* ``head_scores.csv`` — per (layer, head): Pearson and Spearman with BLOSUM62, ranks of (D,E), (F,Y);
-* ``similarity_vs_blosum62.png`` (fixed order), ``similarity_vs_blosum62_clustered.png`` (one shared
-  average-linkage order from the model's matrix), ``similarity_aggregated_vs_blosum62.png``,
-  ``head_correlations.png``, ``attention_<protein>.png`` (layers × heads maps of one protein);
-* ``mass.npy`` — the raw (layers, heads, 20, 20) attention mass, ``uniform_mass.npy`` the (20, 20)
-  mass of uniform attention over the same proteins (the null); recompute anything from them;
-* ``summary.json`` — ``blosum62_pearson``, ``blosum62_spearman`` (best head), ``best_layer``,
-  ``best_head``, ``rank_DE``, ``rank_FY``, ``num_sequences``, … (see docs/analysis.md).
+* ``summary.json`` — ``vig_soft_pearson``, ``vig_soft_p_value``, ``vig_exact_*``, ``substitution_*``,
+  ``random_weights`` (per seed) and ``*_random_mean``, per-layer curves, the log-odds view and settings;
+* ``similarity_vs_blosum62.png`` (headline: Vig soft), ``vig_exact_vs_blosum62.png``,
+  ``substitution_vs_blosum62.png``, ``vig_per_layer.png``, the ``logodds_*`` figures and an
+  ``attention_<protein>.png`` of one protein;
+* the matrices as CSV and the raw sums as ``.npy`` (recompute anything from them).
 
 Everything is written into a temporary directory beside ``--out`` that is renamed at the end, so an
-interrupted run leaves no half-written output. Method and formulas: docs/analysis.md.
+interrupted run leaves no half-written output.
 """
 
 from __future__ import annotations
@@ -209,7 +208,12 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            os.replace(old / out.name, out)  # keep the earlier output where it was
+            shutil.rmtree(old, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
@@ -222,10 +226,11 @@ def _check_args(args: argparse.Namespace) -> None:
         (args.max_sequences >= 1, "--max-sequences must be at least 1"),
         (args.max_length >= 2, "--max-length must be at least 2"),
         (math.isfinite(args.pseudocount) and 0 <= args.pseudocount < 1, "--pseudocount must be in [0, 1)"),
-        (args.random_inits >= 1, "--random-inits must be at least 1 (the chance level of every statistic)"),
+        (args.random_inits >= 2, "--random-inits must be at least 2 (the chance level of every statistic)"),
         (args.permutations >= 99, "--permutations must be at least 99"),
         (math.isfinite(args.vig_threshold) and 0 <= args.vig_threshold < 1, "--vig-threshold must be in [0, 1)"),
-        (math.isfinite(args.vig_min_total) and args.vig_min_total >= 0, "--vig-min-total must be >= 0"),
+        (math.isfinite(args.vig_min_total) and args.vig_min_total > 0, "--vig-min-total must be > 0"),
+        (args.seed >= 0, "--seed must be >= 0"),
         (args.batch_tokens >= 1, "--batch-tokens must be at least 1"),
     ]
     for ok, message in checks:
@@ -350,6 +355,10 @@ def run(args: argparse.Namespace) -> int:
     ]
     if not sequences:
         raise UserError(f"{fasta}: no sequences to analyse")
+    from protein_lm.tokenizer import STANDARD_AA_IDS
+
+    if not any(np.isin(np.asarray(t), STANDARD_AA_IDS).any() for _, t in sequences):
+        raise UserError(f"{fasta}: no standard amino acids in the analysed records (only X, B, Z, U, O or gaps)")
     # An unknown --protein is reported before the (long) accumulation, not after it.
     picked = (args.protein, _find_protein(fasta, args.protein, args.on_invalid)) if args.protein else None
 
