@@ -136,10 +136,14 @@ def test_shipped_model_on_the_shipped_sample(tmp_path, sample_fasta):
                  "--include", "mean", "per_tok", "--layers", "-1", "3", "--batch-size", "4"]) == 0
     emb = read_embeddings(out)
     assert list(emb) == [r.id for r in records]
+    from protein_lm.checkpoint import read_checkpoint
+
+    cfg = read_checkpoint(shipped)["config"]
+    depth, dim = cfg["depth"], cfg["dim"]
     for r in records:
-        per_tok = emb[r.id]["per_tok"][6]
-        assert per_tok.shape == (len(r.tokens), 256) and emb[r.id]["mean"][3].shape == (256,)
-        torch.testing.assert_close(emb[r.id]["mean"][6], per_tok.mean(0), atol=1e-5, rtol=1e-5)
+        per_tok = emb[r.id]["per_tok"][depth]
+        assert per_tok.shape == (len(r.tokens), dim) and emb[r.id]["mean"][3].shape == (dim,)
+        torch.testing.assert_close(emb[r.id]["mean"][depth], per_tok.mean(0), atol=1e-5, rtol=1e-5)
 
 
 def _letters(tokens) -> str:

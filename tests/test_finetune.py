@@ -38,7 +38,10 @@ def test_shipped_finetune_config_builds_the_shipped_model(tmp_path):
                     run=False)
     shipped, _ = load_model(SHIPPED)
     cfg = cli.model.config
-    assert (cfg.dim, cfg.depth, cfg.heads, cfg.ff_dim, cfg.num_features) == (256, 6, 4, 1024, 256)
+    sc = shipped.config
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.ff_dim, cfg.num_features) == (
+        sc.dim, sc.depth, sc.heads, sc.ff_dim, sc.num_features)
+    assert (cfg.dim, cfg.heads) != (128, 4)  # not the quickstart config's own width
     assert cfg.max_length == 256  # the run's training length, not the checkpoint's
     ours = cli.model.model.state_dict()
     for key, value in shipped.state_dict().items():
@@ -48,7 +51,9 @@ def test_shipped_finetune_config_builds_the_shipped_model(tmp_path):
 def test_quickstart_with_init_weights_and_an_explicit_override(tmp_path, capsys):
     args = ["--config", "configs/quickstart.yaml", "--output_dir", str(tmp_path), "--wandb", "false",
             "--model.init_weights", str(SHIPPED)]
-    assert build_cli(args, run=False).model.config.dim == 256
+    shipped_dim = load_model(SHIPPED)[0].config.dim
+    assert shipped_dim != 128  # the quickstart config's own width, which the weights must override
+    assert build_cli(args, run=False).model.config.dim == shipped_dim
     # An explicit architecture setting is kept -- and then has to fit the weights.
     assert main(["fit", *args, "--model.config.depth", "2", "--trainer.max_steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
