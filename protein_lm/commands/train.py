@@ -38,6 +38,14 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from protein_lm.callbacks import split_checkpointing
+from protein_lm.checkpoint import read_checkpoint
+from protein_lm.commands.train_checks import (
+    check_model_settings,
+    check_output_dir,
+    check_resume,
+    checkpoint_hparams,
+)
+from protein_lm.commands.train_parser import ProteinLMArgumentParser, check_config_files, option_names
 from protein_lm.datamodule import ProteinDataModule
 from protein_lm.errors import UserError
 from protein_lm.lit_module import ProteinLMModule
@@ -48,12 +56,24 @@ DEFAULT_RUNS_DIR = "runs"
 class ProteinLMCLI(LightningCLI):
     """LightningCLI with the project's links, output layout, loggers and defaults."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        argv = kwargs.get("args")
+        self._argv = [str(a) for a in argv] if isinstance(argv, list | tuple) else sys.argv[1:]  # for messages
+        super().__init__(*args, **kwargs)
+
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
                      subparser_kwargs: dict[str, Any]) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         # jsonargparse names them `protein-lm [options] fit`; the top level has no options here.
-        for name, parser in getattr(self, "_subcommand_parsers", {}).items():
+        subparsers = getattr(self, "_subcommand_parsers", {})
+        for name, parser in subparsers.items():
             parser.prog = f"protein-lm {name}"
+            parser.known_options = option_names(parser)
+            parser.help_hint = f"protein-lm {name} --help"
+        # The top-level parser reports errors of the chosen subcommand too ("unrecognized arguments").
+        self.parser.known_options = tuple(dict.fromkeys(o for p in subparsers.values() for o in p.known_options))
+        chosen = next((a for a in self._argv if a in subparsers), None)
+        self.parser.help_hint = f"protein-lm {chosen} --help" if chosen else "protein-lm --help"
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: D401 - Lightning hook
         parser.add_argument(
@@ -106,7 +126,24 @@ class ProteinLMCLI(LightningCLI):
         if subcommand:
             cfg = self.config[subcommand]
             cfg["ckpt_path"] = self._resolve_ckpt_path(subcommand, cfg)
+            if cfg["ckpt_path"] and Path(cfg["ckpt_path"]).is_file():
+                self._check_checkpoint(subcommand, cfg)
         super()._parse_ckpt_path()
+
+    def _check_checkpoint(self, subcommand: str, cfg: Any) -> None:
+        """A readable, consistent Lightning checkpoint; for ``fit``, one the given options agree with.
+
+        Lightning would unpickle it with a torch traceback on a damaged file, and then replace the
+        user's model options by the checkpoint's without a word.
+        """
+        path = cfg["ckpt_path"]
+        ckpt = read_checkpoint(path)
+        if ckpt["format"] != "lightning":
+            raise UserError(f"--ckpt_path {path}: an exported weights file, not a training checkpoint; "
+                            f"to start from its weights use --model.init_weights {path}")
+        if subcommand == "fit":
+            defaults = self._subcommand_parsers[subcommand].get_defaults()
+            check_resume(cfg["model"].as_dict(), defaults["model"].as_dict(), checkpoint_hparams(path), path)
 
     def _resolve_ckpt_path(self, subcommand: str, cfg: Any) -> str | None:
         ckpt = cfg.get("ckpt_path")
@@ -133,7 +170,10 @@ class ProteinLMCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self._cfg()
+        check_model_settings(cfg["model"].as_dict())
         out = self._output_dir()
+        if self.subcommand in ("fit", "predict"):  # they write checkpoints / predictions there
+            check_output_dir(out)
         cfg["output_dir"] = str(out)
         if cfg.get("checkpoint") is not None and not cfg["checkpoint"].get("dirpath"):
             cfg["checkpoint"]["dirpath"] = str(out / "checkpoints")
@@ -280,6 +320,7 @@ def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "protein-lm"},  # not `__main__.py` under `python -m protein_lm`
+        parser_class=ProteinLMArgumentParser,  # one-line errors, "did you mean"
         auto_configure_optimizers=False,
     )
 
@@ -287,6 +328,7 @@ def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
 def run_lightning_cli(argv: list[str]) -> int:
     """Entry point used by :mod:`protein_lm.cli` for ``fit``, ``validate``, ``test``, ``predict``."""
     torch.set_float32_matmul_precision("high")
+    check_config_files(list(argv))
     try:
         build_cli(list(argv))
     except (ValueError, MisconfigurationException) as err:
