@@ -43,6 +43,7 @@ import numpy as np
 from protein_lm import __version__
 from protein_lm.errors import UserError
 from protein_lm.fasta import ON_INVALID, SKIP_REASONS, _check_readable, tokenize_fasta
+from protein_lm.record_checks import RecordAudit, warnings_for
 from protein_lm.scratch import make_scratch_dir, remove_stale
 from protein_lm.splits import HASH_SCHEME, content_hashes
 from protein_lm.tokenizer import ALPHABET_VERSION
@@ -406,6 +407,7 @@ def _tokenize_to_part(index: int, path: Path, scratch: Path, on_invalid: str, pr
     ids_path = scratch / f"part-{index}.ids"
     hash_path = scratch / f"part-{index}.hashes"
     n_seq = n_res = 0
+    audit = RecordAudit()
     with (
         open(tok_path, "wb") as ftok,
         open(len_path, "wb") as flen,
@@ -417,6 +419,7 @@ def _tokenize_to_part(index: int, path: Path, scratch: Path, on_invalid: str, pr
                 ftok.write(block.tokens.data)
                 flen.write(block.lengths.data)
                 fids.write(block.ids)
+                audit.add(block.tokens, block.lengths, block.ids)
                 # split hashes while the block is in memory (saves a pass over the cache later)
                 block_offsets = np.concatenate([[0], np.cumsum(block.lengths)])
                 fhash.write(content_hashes(block.tokens, block_offsets).astype("<u8").data)
@@ -430,6 +433,7 @@ def _tokenize_to_part(index: int, path: Path, scratch: Path, on_invalid: str, pr
         raise UserError(f"{path}: the file changed while it was being read; run prepare again")
     info["sha256"] = hasher.hexdigest()
     info["num_sequences"] = n_seq
+    info.update(audit.counts())
     return _Part(index, tok_path, len_path, ids_path, hash_path, n_seq, n_res, dict(counts), info)
 
 
@@ -483,9 +487,9 @@ def _resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         inputs = [inputs]
     if not inputs:
         raise UserError("no input FASTA files given")
+    for p in inputs:
+        _check_readable(Path(p).expanduser())  # as given: links and pipes are named as the user knows them
     paths = [Path(p).expanduser().resolve() for p in inputs]
-    for p in paths:
-        _check_readable(p)
     seen: set[Path] = set()
     for p in paths:
         if p in seen:
@@ -616,6 +620,9 @@ def prepare(
                     for i, p in enumerate(paths)
                 ]
                 parts = [f.result() for f in futures]
+        for part in parts:  # once per file, when it is read (not on every cache hit)
+            for message in warnings_for(part.input):
+                print(f"protein-lm: warning: {message}", file=sys.stderr, flush=True)
         n_seq = sum(p.num_sequences for p in parts)
         n_res = sum(p.num_residues for p in parts)
         skipped = {reason: 0 for reason in SKIP_REASONS}
@@ -711,8 +718,8 @@ def ensure_cache(
                 "give a FASTA file or a directory made by `protein-lm prepare`"
             )
         return path
-    path = path.resolve()
     _check_readable(path)
+    path = path.resolve()
     st = path.stat()
     key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     stem = path.name.removesuffix(".gz")
