@@ -7,6 +7,11 @@ Everything Lightning users know works: ``--config configs/X.yaml`` (several are 
 * ``--ckpt_path best`` / ``last`` name the files in ``output_dir/checkpoints`` in any process
   (best = lowest recorded ``val/loss``); a missing checkpoint, and Lightning's errors for user
   mistakes, print as one line (exit 2) instead of a traceback;
+* every other user mistake is one line too, found before anything is built: option and config-file
+  errors (:mod:`protein_lm.commands.train_parser`), model / optimiser values, an unwritable
+  ``output_dir`` and ``fit --ckpt_path`` options that contradict the checkpoint
+  (:mod:`protein_lm.commands.train_checks`), damaged or inconsistent checkpoints
+  (:mod:`protein_lm.checkpoint_checks`);
 
 * links: ``data.vocab_size -> model.config.vocab_size`` (after the data module is built),
   ``data.objective -> model.objective`` and ``data.max_length -> model.config.max_length``;
@@ -172,8 +177,7 @@ class ProteinLMCLI(LightningCLI):
         cfg = self._cfg()
         check_model_settings(cfg["model"].as_dict())
         out = self._output_dir()
-        if self.subcommand in ("fit", "predict"):  # they write checkpoints / predictions there
-            check_output_dir(out)
+        check_output_dir(out)  # every subcommand writes there (CSV metrics at least)
         cfg["output_dir"] = str(out)
         if cfg.get("checkpoint") is not None and not cfg["checkpoint"].get("dirpath"):
             cfg["checkpoint"]["dirpath"] = str(out / "checkpoints")
