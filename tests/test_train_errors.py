@@ -233,3 +233,15 @@ def test_read_only_output_dir_is_refused(tmp_path, capsys):
     finally:
         ro.chmod(0o755)
     assert "cannot write there" in line
+
+
+def test_evaluate_never_writes_a_non_finite_loss(tmp_path, capsys, sample_fasta):
+    """Finite weights that overflow (a norm scale of 1e38) end in one line, not `"loss": NaN` in the JSON."""
+    module = _debug_module()
+    state = module.model.state_dict()
+    state["norm.weight"] = torch.full_like(state["norm.weight"], 1e38)
+    path = save_weights(weights_payload(module.config, "mlm", state), tmp_path / "w.pt")
+    report = tmp_path / "eval.json"
+    line = _one_line_error(capsys, ["evaluate", "--checkpoint", path, "--fasta", sample_fasta,
+                                    "--max-sequences", "4", "--json", report, "--quiet"], "evaluate")
+    assert "is not finite" in line and not report.exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -115,6 +116,9 @@ def evaluate(
             f"{fasta}: no tokens to score"
             + (" (no residue was selected for masking: score more or longer sequences)" if objective == "mlm" else "")
         )
+    if not math.isfinite(float(values["loss"])):  # finite weights can still overflow; JSON has no NaN
+        raise UserError(f"{checkpoint}: the model's loss on {fasta} is not finite ({float(values['loss'])}); "
+                        "the checkpoint is unusable for scoring")
     return {
         "checkpoint": str(checkpoint),
         "fasta": str(fasta),
