@@ -4,7 +4,7 @@ Three FASTA files, made here (random residues, fixed seed):
 
 * ``long``: one protein of 200,000 residues (scored as 196 windows of 1,022 residues);
 * ``tiny``: 300,000 records of one residue each;
-* ``ordinary``: the first 1,000 proteins of data/swissprot_sample.fasta.gz (the reference rate).
+* ``ordinary``: the first 500 proteins of data/swissprot_sample.fasta.gz (the reference rate).
 
 Each is evaluated by ``python -m protein_lm evaluate --checkpoint checkpoints/performer-softmax-bid-
 swissprot2014.pt --fasta FILE`` as a subprocess (the token cache prepared beforehand, outside the
@@ -43,7 +43,7 @@ def make_inputs(tmp: Path) -> dict[str, Path]:
     ordinary = tmp / "ordinary.fasta"
     with gzip.open(REPO / "data" / "swissprot_sample.fasta.gz", "rt") as fh:
         text = fh.read()
-    ordinary.write_text(">" + ">".join(text.split(">")[1:1001]))
+    ordinary.write_text(">" + ">".join(text.split(">")[1:501]))
     return {"long": long, "tiny": tiny, "ordinary": ordinary}
 
 

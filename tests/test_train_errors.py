@@ -162,7 +162,7 @@ def test_damaged_checkpoints_are_refused_by_the_training_commands(tmp_path, caps
 
 
 @pytest.mark.parametrize("kind", ["config not matching the weights", "non-finite weights", "unknown config field"])
-def test_export_and_evaluate_refuse_inconsistent_checkpoints(tmp_path, capsys, sample_fasta, kind):
+def test_export_evaluate_and_convert_refuse_inconsistent_checkpoints(tmp_path, capsys, sample_fasta, kind):
     ckpt = _damaged(kind, tmp_path / "bad.ckpt")
     out = tmp_path / "model.pt"
     line = _one_line_error(capsys, ["export", "--checkpoint", ckpt, "--out", out], "export")
@@ -171,6 +171,9 @@ def test_export_and_evaluate_refuse_inconsistent_checkpoints(tmp_path, capsys, s
     line = _one_line_error(capsys, ["evaluate", "--checkpoint", ckpt, "--fasta", sample_fasta,
                                     "--max-sequences", "4", "--json", report], "evaluate")
     assert DAMAGE[kind] in line and not report.exists()
+    line = _one_line_error(capsys, ["convert", "--checkpoint", ckpt, "--attention", "performer-relu",
+                                    "--out", out], "convert")
+    assert DAMAGE[kind] in line and not out.exists()
 
 
 def test_exported_weights_with_nan_are_refused_by_name(tmp_path, capsys, sample_fasta):
