@@ -159,7 +159,8 @@ class _Progress:
     def __init__(self, total: int, enabled: bool):
         self.total, self.enabled = total, enabled
         self.tty = enabled and sys.stderr.isatty()
-        self.start = self.last = time.monotonic()
+        self.start = time.monotonic()
+        self.last = self.start - 10.0  # the first line comes after 2 s, also in a log
         self.tokens, self.done, self.shown = 0, 0, False
 
     def __call__(self, done: int, tokens: int) -> None:
