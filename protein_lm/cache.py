@@ -34,7 +34,6 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,11 @@ import numpy as np
 from protein_lm import __version__
 from protein_lm.errors import UserError
 from protein_lm.fasta import ON_INVALID, SKIP_REASONS, _check_readable, tokenize_fasta
+from protein_lm.record_checks import RecordAudit, warnings_for
+from protein_lm.scratch import make_scratch_dir, remove_stale
 from protein_lm.splits import HASH_SCHEME, content_hashes
 from protein_lm.tokenizer import ALPHABET_VERSION
+from protein_lm.worker_pool import worker_pool
 
 FORMAT = "protein_lm.token_cache"
 VERSION = 1
@@ -83,13 +85,19 @@ class TokenCache:
                 f"{self.path}: not a complete token cache (no {MANIFEST_FILE}); "
                 "run `protein-lm prepare FASTA --out DIR`"
             )
-        self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        manifest = _read_manifest(self.path)
+        if manifest is None:
+            raise UserError(_damaged_message(self.path, None, f"{MANIFEST_FILE} is not valid JSON"))
+        self.manifest: dict[str, Any] = manifest
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise UserError(
                 f"{self.path}: unsupported cache format {self.manifest.get('format')!r} "
                 f"version {self.manifest.get('version')!r} (expected {FORMAT!r} v{VERSION}); "
                 "re-run `protein-lm prepare`"
             )
+        damage = cache_damage(self.path, self.manifest)
+        if damage:
+            raise UserError(_damaged_message(self.path, self.manifest, damage))
         self._open()
 
     def _open(self) -> None:
@@ -210,6 +218,62 @@ class TokenCache:
         i %= n
         start, end = int(self._id_starts[i]), int(self._id_starts[i + 1]) - 1
         return bytes(self._ids[start:end]).decode("utf-8")
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of the cache at ``path``, or None when it is not a JSON object."""
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def cache_damage(path: Path, manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the cache files at ``path`` compared with ``manifest``, or None.
+
+    The manifest is written last and records the counts, so a file truncated, replaced or edited
+    afterwards shows as a size that disagrees with them. Checked: ``tokens.u8`` holds exactly
+    ``num_residues`` bytes; ``offsets.npy`` is ``num_sequences + 1`` int64 offsets rising from 0 to
+    ``num_residues``; ``ids.txt`` has ``num_sequences`` lines. This reads the offsets and the ids once
+    (a few MB per million sequences), never the tokens, so opening a cache stays cheap; a residue
+    byte changed in place keeps every size and is not detected.
+    """
+    try:
+        n_seq, n_res = int(manifest["num_sequences"]), int(manifest["num_residues"])
+    except (KeyError, TypeError, ValueError):
+        return f"{MANIFEST_FILE} lacks the sequence and residue counts"
+    for name in (TOKENS_FILE, OFFSETS_FILE, IDS_FILE):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    size = (path / TOKENS_FILE).stat().st_size
+    if size != n_res:
+        return f"{TOKENS_FILE} has {size:,} bytes, the manifest says {n_res:,} residues"
+    try:
+        offsets = np.load(path / OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return f"{OFFSETS_FILE} is not a readable numpy array"
+    if offsets.dtype != np.int64 or offsets.shape != (n_seq + 1,):
+        return f"{OFFSETS_FILE} holds {offsets.dtype} {offsets.shape}, expected int64 ({n_seq + 1},)"
+    if int(offsets[0]) != 0 or int(offsets[-1]) != n_res:
+        return f"{OFFSETS_FILE} does not run from 0 to {n_res:,}"
+    prev = 0
+    for start in range(0, n_seq + 1, _COPY_CHUNK):
+        chunk = np.asarray(offsets[start : start + _COPY_CHUNK])
+        if chunk[0] < prev or (chunk.size > 1 and bool((np.diff(chunk) < 0).any())):
+            return f"{OFFSETS_FILE} is not increasing"
+        prev = int(chunk[-1])
+    ids_size = (path / IDS_FILE).stat().st_size
+    lines = int(np.count_nonzero(np.memmap(path / IDS_FILE, dtype=np.uint8, mode="r") == 10)) if ids_size else 0
+    if lines != n_seq:
+        return f"{IDS_FILE} has {lines:,} lines, the manifest says {n_seq:,} sequences"
+    return None
+
+
+def _damaged_message(path: Path, manifest: dict[str, Any] | None, damage: str) -> str:
+    inputs = [str(rec.get("path")) for rec in (manifest or {}).get("inputs", []) if isinstance(rec, dict)]
+    fasta = " ".join(inputs) if inputs else "FASTA"
+    return f"cache {path} is damaged ({damage}): rerun `protein-lm prepare {fasta} --out {path} --force`"
 
 
 def cache_fingerprint(manifest: dict[str, Any]) -> str:
@@ -343,6 +407,7 @@ def _tokenize_to_part(index: int, path: Path, scratch: Path, on_invalid: str, pr
     ids_path = scratch / f"part-{index}.ids"
     hash_path = scratch / f"part-{index}.hashes"
     n_seq = n_res = 0
+    audit = RecordAudit()
     with (
         open(tok_path, "wb") as ftok,
         open(len_path, "wb") as flen,
@@ -354,6 +419,7 @@ def _tokenize_to_part(index: int, path: Path, scratch: Path, on_invalid: str, pr
                 ftok.write(block.tokens.data)
                 flen.write(block.lengths.data)
                 fids.write(block.ids)
+                audit.add(block.tokens, block.lengths, block.ids)
                 # split hashes while the block is in memory (saves a pass over the cache later)
                 block_offsets = np.concatenate([[0], np.cumsum(block.lengths)])
                 fhash.write(content_hashes(block.tokens, block_offsets).astype("<u8").data)
@@ -367,6 +433,7 @@ def _tokenize_to_part(index: int, path: Path, scratch: Path, on_invalid: str, pr
         raise UserError(f"{path}: the file changed while it was being read; run prepare again")
     info["sha256"] = hasher.hexdigest()
     info["num_sequences"] = n_seq
+    info.update(audit.counts())
     return _Part(index, tok_path, len_path, ids_path, hash_path, n_seq, n_res, dict(counts), info)
 
 
@@ -420,9 +487,9 @@ def _resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         inputs = [inputs]
     if not inputs:
         raise UserError("no input FASTA files given")
+    for p in inputs:
+        _check_readable(Path(p).expanduser())  # as given: links and pipes are named as the user knows them
     paths = [Path(p).expanduser().resolve() for p in inputs]
-    for p in paths:
-        _check_readable(p)
     seen: set[Path] = set()
     for p in paths:
         if p in seen:
@@ -450,8 +517,8 @@ def _is_hit(out_dir: Path, paths: list[Path], on_invalid: str) -> bool:
     invalid = sum(v for k, v in manifest.get("skipped", {}).items() if k != "empty_sequence")
     if on_invalid == "error" and invalid:
         return False
-    if not all((out_dir / f).is_file() for f in CACHE_FILES):
-        return False
+    if not all((out_dir / f).is_file() for f in CACHE_FILES) or cache_damage(out_dir, manifest):
+        return False  # rebuilt from its inputs
     touched = False
     for rec, p in zip(recorded, paths, strict=True):
         info = _file_info(p)
@@ -502,7 +569,7 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     (and put back if the rename fails)."""
     old = None
     if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old = make_scratch_dir(out_dir, "old")
         os.replace(out_dir, old / "cache")
     try:
         os.replace(tmp, out_dir)
@@ -530,13 +597,15 @@ def prepare(
     paths = _resolve_inputs(inputs)
     out_dir = Path(out_dir).expanduser().resolve()
     _check_out_dir(out_dir)
+    with contextlib.suppress(OSError):  # left by runs killed (SIGKILL) before they could clean up
+        remove_stale(out_dir)
     if not force and _is_hit(out_dir, paths, on_invalid):
         manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
         return PrepareResult(out_dir, True, time.perf_counter() - t0, manifest)
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = make_scratch_dir(out_dir, "tmp")
     except OSError as err:
         raise UserError(f"{out_dir}: cannot create the cache directory: {err.strerror or err}") from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a cache is an ordinary dir
@@ -545,17 +614,15 @@ def prepare(
         if workers == 1:
             parts = [_tokenize_to_part(i, p, tmp, on_invalid, progress) for i, p in enumerate(paths)]
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with worker_pool(workers) as pool:
                 futures = [
                     pool.submit(_tokenize_to_part, i, p, tmp, on_invalid, progress)
                     for i, p in enumerate(paths)
                 ]
-                try:
-                    parts = [f.result() for f in futures]
-                except BaseException:
-                    for f in futures:  # do not start the files not yet begun
-                        f.cancel()
-                    raise
+                parts = [f.result() for f in futures]
+        for part in parts:  # once per file, when it is read (not on every cache hit)
+            for message in warnings_for(part.input):
+                print(f"protein-lm: warning: {message}", file=sys.stderr, flush=True)
         n_seq = sum(p.num_sequences for p in parts)
         n_res = sum(p.num_residues for p in parts)
         skipped = {reason: 0 for reason in SKIP_REASONS}
@@ -651,8 +718,8 @@ def ensure_cache(
                 "give a FASTA file or a directory made by `protein-lm prepare`"
             )
         return path
-    path = path.resolve()
     _check_readable(path)
+    path = path.resolve()
     st = path.stat()
     key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
     stem = path.name.removesuffix(".gz")

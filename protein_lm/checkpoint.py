@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from protein_lm.checkpoint_checks import check_checkpoint
 from protein_lm.errors import UserError
 from protein_lm.model import ModelConfig, ProteinLM
 from protein_lm.outputs import write_atomically
@@ -38,7 +39,9 @@ def _read(path: str | os.PathLike, map_location: Any) -> dict[str, Any]:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""  # torch's text runs to pages
-        raise UserError(f"{path}: cannot read as a protein_lm checkpoint ({type(err).__name__}: {first})") from err
+        first = first.split(". ")[0]
+        raise UserError(f"{path}: cannot read as a protein_lm checkpoint: damaged, truncated or not written by "
+                        f"torch.save ({type(err).__name__}: {first})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: not a protein_lm checkpoint (top level is {type(data).__name__})")
     return data
@@ -61,16 +64,21 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if data.get("format") == WEIGHTS_FORMAT:
         if int(data.get("version", 0)) > WEIGHTS_VERSION:
             raise UserError(f"{path}: weights format version {data['version']} is newer than this protein_lm")
-        return {
+        config = data.get("config")
+        if not isinstance(config, dict):
+            raise UserError(f"{path}: exported weights file without a protein_lm model config")
+        ckpt = {
             "format": "weights",
-            "config": dict(data["config"]),
-            "objective": data.get("objective", "causal" if data["config"].get("causal") else "mlm"),
+            "config": dict(config),
+            "objective": data.get("objective", "causal" if config.get("causal") else "mlm"),
             "state_dict": data["state_dict"],
             "metrics": dict(data.get("metrics") or {}),
             "global_step": data.get("global_step"),
             "epoch": data.get("epoch"),
             "path": str(path),
         }
+        check_checkpoint(ckpt)
+        return ckpt
     if "state_dict" in data and (_LIGHTNING_KEY in data or "hyper_parameters" in data):
         meta = data.get(_LIGHTNING_KEY) or {}
         hparams = data.get("hyper_parameters") or {}
@@ -79,7 +87,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             raise UserError(f"{path}: Lightning checkpoint without a protein_lm model config")
         prefix = "model."
         state = {k[len(prefix) :]: v for k, v in data["state_dict"].items() if k.startswith(prefix)}
-        return {
+        ckpt = {
             "format": "lightning",
             "config": dict(config),
             "objective": meta.get("objective") or hparams.get("objective", "mlm"),
@@ -89,6 +97,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             "epoch": data.get("epoch"),
             "path": str(path),
         }
+        check_checkpoint(ckpt)
+        return ckpt
     raise UserError(f"{path}: neither a protein_lm Lightning checkpoint nor an exported weights file")
 
 

@@ -14,8 +14,12 @@ and printed as one line with exit code 2 — never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from protein_lm import __version__
 from protein_lm.errors import UserError
@@ -73,13 +77,39 @@ def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(prog=f"protein-lm {name}", description=COMMANDS[name][1])
         module.add_arguments(parser)
         args = parser.parse_args(rest)
-        return int(module.run(args) or 0)
+        with _sigterm_as_interrupt():
+            return int(module.run(args) or 0)
     except UserError as err:
         print(f"protein-lm {name}: error: {err}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"protein-lm {name}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"protein-lm {name}: interrupted", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived. A KeyboardInterrupt, so that every cleanup that runs on Ctrl-C runs for it too."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``timeout``, SLURM, ``docker stop``) unwinds like Ctrl-C instead of killing outright,
+    so temporary files and directories are removed. Only the main thread can install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

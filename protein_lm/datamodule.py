@@ -254,11 +254,16 @@ def _chunk(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _budget_chunk(order: np.ndarray, token_lengths: np.ndarray, budget: int) -> list[np.ndarray]:
-    """Greedy token-budget batches over ``order`` sorted by decreasing length: ``B * longest <= budget``."""
+def _budget_chunk(
+    order: np.ndarray, token_lengths: np.ndarray, budget: int, max_rows: int | None = None
+) -> list[np.ndarray]:
+    """Greedy token-budget batches over ``order`` sorted by decreasing length: ``B * longest <= budget``
+    (and ``B <= max_rows``: per-row state, such as FAVOR's key-value sums, grows with rows, not tokens)."""
     batches, i, n = [], 0, len(order)
     while i < n:
         m = max(1, budget // int(token_lengths[order[i]]))
+        if max_rows is not None:
+            m = min(m, max_rows)
         batches.append(order[i : i + m])
         i += m
     return batches
@@ -283,9 +288,10 @@ class BatchPlan:
         seed: int,
         token_lengths: np.ndarray | None = None,
         tokens_per_batch: int | None = None,
+        max_rows: int | None = None,
     ):
         self.num_examples, self.batch_size, self.shuffle, self.seed = num_examples, batch_size, shuffle, seed
-        self.token_lengths, self.tokens_per_batch = token_lengths, tokens_per_batch
+        self.token_lengths, self.tokens_per_batch, self.max_rows = token_lengths, tokens_per_batch, max_rows
         self._cache: tuple[int, list[np.ndarray]] | None = None
 
     def __call__(self, epoch: int) -> list[np.ndarray]:
@@ -307,7 +313,7 @@ class BatchPlan:
                 else np.arange(n)
             )
             order = np.lexsort((tie, -tl))  # longest first, ties at random
-            batches = _budget_chunk(order, tl, self.tokens_per_batch)
+            batches = _budget_chunk(order, tl, self.tokens_per_batch, self.max_rows)
             if rng is not None:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
             return batches
@@ -611,11 +617,16 @@ class ProteinDataModule(pl.LightningDataModule):
         lens = np.minimum(w, lengths[seq] - j * w)
         return SingleProteinDataset(cache, starts, lens, np.arange(len(starts)), **common)
 
-    def evaluation_dataloader(self, path: str, max_sequences: int | None = None) -> DataLoader:
+    def evaluation_dataloader(
+        self, path: str, max_sequences: int | None = None, tokens_per_batch: int | None = None,
+        max_rows: int | None = None,
+    ) -> DataLoader:
         """Deterministic evaluation batches over *every* sequence of a FASTA file or cache dir.
 
         For ``protein-lm evaluate``: no split, the first ``max_sequences`` sequences in file order,
         the same windows / fixed seeded masks as the test split, so two runs give identical numbers.
+        ``tokens_per_batch`` (single mode) packs batches by a token budget instead of the module's
+        setting, at most ``max_rows`` rows each: many short records then share one batch.
         """
         if max_sequences is not None:
             _check_int("max_sequences", max_sequences, 1)
@@ -626,13 +637,15 @@ class ProteinDataModule(pl.LightningDataModule):
             raise UserError(
                 f"{path}: nothing to evaluate (no sequences, or fewer than max_length tokens in concat mode)"
             )
+        single = ds if isinstance(ds, SingleProteinDataset) else None
         plan = BatchPlan(
             len(ds),
             batch_size=self.batch_size,
             shuffle=False,
             seed=self.seed,
-            token_lengths=ds.token_lengths() if isinstance(ds, SingleProteinDataset) else None,
-            tokens_per_batch=self.tokens_per_batch,
+            token_lengths=single.token_lengths() if single else None,
+            tokens_per_batch=(tokens_per_batch or self.tokens_per_batch) if single else None,
+            max_rows=max_rows,
         )
         replicas, rank = self._world()
         return self._loader(ShardedBatchSampler(ds, plan, num_replicas=replicas, rank=rank))

@@ -28,6 +28,7 @@ import io
 import os
 import queue
 import re
+import stat
 import threading
 import zlib
 from collections import Counter, deque
@@ -92,15 +93,31 @@ def is_gzip(path: str | os.PathLike) -> bool:
 
 
 def _check_readable(path: Path) -> int:
-    """Return the file size, or raise a one-line FastaFormatError."""
+    """Return the file size, or raise a one-line FastaFormatError.
+
+    Call it on the path as the user gave it (before ``resolve()``), so that a dangling link is
+    named with its target and a pipe (``<(zcat x.gz)``) is recognised rather than resolved into
+    ``/proc/.../pipe:[123]``.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
+        if path.is_symlink():
+            raise FastaFormatError(
+                f"{path}: a symbolic link to {os.readlink(path)}, which does not exist"
+            ) from None
         raise FastaFormatError(f"{path}: no such file") from None
     except OSError as err:
         raise FastaFormatError(f"{path}: cannot read: {err.strerror or err}") from None
     if path.is_dir():
         raise FastaFormatError(f"{path}: is a directory, not a FASTA file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a pipe" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        raise FastaFormatError(
+            f"{path}: {kind}: the token cache records each input's size, time and checksum to know "
+            "when to rebuild, so inputs must be regular files (e.g. `zcat x.gz > x.fasta` first; "
+            "gzip files are read directly)"
+        )
     if not os.access(path, os.R_OK):
         raise FastaFormatError(f"{path}: cannot read: permission denied")
     if st.st_size == 0:
@@ -226,8 +243,13 @@ def iter_blocks(
     carry = b""
     chunks = _Chunks(path, hasher=hasher, on_raw=on_raw)
     first = True
+    cr_only: bool | None = None  # classic Mac OS files end their lines with CR alone
     try:
         for chunk in chunks:
+            if cr_only is None:
+                cr_only = b"\r" in chunk and b"\n" not in chunk
+            if cr_only:
+                chunk = chunk.replace(b"\r", b"\n")
             data = carry + chunk if carry else chunk
             if first:  # a UTF-8 byte-order mark (some Windows editors write one) is not data
                 if len(data) < len(_BOM):

@@ -148,6 +148,17 @@ class ModelConfig:
     pkm_value_lr: float = 1e-3
 
     def __post_init__(self) -> None:
+        # Checked here, not where torch would fail later with a message that names no option.
+        for name in ("vocab_size", "dim", "depth", "heads", "ff_dim", "num_features", "max_length", "span_max",
+                     "pkm_num_keys", "pkm_topk", "pkm_heads", "pkm_key_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if not 0 <= self.dropout < 1:  # also refuses NaN
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("rotary_base", "layer_norm_eps", "init_std", "span_ramp"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.position not in POSITION_KINDS:

@@ -80,9 +80,15 @@ def favor_bidirectional(
         ``(B, H, Lq, D)`` in the features' dtype (float32), computed with autocast off.
     """
     dt = phi_q.dtype
+    lq, lk, m, d = phi_q.shape[-2], phi_k.shape[-2], phi_k.shape[-1], v.shape[-1]
     with torch.autocast(device_type=phi_q.device.type, enabled=False):
         phi_k = _zero_padded(phi_k, key_padding_mask)
         v = _zero_padded(v.to(dt), key_padding_mask)
+        if lq * lk * (m + d) < (lq + lk) * m * d:
+            # Short rows (L below ~M*D/(M+D), e.g. 50 tokens at M=256, D=64): the same products in
+            # the other order, (phi_q phi_k^T) v, cost less than the (M, D) state of every row.
+            scores = phi_q @ phi_k.transpose(-1, -2)  # (B,H,Lq,L)
+            return (scores @ v) / scores.sum(dim=-1, keepdim=True).clamp_min(eps)
         kv = phi_k.transpose(-1, -2) @ v  # (B,H,M,D)
         ksum = phi_k.sum(dim=-2)  # (B,H,M)
         num = phi_q @ kv  # (B,H,Lq,D)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from protein_lm.download import SOURCES, download
+from protein_lm.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.retries < 0:
+        raise UserError(f"--retries must be >= 0, got {args.retries}")
     res = download(
         args.source,
         args.out,

@@ -7,6 +7,11 @@ Everything Lightning users know works: ``--config configs/X.yaml`` (several are 
 * ``--ckpt_path best`` / ``last`` name the files in ``output_dir/checkpoints`` in any process
   (best = lowest recorded ``val/loss``); a missing checkpoint, and Lightning's errors for user
   mistakes, print as one line (exit 2) instead of a traceback;
+* every other user mistake is one line too, found before anything is built: option and config-file
+  errors (:mod:`protein_lm.commands.train_parser`), model / optimiser values, an unwritable
+  ``output_dir`` and ``fit --ckpt_path`` options that contradict the checkpoint
+  (:mod:`protein_lm.commands.train_checks`), damaged or inconsistent checkpoints
+  (:mod:`protein_lm.checkpoint_checks`);
 
 * links: ``data.vocab_size -> model.config.vocab_size`` (after the data module is built),
   ``data.objective -> model.objective`` and ``data.max_length -> model.config.max_length``;
@@ -39,6 +44,13 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from protein_lm.callbacks import split_checkpointing
 from protein_lm.checkpoint import WEIGHTS_FORMAT, read_checkpoint
+from protein_lm.commands.train_checks import (
+    check_model_settings,
+    check_output_dir,
+    check_resume,
+    checkpoint_hparams,
+)
+from protein_lm.commands.train_parser import ProteinLMArgumentParser, check_config_files, option_names
 from protein_lm.datamodule import ProteinDataModule
 from protein_lm.errors import UserError
 from protein_lm.finetune import apply_init_weights
@@ -50,12 +62,24 @@ DEFAULT_RUNS_DIR = "runs"
 class ProteinLMCLI(LightningCLI):
     """LightningCLI with the project's links, output layout, loggers and defaults."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        argv = kwargs.get("args")
+        self._argv = [str(a) for a in argv] if isinstance(argv, list | tuple) else sys.argv[1:]  # for messages
+        super().__init__(*args, **kwargs)
+
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
                      subparser_kwargs: dict[str, Any]) -> None:
         super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
         # jsonargparse names them `protein-lm [options] fit`; the top level has no options here.
-        for name, parser in getattr(self, "_subcommand_parsers", {}).items():
+        subparsers = getattr(self, "_subcommand_parsers", {})
+        for name, parser in subparsers.items():
             parser.prog = f"protein-lm {name}"
+            parser.known_options = option_names(parser)
+            parser.help_hint = f"protein-lm {name} --help"
+        # The top-level parser reports errors of the chosen subcommand too ("unrecognized arguments").
+        self.parser.known_options = tuple(dict.fromkeys(o for p in subparsers.values() for o in p.known_options))
+        chosen = next((a for a in self._argv if a in subparsers), None)
+        self.parser.help_hint = f"protein-lm {chosen} --help" if chosen else "protein-lm --help"
 
     def parse_arguments(self, parser, args) -> None:
         self._argv = [str(a) for a in args] if isinstance(args, list | tuple) else []
@@ -118,7 +142,24 @@ class ProteinLMCLI(LightningCLI):
         if subcommand:
             cfg = self.config[subcommand]
             cfg["ckpt_path"] = self._resolve_ckpt_path(subcommand, cfg)
+            if cfg["ckpt_path"] and Path(cfg["ckpt_path"]).is_file():
+                self._check_checkpoint(subcommand, cfg)
         super()._parse_ckpt_path()
+
+    def _check_checkpoint(self, subcommand: str, cfg: Any) -> None:
+        """A readable, consistent Lightning checkpoint; for ``fit``, one the given options agree with.
+
+        Lightning would unpickle it with a torch traceback on a damaged file, and then replace the
+        user's model options by the checkpoint's without a word.
+        """
+        path = cfg["ckpt_path"]
+        ckpt = read_checkpoint(path)
+        if ckpt["format"] != "lightning":
+            raise UserError(f"--ckpt_path {path}: an exported weights file, not a training checkpoint; "
+                            f"to start from its weights use --model.init_weights {path}")
+        if subcommand == "fit":
+            defaults = self._subcommand_parsers[subcommand].get_defaults()
+            check_resume(cfg["model"].as_dict(), defaults["model"].as_dict(), checkpoint_hparams(path), path)
 
     def _resolve_ckpt_path(self, subcommand: str, cfg: Any) -> str | None:
         ckpt = cfg.get("ckpt_path")
@@ -157,7 +198,9 @@ class ProteinLMCLI(LightningCLI):
         note = apply_init_weights(cfg, getattr(self, "_argv", []))
         if note:
             print(note, file=sys.stderr, flush=True)
+        check_model_settings(cfg["model"].as_dict())
         out = self._output_dir()
+        check_output_dir(out)  # every subcommand writes there (CSV metrics at least)
         cfg["output_dir"] = str(out)
         if cfg.get("checkpoint") is not None and not cfg["checkpoint"].get("dirpath"):
             cfg["checkpoint"]["dirpath"] = str(out / "checkpoints")
@@ -327,6 +370,7 @@ def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "protein-lm"},  # not `__main__.py` under `python -m protein_lm`
+        parser_class=ProteinLMArgumentParser,  # one-line errors, "did you mean"
         auto_configure_optimizers=False,
     )
 
@@ -334,6 +378,7 @@ def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
 def run_lightning_cli(argv: list[str]) -> int:
     """Entry point used by :mod:`protein_lm.cli` for ``fit``, ``validate``, ``test``, ``predict``."""
     torch.set_float32_matmul_precision("high")
+    check_config_files(list(argv))
     try:
         build_cli(list(argv))
     except (ValueError, MisconfigurationException) as err:
