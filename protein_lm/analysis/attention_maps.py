@@ -109,9 +109,8 @@ def _layer_blocks(attn_module, q: Tensor, k: Tensor, mask: Tensor | None, rows_p
         for start in range(0, length, rows_per_block):
             rows = range(start, min(length, start + rows_per_block))
             a = phi_q[:, :, rows.start : rows.stop] @ phi_kt
-            allowed = _allowed(rows, length, causal, mask, q.device)
-            if allowed is not None:
-                a = a.masked_fill(~allowed, 0.0)
+            if causal:  # padded keys already have phi_k = 0, so only the causal mask is applied
+                a = a.masked_fill(~_allowed(rows, length, causal, None, q.device), 0.0)
             yield rows.start, a / a.sum(dim=-1, keepdim=True).clamp_min(kernel.eps)
 
 

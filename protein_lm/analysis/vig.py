@@ -70,10 +70,12 @@ def key_type_sums(attn, query_ids, key_ids=None, threshold: float = EXACT_THRESH
     key_ids = query_ids if key_ids is None else key_ids
     a = attn.to(torch.promote_types(attn.dtype, torch.float32))
     keys = _key_columns(key_ids).to(a.dtype)  # (B, Lk, 21)
-    queries = _key_columns(query_ids).sum(-1).to(a.dtype)  # (B, Lq): 1 at residue rows
-    kept = a * (a > threshold)
-    soft = torch.einsum("bq,bhqk,bkc->hc", queries, a, keys)
-    exact = torch.einsum("bq,bhqk,bkc->hc", queries, kept, keys)
+    queries = _key_columns(query_ids).sum(-1).to(a.dtype)[:, None, None, :]  # (B, 1, 1, Lq): 1 at residues
+    # Sum over the residue query rows first, as a product that never copies the (B, H, Lq, Lk) block.
+    soft_keys = torch.matmul(queries, a)  # (B, H, 1, Lk)
+    exact_keys = torch.matmul(queries, torch.where(a > threshold, a, 0.0))
+    soft = torch.einsum("bhk,bkc->hc", soft_keys[:, :, 0], keys)
+    exact = torch.einsum("bhk,bkc->hc", exact_keys[:, :, 0], keys)
     return soft.double().cpu().numpy(), exact.double().cpu().numpy()
 
 
