@@ -30,9 +30,11 @@ import torch
 from torch import Tensor
 
 from protein_lm.analysis.similarity import SimilarityAccumulator
-from protein_lm.analysis.substitution import SubstitutionAccumulator
+from protein_lm.analysis.substitution import SubstitutionAccumulator, score_batch
 from protein_lm.analysis.vig import VigAccumulator
-from protein_lm.tokenizer import CLS_ID, EOS_ID, PAD_ID, STANDARD_AA_IDS
+from protein_lm.inference import frame as frame_residues
+from protein_lm.inference import padded_batch
+from protein_lm.tokenizer import PAD_ID, STANDARD_AA_IDS
 
 RESIDUE_IDS = tuple(range(4, 31))  # every residue token (standard and X/B/U/Z/O/./-), no specials
 DEFAULT_BLOCK_ELEMENTS = 1 << 24  # 16 M numbers = 64 MB of float32 per block
@@ -41,8 +43,7 @@ DEFAULT_BATCH_TOKENS = 8192  # framed, padded tokens per analysis batch
 
 def frame(tokens: np.ndarray | Iterable[int]) -> Tensor:
     """Residue token ids -> ``(1, L + 2)`` LongTensor ``<cls> residues <eos>`` (how the models are trained)."""
-    body = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    return torch.cat([torch.tensor([CLS_ID]), body, torch.tensor([EOS_ID])])[None]
+    return torch.from_numpy(frame_residues(np.asarray(tokens)))[None]
 
 
 def _chunkable(model) -> bool:
@@ -225,11 +226,7 @@ def length_batches(
 
 def frame_batch(token_lists: Sequence[np.ndarray]) -> Tensor:
     """Residue token ids of several proteins -> ``(B, L_max + 2)`` framed ids, ``<pad>`` after ``<eos>``."""
-    framed = [frame(t)[0] for t in token_lists]
-    out = torch.full((len(framed), max(len(f) for f in framed)), PAD_ID, dtype=torch.long)
-    for row, f in zip(out, framed, strict=True):
-        row[: len(f)] = f
-    return out
+    return padded_batch([frame_residues(np.asarray(t)) for t in token_lists], torch.device("cpu"))[0]
 
 
 def accumulate_similarity(
@@ -266,8 +263,6 @@ def accumulate_similarity(
         seed: seeds the masked positions of the substitution readout.
         label: prefix of the progress lines.
     """
-    from protein_lm.analysis.substitution import score_batch
-
     cfg = model.config
     sequences = list(sequences)
     acc = accumulator or SimilarityAccumulator(cfg.depth, cfg.heads)

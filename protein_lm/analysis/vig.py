@@ -31,10 +31,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from protein_lm.analysis.blosum import NUM_AA, compare_with_blosum62, pair_rank
+from protein_lm.tokenizer import RESIDUES, TOKENS
 
 EXACT_THRESHOLD = 0.3  # Vig et al.'s --min-attn
 MIN_TOTAL = 100.0  # their min_total: heads with less kept attention weight are dropped
 VARIANTS = ("soft", "exact")
+RESIDUE_TOKEN_IDS = tuple(TOKENS.index(r) for r in RESIDUES)  # every residue token, standard or not
 
 
 def _key_columns(token_ids):
@@ -42,10 +44,8 @@ def _key_columns(token_ids):
     import torch
 
     from protein_lm.analysis.similarity import residue_types
-    from protein_lm.tokenizer import RESIDUES, TOKENS
 
-    residue_ids = torch.tensor([TOKENS.index(r) for r in RESIDUES], device=token_ids.device)
-    is_residue = torch.isin(token_ids, residue_ids)
+    is_residue = torch.isin(token_ids, torch.tensor(RESIDUE_TOKEN_IDS, device=token_ids.device))
     types = residue_types(token_ids)
     column = torch.where(types >= 0, types, torch.full_like(types, NUM_AA))
     out = torch.zeros(*token_ids.shape, NUM_AA + 1, dtype=torch.float32, device=token_ids.device)
