@@ -4,10 +4,26 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from protein_lm.errors import UserError
+
+
+def can_write_in(directory: str | os.PathLike) -> OSError | None:
+    """Whether files can be made in ``directory`` (or, if it does not exist yet, its first existing
+    ancestor): tried with a probe file, not guessed — ``os.access`` says yes to root on a read-only
+    mount. Returns the error, or None."""
+    probe = Path(directory)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        return err
+    return None
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> Path:
@@ -23,7 +39,7 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
     parent = out.parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"{flag} {out}: {parent} is not a directory")
-    if parent.exists() and not os.access(parent, os.W_OK):
+    if parent.exists() and can_write_in(parent) is not None:
         raise UserError(f"{flag} {out}: cannot write in {parent}")
     return out
 

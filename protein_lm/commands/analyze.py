@@ -191,13 +191,11 @@ def _check_out(out: Path) -> None:
 
 def _check_writable(directory: Path) -> None:
     """Fail now, not after the analysis, when the output's folder cannot be written."""
-    probe = directory
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".analyze-probe-", dir=probe))
-    except OSError as e:
-        raise UserError(f"--out: cannot write to {probe} ({e.strerror}); choose another directory") from None
+    from protein_lm.outputs import can_write_in
+
+    err = can_write_in(directory)
+    if err is not None:
+        raise UserError(f"--out: cannot write to {directory} ({err.strerror or err}); choose another directory")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

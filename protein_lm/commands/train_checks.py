@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 
 from protein_lm.errors import UserError
 from protein_lm.model import ModelConfig
+from protein_lm.outputs import can_write_in
 
 # Options of the LightningModule that a resumed run takes from its checkpoint. The others
 # (``compile``, ``init_weights``) do not change what is trained and may differ.
@@ -73,17 +73,15 @@ def _check_optimiser(model: dict[str, Any]) -> None:
 
 
 def check_output_dir(path: Path, flag: str = "--output_dir") -> None:
-    """``path`` is (or can become) a directory this process can write in; tried, not guessed.
-
-    A probe file is created and removed: ``os.access`` says yes to root on a read-only mount.
-    """
+    """``path`` is (or can become) a directory this process can write in (:func:`can_write_in`)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as err:
+        err = can_write_in(path)
+    except OSError as mkdir_err:
+        err = mkdir_err
+    if err is not None:
         raise UserError(f"{flag} {path}: cannot write there ({err.strerror or err}); choose another "
-                        "directory") from None
+                        "directory")
 
 
 def checkpoint_hparams(path: str | os.PathLike) -> dict[str, Any]:
