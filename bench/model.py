@@ -1,7 +1,8 @@
 """Model-level training throughput: tokens/s and peak memory of one optimiser step (fwd+bwd+AdamW).
 
 The issue-8 model (6 layers, d 512, 8 heads, d_ff 2048, bf16 autocast) built from
-``protein_lm.model.ProteinLM``, Performer (FAVOR+ softmax, Triton backend) vs exact (SDPA), at
+``protein_lm.model.ProteinLM``, Performer (FAVOR+ softmax, Triton backend) vs exact (SDPA with its
+default backend choice; the backend that ran is recorded as ``backend_ran``), at
 fixed shapes ``L x batch``; the longest lengths optionally with activation checkpointing (each
 block recomputed in backward). Needs a CUDA GPU.
 
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import exact_baselines  # noqa: E402
 
 # (attention, L, batch, checkpointing)
 DEFAULT_RUNS = [
@@ -182,6 +186,8 @@ def run_one(attention, length, batch, ckpt, steps, warmup, causal=False, compile
         "peak_GB": peak,
         "loss": loss.item(),
     }
+    if attention == "exact":  # SDPA's default choice inside the model: record which backend ran
+        out["backend_ran"] = exact_baselines.sdpa_backend_ran(step)
     if compiled:  # one graph per pass is the goal; breaks cost host time
         counters = torch._dynamo.utils.counters
         out["graphs"] = counters["stats"]["unique_graphs"]
@@ -298,7 +304,7 @@ def main(argv=None):
         pk = f"{r['peak_GB']:.1f}" if "peak_GB" in r else "-"
         print(
             f"{r['attention']:20s}{r['L']:>9d}{r['batch']:>6d}{str(r['checkpointing']):>6s}"
-            f"{r.get('compiled') or 'eager':>17s}{tps:>12s}{pk:>9s}"
+            f"{r.get('compiled') or 'eager':>17s}{tps:>12s}{pk:>9s}  {r.get('backend_ran', '')}"
         )
 
 

@@ -1,0 +1,177 @@
+"""End-to-end training throughput of `protein-lm fit`: real (non-padding) tokens/s and GPU load.
+
+Each run is the real command (`python -m protein_lm fit ...`, data loader, logging and optimiser
+included) on a prepared token cache, for ``--steps`` optimiser steps without validation or
+checkpoints. Tokens/s is the ``perf/tokens_per_sec`` the run logs itself (non-padding tokens, after
+its warm-up), the median over the logged windows after the first; GPU utilisation is sampled from
+``nvidia-smi`` every 0.2 s while the run trains. ``--profile`` adds Lightning's simple profiler
+(time per hook: waiting for the data loader vs the training step vs the optimiser).
+
+The model is the one the shipped checkpoint was trained with (6 layers, d 384, 6 heads x 64,
+d_ff 1536, m 256), L 1024, 65,536-token batches. Runs are named ``ATTENTION-MODE[-compile]``:
+ATTENTION ``exact`` or ``performer``, MODE ``padded`` (single mode, token-budget batches) or
+``packed``.
+
+    python bench/fit_throughput.py --cache cache/swissprot2014 --out bench/results/fit_throughput.json
+    python bench/fit_throughput.py --cache DIR --runs exact-padded performer-padded --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {"exact": "configs/protein_bid_exact.yaml", "performer": "configs/protein_bid_performer_softmax.yaml"}
+MODEL = [
+    "--model.config.depth", "6", "--model.config.dim", "384", "--model.config.heads", "6",
+    "--model.config.ff_dim", "1536", "--model.config.dropout", "0.0", "--model.warmup_steps", "50",
+]
+DEFAULT_RUNS = ["exact-padded", "performer-padded", "exact-packed", "performer-packed"]
+
+
+def command(run: str, cache: str, steps: int, tokens: int, workers: int, root: Path, profile: bool,
+            log_every: int = 25) -> list[str]:
+    """The `protein-lm fit` command line of one named run."""
+    parts = run.split("-")
+    attention, mode, extra = parts[0], parts[1], parts[2:]
+    if attention not in CONFIGS or mode not in ("padded", "packed") or set(extra) - {"compile"}:
+        raise SystemExit(f"unknown run {run!r}: ATTENTION-MODE[-compile], ATTENTION in {sorted(CONFIGS)}, "
+                         "MODE padded|packed")
+    cmd = [
+        sys.executable, "-m", "protein_lm", "fit", "--config", str(REPO / CONFIGS[attention]), *MODEL,
+        "--data.data_dir", cache, "--data.mode", "single" if mode == "padded" else "packed",
+        "--data.tokens_per_batch", str(tokens), "--data.num_workers", str(workers),
+        "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
+        "--trainer.val_check_interval", str(steps + 1), "--trainer.log_every_n_steps", str(log_every),
+        "--checkpoint.every_n_train_steps", "0", "--checkpoint.save_last", "false",
+        "--checkpoint.save_top_k", "0", "--wandb", "false", "--output_dir", str(root / run),
+        "--trainer.callbacks+=protein_lm.monitoring.ThroughputMonitor",
+        "--trainer.callbacks.log_every_n_steps", str(log_every), "--trainer.callbacks.warmup_steps", "10",
+    ]
+    if "compile" in extra:
+        cmd += ["--model.compile", "default"]
+    if profile:
+        cmd += ["--trainer.profiler", "simple"]
+    return cmd
+
+
+class GpuSampler(threading.Thread):
+    """``nvidia-smi`` utilisation (%) every ``period`` seconds until stopped."""
+
+    def __init__(self, period: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.period, self.samples, self._done = period, [], threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, check=False).stdout.split()
+            except FileNotFoundError:  # no NVIDIA driver here: no samples
+                return
+            if out and out[0].isdigit():
+                self.samples.append(int(out[0]))
+            self._done.wait(self.period)
+
+    def stop(self) -> list[int]:
+        self._done.set()
+        self.join()
+        return self.samples
+
+
+def read_throughput(run_dir: Path) -> dict:
+    """Median tokens/s over the logged windows (the first dropped) and real tokens per step."""
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with path.open() as fh:
+            rows += [r for r in csv.DictReader(fh) if r.get("perf/tokens_per_sec")]
+    if len(rows) < 3:
+        return {"error": f"only {len(rows)} throughput windows logged in {run_dir}"}
+    rates = [float(r["perf/tokens_per_sec"]) for r in rows[1:]]
+    steps = [int(float(r["step"])) for r in rows]
+    seen = [float(r["perf/tokens_seen"]) for r in rows]
+    per_step = (seen[-1] - seen[0]) / max(steps[-1] - steps[0], 1)
+    rate = statistics.median(rates)
+    return {"real_tokens_per_s": rate, "real_tokens_per_step": per_step, "steps_per_s": rate / per_step,
+            "windows": len(rates), "peak_memory_gb": max(float(r.get("perf/peak_memory_gb") or 0) for r in rows)}
+
+
+def profile_lines(stderr: str) -> list[str]:
+    """The simple profiler's report rows for the hooks that show where a step's time goes."""
+    keys = ("train_dataloader_next", "run_training_batch", "optimizer_step", "training_step", "backward",
+            "on_train_batch_end", "Total")
+    return [ln.strip() for ln in stderr.splitlines() if any(k in ln for k in keys) and "|" in ln][:20]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", required=True, help="a `protein-lm prepare` token cache")
+    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--tokens-per-batch", type=int, default=65536)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--log-every", type=int, default=25, help="steps per throughput window")
+    p.add_argument("--profile", action="store_true", help="Lightning's simple profiler (time per hook)")
+    p.add_argument("--out", default="")
+    args = p.parse_args(argv)
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in args.runs:
+            cmd = command(run, args.cache, args.steps, args.tokens_per_batch, args.workers, Path(tmp), args.profile,
+                          args.log_every)
+            sampler = GpuSampler()
+            sampler.start()
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, cwd=REPO)
+            wall = time.perf_counter() - t0
+            util = sampler.stop()
+            row = {"run": run, "wall_s": round(wall, 1), "command": " ".join(cmd[2:])}
+            if proc.returncode:
+                row["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"
+            else:
+                row.update(read_throughput(Path(tmp) / run))
+                busy = [u for u in util if u > 0]
+                row["gpu_util_median"] = statistics.median(busy) if busy else None
+                row["gpu_util_mean"] = round(statistics.fmean(busy), 1) if busy else None
+                if args.profile:
+                    row["profile"] = profile_lines(proc.stderr + proc.stdout)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    info = {"gpu": _gpu_name(), "steps": args.steps, "tokens_per_batch": args.tokens_per_batch,
+            "workers": args.workers, "model": "6 x d 384, 6 heads, d_ff 1536, m 256, L 1024, BID MLM",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"info": info, "results": results}, indent=1))
+    print(f"\n{info['gpu']}  protein-lm fit, {args.steps} steps, {args.tokens_per_batch} tokens/batch")
+    print(f"{'run':24s}{'real tok/s':>12s}{'steps/s':>9s}{'real/step':>11s}{'GPU util':>9s}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['run']:24s}  error: {r['error'][:80]}")
+            continue
+        print(f"{r['run']:24s}{r['real_tokens_per_s'] / 1e3:>11.0f}k{r['steps_per_s']:>9.2f}"
+              f"{r['real_tokens_per_step']:>11.0f}{r['gpu_util_median'] or 0:>8.0f}%")
+
+
+def _gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+    except FileNotFoundError:
+        out = ""
+    return out or "no GPU"
+
+
+if __name__ == "__main__":
+    main()
