@@ -4,8 +4,9 @@ Each run is the real command (`python -m protein_lm fit ...`, data loader, loggi
 included) on a prepared token cache, for ``--steps`` optimiser steps without validation or
 checkpoints. Tokens/s is the ``perf/tokens_per_sec`` the run logs itself (non-padding tokens, after
 its warm-up), the median over the logged windows after the first; GPU utilisation is sampled from
-``nvidia-smi`` every 0.2 s while the run trains. ``--profile`` adds Lightning's simple profiler
-(time per hook: waiting for the data loader vs the training step vs the optimiser).
+``nvidia-smi`` every 0.2 s while the run trains. ``--profile`` adds a torch.profiler window of 10
+steady-state steps (:class:`StepProfiler`): GPU kernel time against wall time, the ops that cost
+the most host and GPU time, and host-device synchronisations per step.
 
 The model is the one the shipped checkpoint was trained with (6 layers, d 384, 6 heads x 64,
 d_ff 1536, m 256), L 1024, 65,536-token batches. Runs are named ``ATTENTION-MODE[-compile]``:
@@ -29,6 +30,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from pytorch_lightning import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"exact": "configs/protein_bid_exact.yaml", "performer": "configs/protein_bid_performer_softmax.yaml"}
@@ -60,9 +63,61 @@ def command(run: str, cache: str, steps: int, tokens: int, workers: int, root: P
     ]
     if "compile" in extra:
         cmd += ["--model.compile", "default"]
-    if profile:
-        cmd += ["--trainer.profiler", "simple"]
+    if profile:  # a steady-state torch.profiler window (StepProfiler), read back by main()
+        cmd += ["--trainer.callbacks+=fit_throughput.StepProfiler", "--trainer.callbacks.out",
+                str(root / run / "profile.json"), "--trainer.callbacks.start_step", str(min(100, steps // 2)),
+                "--trainer.callbacks.steps", "10"]
     return cmd
+
+
+class StepProfiler(Callback):
+    """torch.profiler over ``steps`` optimiser steps from ``start_step`` (steady state, after warm-up).
+
+    Writes ``out`` (JSON): wall time per step, GPU kernel time per step (the busy fraction), the ops
+    with the most host time and with the most GPU time, and the host-device synchronisations
+    (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` / device-to-host copies) per step.
+    """
+
+    def __init__(self, out: str, start_step: int = 100, steps: int = 10) -> None:
+        self.out, self.start_step, self.steps = out, start_step, steps
+        self._prof = None
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.start_step and self._prof is None:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self._prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self._prof.__enter__()
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._prof is None or trainer.global_step != self.start_step + self.steps:
+            return
+        import torch
+
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self._t0
+        self._prof.__exit__(None, None, None)
+        events = self._prof.key_averages()
+        cuda = [e for e in events if e.self_device_time_total > 0]
+        kernel_us = sum(e.self_device_time_total for e in cuda)
+        syncs = {e.key: e.count for e in events
+                 if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item", "aten::_local_scalar_dense")
+                 or "DtoH" in e.key}
+        top = lambda rows, key: [  # noqa: E731
+            {"op": e.key[:90], "calls": e.count, "ms_per_step": round(getattr(e, key) / 1e3 / self.steps, 3)}
+            for e in sorted(rows, key=lambda e: -getattr(e, key))[:25]
+        ]
+        doc = {"steps": self.steps, "wall_ms_per_step": 1e3 * wall / self.steps,
+               "gpu_kernel_ms_per_step": kernel_us / 1e3 / self.steps,
+               "gpu_busy_fraction": kernel_us / 1e6 / wall,
+               "syncs": {k: v / self.steps for k, v in syncs.items()},
+               "top_host": top(list(events), "self_cpu_time_total"), "top_gpu": top(cuda, "self_device_time_total")}
+        Path(self.out).write_text(json.dumps(doc, indent=1))
+        self._prof = None
 
 
 class GpuSampler(threading.Thread):
@@ -106,13 +161,6 @@ def read_throughput(run_dir: Path) -> dict:
             "windows": len(rates), "peak_memory_gb": max(float(r.get("perf/peak_memory_gb") or 0) for r in rows)}
 
 
-def profile_lines(stderr: str) -> list[str]:
-    """The simple profiler's report rows for the hooks that show where a step's time goes."""
-    keys = ("train_dataloader_next", "run_training_batch", "optimizer_step", "training_step", "backward",
-            "on_train_batch_end", "Total")
-    return [ln.strip() for ln in stderr.splitlines() if any(k in ln for k in keys) and "|" in ln][:20]
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True, help="a `protein-lm prepare` token cache")
@@ -121,10 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens-per-batch", type=int, default=65536)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--log-every", type=int, default=25, help="steps per throughput window")
-    p.add_argument("--profile", action="store_true", help="Lightning's simple profiler (time per hook)")
+    p.add_argument("--profile", action="store_true", help="a torch.profiler window of 10 steady-state steps")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    # the fit subprocess imports StepProfiler as fit_throughput.StepProfiler
+    path = os.pathsep.join(p for p in (str(REPO / "bench"), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=path)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs:
@@ -144,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
                 busy = [u for u in util if u > 0]
                 row["gpu_util_median"] = statistics.median(busy) if busy else None
                 row["gpu_util_mean"] = round(statistics.fmean(busy), 1) if busy else None
-                if args.profile:
-                    row["profile"] = profile_lines(proc.stderr + proc.stdout)
+                prof = Path(tmp) / run / "profile.json"
+                if prof.exists():
+                    row["profile"] = json.loads(prof.read_text())
             results.append(row)
             print(json.dumps(row), flush=True)
     info = {"gpu": _gpu_name(), "steps": args.steps, "tokens_per_batch": args.tokens_per_batch,
@@ -155,13 +206,14 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"info": info, "results": results}, indent=1))
     print(f"\n{info['gpu']}  protein-lm fit, {args.steps} steps, {args.tokens_per_batch} tokens/batch")
-    print(f"{'run':24s}{'real tok/s':>12s}{'steps/s':>9s}{'real/step':>11s}{'GPU util':>9s}")
+    print(f"{'run':24s}{'real tok/s':>12s}{'steps/s':>9s}{'real/step':>11s}{'GPU util':>9s}{'busy(prof)':>11s}")
     for r in results:
         if "error" in r:
             print(f"{r['run']:24s}  error: {r['error'][:80]}")
             continue
         print(f"{r['run']:24s}{r['real_tokens_per_s'] / 1e3:>11.0f}k{r['steps_per_s']:>9.2f}"
-              f"{r['real_tokens_per_step']:>11.0f}{r['gpu_util_median'] or 0:>8.0f}%")
+              f"{r['real_tokens_per_step']:>11.0f}{r['gpu_util_median'] or 0:>8.0f}%"
+              + (f"{r['profile']['gpu_busy_fraction']:>10.0%}" if "profile" in r else ""))
 
 
 def _gpu_name() -> str:
