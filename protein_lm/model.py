@@ -225,16 +225,10 @@ class Segments(NamedTuple):
     mask: SegmentMask | None  # exact attention's shared mask (flex BlockMask or dense); None for FAVOR
 
 
-def favor_takes_segments() -> bool:
-    """Whether this version's ``FavorAttention.forward`` accepts ``segment_ids``."""
-    import inspect
-
-    return "segment_ids" in inspect.signature(FavorAttention.forward).parameters
-
-
 def segments_unsupported(config: ModelConfig) -> str | None:
     """The ``ModelConfig`` option that cannot keep packed proteins apart, or None when all can.
 
+    Exact and FAVOR attention take the segments (``FavorAttention.forward(..., segment_ids=)``).
     Adaptive spans (static or dynamic) mask by distance and persistent memory adds shared key/value
     slots through kernels that know no segments, so in a packed row they would attend across
     proteins. Product-key memory reads each token's own query (LayerNorm: per token; padding-aware
@@ -244,8 +238,6 @@ def segments_unsupported(config: ModelConfig) -> str | None:
         return "adaptive_span"
     if config.persistent_memory:
         return "persistent_memory"
-    if config.is_performer and not favor_takes_segments():
-        return "attention"
     return None
 
 

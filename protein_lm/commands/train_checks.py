@@ -51,8 +51,6 @@ _NOT_PACKABLE = {
                      "use --data.mode single",
     "persistent_memory": "the persistent-memory kernels know no protein boundaries, so attention would cross "
                          "proteins; use --data.mode single",
-    "attention": "the Performer kernels of this version take no segment_ids yet; use --model.config.attention "
-                 "exact or --data.mode single",
 }
 
 
