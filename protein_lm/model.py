@@ -58,14 +58,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protein_lm.attention.exact import exact_attention
-from protein_lm.attention.favor import FavorAttention
-from protein_lm.attention.implied import implied_attention
 from protein_lm.attention.exact_segments import (
     SegmentMask,
     positions_from_segments,
     segment_attention,
     segment_mask,
 )
+from protein_lm.attention.favor import FavorAttention
+from protein_lm.attention.implied import implied_attention
 from protein_lm.tokenizer import PAD_ID, VOCAB_SIZE
 
 AttentionKind = Literal["performer-softmax", "performer-relu", "exact"]

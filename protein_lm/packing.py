@@ -39,7 +39,6 @@ from protein_lm.collate import (
     causal_labels,
     hash_u32_at,
     mlm_mask_hashed,
-    stream_key,
 )
 from protein_lm.tokenizer import CLS_ID, EOS_ID, PAD_ID
 

@@ -132,8 +132,8 @@ def test_rows_per_batch_from_the_token_budget(short_fasta, tmp_path):
 def test_padding_on_the_shipped_sample(sample_fasta, tmp_path, max_length, slack_rows):
     """No packing has fewer rows than ceil(tokens / max_length); best-fit decreasing on the sample's
     lengths (median 295) gets within one row of that bound at L = 1024 (0.1 % padding) and within 4 %
-    of it at L = 256, where a third of the proteins are cropped to whole rows and too few short ones
-    are left to fill the other rows' gaps."""
+    of it at L = 256, where 57 % of the proteins are cropped to whole rows and too few short ones are
+    left to fill the other rows' gaps (docs/data.md)."""
     dm = make_dm(sample_fasta, tmp_path, mode="packed", max_length=max_length, batch_size=8)
     plan = dm._plan("train")
     tokens = int(dm.dataset("train").token_lengths().sum())
@@ -195,6 +195,20 @@ def test_loaders_give_the_same_batches_with_0_or_2_workers(short_fasta, tmp_path
     lb.sampler.set_epoch(1)
     assert same_batches(list(la), list(lb))
     assert same_batches(list(a.val_dataloader()), list(b.val_dataloader()))
+
+
+def test_ddp_ranks_get_disjoint_packed_batches(short_fasta, tmp_path):
+    from protein_lm.datamodule import ShardedBatchSampler
+
+    dm = make_dm(short_fasta, tmp_path, mode="packed", max_length=L, batch_size=2)
+    ds, plan = dm.dataset("train"), dm._plan("train")
+    shards = [ShardedBatchSampler(ds, plan, num_replicas=3, rank=r, epoch=1, shuffle=True) for r in range(3)]
+    got = [[rows for _, rows in s] for s in shards]
+    assert len({len(g) for g in got}) == 1, "every rank gets the same number of batches"
+    seen = [int(i) for g in got for rows in g for i in rows[rows >= 0]]
+    assert set(seen) == set(range(len(ds)))
+    repeated = 3 * len(got[0]) - len(plan(1))  # batches repeated so that the ranks come out even
+    assert 0 <= repeated < 3 and len(seen) - len(ds) == sum(int((b >= 0).sum()) for b in plan(1)[:repeated])
 
 
 # --------------------------------------------------------------------------------------
