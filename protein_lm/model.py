@@ -309,7 +309,7 @@ class ExactKernel(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
         segment_mask: SegmentMask | None = None,
     ) -> Tensor:
-        """``segment_mask`` (packed rows; built once per pass by :class:`Segments`) already holds the
+        """``segment_mask`` (packed rows; built once per pass by :meth:`ProteinLM.segments`) holds the
         padding and causal masks: ``key_padding_mask`` is then not read."""
         if segment_mask is not None:
             return segment_attention(q, k, v, segment_mask)

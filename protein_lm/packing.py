@@ -51,7 +51,7 @@ def pack_rows(sizes: np.ndarray, order: np.ndarray, capacity: int) -> list[list[
     Args:
         sizes: ``(N,)`` item sizes, each in ``[1, capacity]``.
         order: the placement order (a permutation of ``range(N)``; decreasing size gives best-fit
-            decreasing, within 11/9 of the fewest rows possible).
+            decreasing: at most 11/9 of the fewest rows possible plus a constant, Johnson 1973).
         capacity: row size.
 
     Returns:

@@ -90,7 +90,7 @@ def test_pack_rows_is_a_complete_any_fit_packing(capacity):
 
 
 def test_plan_is_whole_once_and_pure_in_seed_and_epoch(short_fasta, tmp_path):
-    packed, single = pair(short_fasta, tmp_path)
+    packed, _ = pair(short_fasta, tmp_path)
     ds = packed.dataset("train")
     tl = ds.token_lengths()
     plan = packed._plan("train")
@@ -124,7 +124,7 @@ def test_rows_per_batch_from_the_token_budget(short_fasta, tmp_path):
     assert all(b["input_ids"].shape == (5, L) for b in list(dm.train_dataloader())[:-1])
     with pytest.raises(DataConfigError, match="tokens_per_batch must be an integer >= 64"):
         ProteinDataModule(str(short_fasta), mode="packed", max_length=L, tokens_per_batch=L - 1)
-    with pytest.raises(DataConfigError, match="not 'concat'|single' or 'packed' only"):
+    with pytest.raises(DataConfigError, match="applies to mode='single' or 'packed' only"):
         ProteinDataModule(str(short_fasta), mode="concat", max_length=L, tokens_per_batch=4 * L)
 
 
@@ -195,6 +195,19 @@ def test_loaders_give_the_same_batches_with_0_or_2_workers(short_fasta, tmp_path
     lb.sampler.set_epoch(1)
     assert same_batches(list(la), list(lb))
     assert same_batches(list(a.val_dataloader()), list(b.val_dataloader()))
+
+
+def test_evaluation_dataloader_packs_every_window_of_a_file(short_fasta, tmp_path):
+    packed, single = pair(short_fasta, tmp_path)
+    p, s = [list(dm.evaluation_dataloader(str(short_fasta), max_sequences=100, tokens_per_batch=4 * L))
+            for dm in (packed, single)]
+    assert all(b["input_ids"].shape[1] == L and len(b["input_ids"]) <= 4 for b in p)
+    windows = sum(len(segments_of(b, r)) for b in p for r in range(len(b["input_ids"])))
+    assert windows == sum(len(b["input_ids"]) for b in s), "every window once (one row each in single mode)"
+    for key in ("input_ids", "labels"):  # the same windows and fixed masks, packed differently
+        got, want = (sorted(torch.cat([b[key][~b["padding_mask"]] for b in x]).tolist()) for x in (p, s))
+        assert got == want, key
+    assert sum(int((b["labels"] != -100).sum()) for b in p) > 0
 
 
 def test_ddp_ranks_get_disjoint_packed_batches(short_fasta, tmp_path):
@@ -363,6 +376,9 @@ def test_validation_metrics_packed_equal_single(short_fasta, tmp_path):
         results.append(trainer.validate(module, datamodule=dm, verbose=False)[0])
     p, s = results
     assert p["val/num_tokens"] == s["val/num_tokens"] > 0
+    batch = next(iter(packed.val_dataloader()))
+    predicted = module.predict_step(batch, 0)
+    assert torch.equal(predicted["segment_ids"], batch["segment_ids"])
     for key in ("val/loss", "val/accuracy"):
         assert p[key] == pytest.approx(s[key], abs=1e-5), key
 
