@@ -111,7 +111,29 @@ def hash_u32(key: int, example_ids: np.ndarray, length: int) -> np.ndarray:
     """
     k = hash_u64(key, example_ids, np.zeros(1, dtype=np.uint64)).astype(np.uint32)  # (B, 1), low 32 bits
     x = np.arange(length, dtype=np.uint32) * np.uint32(0x9E3779B9)
-    x = x[None, :] + k
+    return _lowbias32(x[None, :] + k)
+
+
+def hash_u32_at(key: int, example_ids: np.ndarray, token_example: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """:func:`hash_u32` at chosen (example, position) pairs: the values a packed row needs.
+
+    ``out[r, t] == hash_u32(key, example_ids[e], P)[0, p]`` with ``e = token_example[r, t]`` and
+    ``p = positions[r, t]``, so a token draws the same value as in its own single-mode row.
+
+    Args:
+        key: :func:`stream_key` of ``(seed, epoch, stream)``.
+        example_ids: ``(N,)`` stable ids of the examples in the batch.
+        token_example: ``(R, L)`` index into ``example_ids`` of each token's example (any value
+            in ``[0, N)`` where the value does not matter, e.g. padding).
+        positions: ``(R, L)`` each token's position inside its example's framed row.
+    """
+    k = hash_u64(key, example_ids, np.zeros(1, dtype=np.uint64))[:, 0].astype(np.uint32)  # (N,)
+    x = positions.astype(np.uint32) * np.uint32(0x9E3779B9)
+    return _lowbias32(x + k[token_example])
+
+
+def _lowbias32(x: np.ndarray) -> np.ndarray:
+    """The lowbias32 finaliser, in place on a ``uint32`` array."""
     x ^= x >> np.uint32(16)
     x *= np.uint32(0x7FEB352D)
     x ^= x >> np.uint32(15)
@@ -140,9 +162,13 @@ def mlm_mask(
         ``(input_ids, labels)`` as ``int64`` ``(B, L)``; labels are the original ids at selected
         positions and ``-100`` elsewhere.
     """
+    return mlm_mask_hashed(ids, hash_u32(key, example_ids, ids.shape[1]), mask_prob)
+
+
+def mlm_mask_hashed(ids: np.ndarray, h: np.ndarray, mask_prob: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mlm_mask` with each position's 32-bit random value given: ``h`` ``(B, L)`` ``uint32``."""
     b, length = ids.shape
     ids8 = ids.astype(np.uint8, copy=False)
-    h = hash_u32(key, example_ids, length)
     halves = h.view(np.uint16).reshape(b, length, 2)  # little-endian: [..., 0] low, [..., 1] high
     low, high = halves[..., 0], halves[..., 1]
     eligible = (ids8 - np.uint8(FIRST_RESIDUE_ID)) <= np.uint8(LAST_RESIDUE_ID - FIRST_RESIDUE_ID)
@@ -162,11 +188,17 @@ def mlm_mask(
     return inputs.astype(np.int64), labels
 
 
-def causal_labels(ids: np.ndarray) -> np.ndarray:
-    """Next-token labels: ``labels[:, t] = ids[:, t + 1]``; last column and padding targets -100."""
+def causal_labels(ids: np.ndarray, segment_ids: np.ndarray | None = None) -> np.ndarray:
+    """Next-token labels: ``labels[:, t] = ids[:, t + 1]``; last column and padding targets -100.
+
+    With ``segment_ids`` ``(B, L)`` (packed rows) a token whose successor starts another segment is
+    not scored either: a protein's last token never learns to predict the next protein's first.
+    """
     ids64 = ids.astype(np.int64)
     labels = np.full_like(ids64, IGNORE_INDEX)
     labels[:, :-1] = ids64[:, 1:]
+    if segment_ids is not None:
+        labels[:, :-1][segment_ids[:, 1:] != segment_ids[:, :-1]] = IGNORE_INDEX
     labels[labels == PAD_ID] = IGNORE_INDEX
     return labels
 

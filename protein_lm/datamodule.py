@@ -18,9 +18,13 @@ Pipeline::
               window (``< max_length`` tokens) per split is dropped. In training the stream is read
               circularly from a random per-epoch offset, so window boundaries move every epoch and the
               dropped remainder is a different piece each epoch; evaluation uses offset 0.
+          packed: the single-mode examples (same framing, crops, windows and masks) placed whole into
+              rows of exactly ``max_length`` tokens, padding only at a row's tail (``packing.py``);
+              batches add ``segment_ids`` and ``positions`` so the model keeps the proteins apart.
       --collate.py--> ``{"input_ids", "labels", "padding_mask"}`` (int64, int64 with -100, bool True
                       at padding); ``mlm``: 15 % of residues selected, 80/10/10 ``<mask>``/random
-                      standard AA/unchanged; ``causal``: ``labels[:, t] = input_ids[:, t + 1]``.
+                      standard AA/unchanged; ``causal``: ``labels[:, t] = input_ids[:, t + 1]``
+                      (packed: not across a protein boundary).
 
 Batches are assembled inside the dataset: the sampler yields ``(epoch, example indices)`` per batch,
 ``DataLoader(batch_size=None)`` hands that to ``Dataset.__getitem__`` which returns the finished,
@@ -88,10 +92,11 @@ from protein_lm.collate import (
     stream_key,
 )
 from protein_lm.errors import UserError
+from protein_lm.packing import PackedPlan, make_packed_batch
 from protein_lm.splits import SPLIT_NAMES, TEST, TRAIN, VAL, assign_splits
 from protein_lm.tokenizer import EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE
 
-MODES = ("single", "concat")
+MODES = ("single", "concat", "packed")
 OBJECTIVES = ("mlm", "causal")
 _EXCLUDED = -1
 
@@ -146,9 +151,8 @@ class SingleProteinDataset(Dataset):
         """Tokens each example occupies in a batch row (after cropping and framing)."""
         return np.minimum(self.lengths, self.max_length - 2) + 2
 
-    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
-        epoch, idx = item
-        idx = np.asarray(idx, dtype=np.int64)
+    def examples(self, epoch: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(starts, lengths, example ids)`` of examples ``idx`` in ``epoch``, cropped (training)."""
         starts, lengths, ex = self.starts[idx], self.lengths[idx], self.example_ids[idx]
         cap = self.max_length - 2
         if self.train:
@@ -160,10 +164,36 @@ class SingleProteinDataset(Dataset):
                 starts = starts.copy()
                 starts[over] += shift
             lengths = np.minimum(lengths, cap)
+        return starts, lengths, ex
+
+    def mask_key(self, epoch: int) -> int:
+        """Key of the MLM mask stream (fixed in evaluation)."""
+        return stream_key(self.seed, epoch if self.train else 0, self.mask_stream)
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
+        epoch, idx = item
+        starts, lengths, ex = self.examples(epoch, np.asarray(idx, dtype=np.int64))
         ids = frame_single(np.asarray(self.cache.tokens), starts, lengths)
-        mask_epoch = epoch if self.train else 0
-        key = stream_key(self.seed, mask_epoch, self.mask_stream)
-        return make_batch(ids, ex, self.objective, key, self.mask_prob)
+        return make_batch(ids, ex, self.objective, self.mask_key(epoch), self.mask_prob)
+
+
+class PackedProteinDataset(SingleProteinDataset):
+    """Single-mode examples packed whole into rows of exactly ``max_length`` tokens (``packing.py``).
+
+    ``__getitem__((epoch, rows))`` takes a ``(R, K)`` array of example indices (``-1`` = none), one
+    row of the batch per row of the array.
+    """
+
+    def __getitem__(self, item: tuple[int, np.ndarray]) -> dict[str, torch.Tensor]:
+        epoch, rows = item
+        rows = np.asarray(rows, dtype=np.int64)
+        row_of = np.nonzero(rows >= 0)[0]  # row-major, so examples come row by row
+        starts, lengths, ex = self.examples(epoch, rows[rows >= 0])
+        return make_packed_batch(
+            np.asarray(self.cache.tokens), starts, lengths, ex, row_of,
+            num_rows=len(rows), length=self.max_length, objective=self.objective,
+            key=self.mask_key(epoch), mask_prob=self.mask_prob,
+        )
 
 
 class ConcatProteinDataset(Dataset):
@@ -414,11 +444,15 @@ class ProteinDataModule(pl.LightningDataModule):
     Args:
         data_dir: a token cache directory (``protein-lm prepare``) or a FASTA(.gz) file (prepared
             once into ``cache_root``).
-        mode: ``"single"`` (one protein per example, padded) or ``"concat"`` (``<eos>``-joined
-            stream cut into windows of exactly ``max_length``).
-        max_length: tokens per example, including ``<cls>``/``<eos>`` in single mode.
+        mode: ``"single"`` (one protein per example, padded), ``"concat"`` (``<eos>``-joined
+            stream cut into windows of exactly ``max_length``) or ``"packed"`` (single-mode examples
+            packed whole into rows of exactly ``max_length``, kept apart by ``segment_ids``;
+            ``protein_lm/packing.py``).
+        max_length: tokens per example, including ``<cls>``/``<eos>`` in single mode; the row
+            length in packed mode.
         objective: ``"mlm"`` (80/10/10 masking) or ``"causal"`` (next-token labels).
-        batch_size: examples per batch (per device under DDP).
+        batch_size: examples per batch (per device under DDP); rows per batch in packed mode
+            unless ``tokens_per_batch`` is given.
         num_workers: DataLoader worker processes; batches are identical for any value.
         seed: drives order, crops, masks (not the split, which depends on content only).
         val_fraction: share of distinct sequence contents in validation (by content hash).
@@ -429,8 +463,9 @@ class ProteinDataModule(pl.LightningDataModule):
         mask_prob: MLM selection probability per residue.
         cache_root: where FASTA inputs are prepared (default ``$PROTEIN_LM_CACHE`` or
             ``~/.cache/protein_lm``).
-        tokens_per_batch: single mode only: pack batches by a token budget (rows × longest row)
-            instead of a fixed ``batch_size``; must be ≥ ``max_length``.
+        tokens_per_batch: single mode: pack batches by a token budget (rows × longest row)
+            instead of a fixed ``batch_size``; packed mode: ``tokens_per_batch // max_length``
+            rows per batch. Must be ≥ ``max_length``; not for concat mode.
         max_train_sequences: keep at most this many training sequences (a content-hash-uniform
             sample, stable across runs) — for quick runs and overfitting tests.
         max_eval_sequences: the same cap for validation and test.
@@ -462,7 +497,7 @@ class ProteinDataModule(pl.LightningDataModule):
         super().__init__()
         _check_choice("mode", mode, MODES)
         _check_choice("objective", objective, OBJECTIVES)
-        _check_int("max_length", max_length, 3 if mode == "single" else 2)
+        _check_int("max_length", max_length, 2 if mode == "concat" else 3)
         _check_int("batch_size", batch_size, 1)
         _check_int("num_workers", num_workers, 0)
         _check_int("seed", seed, 0)
@@ -481,10 +516,10 @@ class ProteinDataModule(pl.LightningDataModule):
         ):
             raise DataConfigError(f"mask_prob must be a number in (0, 1), got {mask_prob!r}")
         if tokens_per_batch is not None:
-            if mode != "single":
+            if mode == "concat":
                 raise DataConfigError(
-                    f"tokens_per_batch={tokens_per_batch!r} applies to mode='single' only; concat batches are "
-                    "always batch_size x max_length tokens"
+                    f"tokens_per_batch={tokens_per_batch!r} applies to mode='single' or 'packed' only; concat "
+                    "batches are always batch_size x max_length tokens"
                 )
             _check_int("tokens_per_batch", tokens_per_batch, max_length)
         for name, value in (
@@ -510,6 +545,7 @@ class ProteinDataModule(pl.LightningDataModule):
 
         self._splits: dict[str, tuple[TokenCache, np.ndarray]] | None = None
         self._datasets: dict[str, Dataset] = {}
+        self._plans: dict[str, PackedPlan] = {}
         self._train_sampler: ShardedBatchSampler | None = None
         self._epoch = 0  # counters for loops without a Trainer (set_epoch / mark_batch_done)
         self._batches_done = 0
@@ -582,6 +618,11 @@ class ProteinDataModule(pl.LightningDataModule):
         assert self._splits is not None
         return self._splits[split]
 
+    @property
+    def rows_per_batch(self) -> int:
+        """Packed mode: rows per batch (``tokens_per_batch // max_length``, else ``batch_size``)."""
+        return self.tokens_per_batch // self.max_length if self.tokens_per_batch else self.batch_size
+
     def dataset(self, split: str) -> SingleProteinDataset | ConcatProteinDataset:
         """The (cached) dataset of ``split``; its ``__getitem__`` takes ``(epoch, example indices)``."""
         if split not in self._datasets:
@@ -606,8 +647,9 @@ class ProteinDataModule(pl.LightningDataModule):
             return ConcatProteinDataset(cache, ids, random_offset=self.concat_random_offset, **common)
         offsets = np.asarray(cache.offsets)
         lengths = offsets[ids + 1] - offsets[ids]
+        kind = PackedProteinDataset if self.mode == "packed" else SingleProteinDataset
         if train:
-            return SingleProteinDataset(cache, offsets[ids], lengths, ids, **common)
+            return kind(cache, offsets[ids], lengths, ids, **common)
         # evaluation: consecutive windows of max_length - 2 residues, each framed <cls> ... <eos>
         w = self.max_length - 2
         k = (lengths + w - 1) // w
@@ -615,7 +657,7 @@ class ProteinDataModule(pl.LightningDataModule):
         j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
         starts = offsets[ids][seq] + j * w
         lens = np.minimum(w, lengths[seq] - j * w)
-        return SingleProteinDataset(cache, starts, lens, np.arange(len(starts)), **common)
+        return kind(cache, starts, lens, np.arange(len(starts)), **common)
 
     def evaluation_dataloader(
         self, path: str, max_sequences: int | None = None, tokens_per_batch: int | None = None,
@@ -637,16 +679,24 @@ class ProteinDataModule(pl.LightningDataModule):
             raise UserError(
                 f"{path}: nothing to evaluate (no sequences, or fewer than max_length tokens in concat mode)"
             )
-        single = ds if isinstance(ds, SingleProteinDataset) else None
-        plan = BatchPlan(
-            len(ds),
-            batch_size=self.batch_size,
-            shuffle=False,
-            seed=self.seed,
-            token_lengths=single.token_lengths() if single else None,
-            tokens_per_batch=(tokens_per_batch or self.tokens_per_batch) if single else None,
-            max_rows=max_rows,
-        )
+        if isinstance(ds, PackedProteinDataset):
+            budget = tokens_per_batch or self.tokens_per_batch
+            rows = budget // self.max_length if budget else self.batch_size
+            plan: Callable[[int], list[np.ndarray]] = PackedPlan(
+                ds.token_lengths(), max_length=self.max_length, rows_per_batch=min(rows, max_rows or rows),
+                shuffle=False, seed=self.seed,
+            )
+        else:
+            single = ds if isinstance(ds, SingleProteinDataset) else None
+            plan = BatchPlan(
+                len(ds),
+                batch_size=self.batch_size,
+                shuffle=False,
+                seed=self.seed,
+                token_lengths=single.token_lengths() if single else None,
+                tokens_per_batch=(tokens_per_batch or self.tokens_per_batch) if single else None,
+                max_rows=max_rows,
+            )
         replicas, rank = self._world()
         return self._loader(ShardedBatchSampler(ds, plan, num_replicas=replicas, rank=rank))
 
@@ -660,10 +710,14 @@ class ProteinDataModule(pl.LightningDataModule):
             extra = ""
             if self.mode == "concat":
                 extra = f", {(residues + len(ids)) // self.max_length:,} windows"
+            if self.mode == "packed":
+                plan = self._plan(name)
+                extra = f", {plan.num_rows:,} rows, {100 * plan.padding_fraction():.2f}% padding"
             parts.append(f"{name} {len(ids):,} seqs / {residues:,} residues{extra}")
+        rows = f", rows_per_batch={self.rows_per_batch}" if self.mode == "packed" else ""
         return (
             f"ProteinDataModule(mode={self.mode}, objective={self.objective}, max_length={self.max_length}, "
-            f"batch_size={self.batch_size}, seed={self.seed}): " + "; ".join(parts)
+            f"batch_size={self.batch_size}{rows}, seed={self.seed}): " + "; ".join(parts)
         )
 
     # ---- loaders ------------------------------------------------------------------------
@@ -676,8 +730,15 @@ class ProteinDataModule(pl.LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
-    def _plan(self, split: str) -> BatchPlan:
+    def _plan(self, split: str) -> BatchPlan | PackedPlan:
         ds = self.dataset(split)
+        if isinstance(ds, PackedProteinDataset):
+            if split not in self._plans:  # packing the split costs ~1 s per 500k proteins: once
+                self._plans[split] = PackedPlan(
+                    ds.token_lengths(), max_length=self.max_length, rows_per_batch=self.rows_per_batch,
+                    shuffle=split == "train", seed=self.seed,
+                )
+            return self._plans[split]
         token_lengths = ds.token_lengths() if isinstance(ds, SingleProteinDataset) else None
         return BatchPlan(
             len(ds),

@@ -5,7 +5,8 @@ What it adds to the plain model — and nothing else:
 * the objective: ``mlm`` (bidirectional, BID in the Performer paper) or ``causal``
   (unidirectional, UNI). Batches come from :class:`protein_lm.datamodule.ProteinDataModule`
   as ``input_ids``, ``labels`` (-100 = no loss; causal labels already shifted) and
-  ``padding_mask`` (True at padding), so both objectives use the same loss code;
+  ``padding_mask`` (True at padding), so both objectives use the same loss code; packed
+  batches (``mode: packed``) add ``segment_ids`` and ``positions``, passed on to the model;
 * the paper's metrics. Over the scored positions of a whole epoch (masked positions
   for MLM, every real position for causal):
 
@@ -302,12 +303,19 @@ class ProteinLMModule(pl.LightningModule):
             mode = self.hparams.compile if isinstance(self.hparams.compile, str) else None
             self.__dict__["_compiled"] = self.model.compiled(mode)
 
-    def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None):
+    def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None, segment_ids: Tensor | None = None,
+                positions: Tensor | None = None):
         fn = self._compiled if self._compiled is not None else self.model
-        return fn(input_ids, padding_mask)
+        if segment_ids is None:
+            return fn(input_ids, padding_mask)
+        return fn(input_ids, padding_mask, segment_ids=segment_ids, positions=positions)
+
+    def _model_out(self, batch: dict[str, Tensor]):
+        """The model's output on a batch (packed batches also carry ``segment_ids`` and ``positions``)."""
+        return self(batch["input_ids"], batch.get("padding_mask"), batch.get("segment_ids"), batch.get("positions"))
 
     def _shared_step(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        out = self(batch["input_ids"], batch.get("padding_mask"))
+        out = self._model_out(batch)
         loss_sum, correct, count = token_statistics(out.logits, batch["labels"])
         loss = loss_sum / count.clamp(min=1)
         return loss, out.aux_loss, loss_sum, correct, count
@@ -397,13 +405,17 @@ class ProteinLMModule(pl.LightningModule):
             self.log(f"{prefix}/{name}", value.float(), prog_bar=name == "loss", sync_dist=False)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
-        """Per-position arg-max predictions and the log-probability of each label."""
-        out = self(batch["input_ids"], batch.get("padding_mask"))
+        """Per-position arg-max predictions and the log-probability of each label (and, for packed
+        rows, the ``segment_ids`` that tell their proteins apart)."""
+        out = self._model_out(batch)
         logp = out.logits.float().log_softmax(-1)
         labels = batch["labels"]
         label_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         label_logp = label_logp.masked_fill(labels.eq(IGNORE_INDEX), 0.0)
-        return {"predictions": logp.argmax(-1), "label_log_prob": label_logp, "labels": labels}
+        result = {"predictions": logp.argmax(-1), "label_log_prob": label_logp, "labels": labels}
+        if batch.get("segment_ids") is not None:
+            result["segment_ids"] = batch["segment_ids"]
+        return result
 
     # -- optimiser ---------------------------------------------------------------
 

@@ -58,6 +58,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protein_lm.attention.exact import exact_attention
+from protein_lm.attention.exact_segments import (
+    SegmentMask,
+    positions_from_segments,
+    segment_attention,
+    segment_mask,
+)
 from protein_lm.attention.favor import FavorAttention
 from protein_lm.attention.implied import implied_attention
 from protein_lm.tokenizer import PAD_ID, VOCAB_SIZE
@@ -211,6 +217,30 @@ class ModelOutput(NamedTuple):
     hidden: dict[int, Tensor] | None = None
 
 
+class Segments(NamedTuple):
+    """Packed rows, as every layer of one forward pass sees them (built once by :meth:`ProteinLM.forward`)."""
+
+    segment_ids: Tensor  # (B, L) int, the protein of each token (padding: its own segment or masked)
+    positions: Tensor  # (B, L) int, position inside the protein (0 at its <cls>)
+    mask: SegmentMask | None  # exact attention's shared mask (flex BlockMask or dense); None for FAVOR
+
+
+def segments_unsupported(config: ModelConfig) -> str | None:
+    """The ``ModelConfig`` option that cannot keep packed proteins apart, or None when all can.
+
+    Exact and FAVOR attention take the segments (``FavorAttention.forward(..., segment_ids=)``).
+    Adaptive spans (static or dynamic) mask by distance and persistent memory adds shared key/value
+    slots through kernels that know no segments, so in a packed row they would attend across
+    proteins. Product-key memory reads each token's own query (LayerNorm: per token; padding-aware
+    BatchNorm: statistics over the batch's real tokens, as in a padded batch), so it needs nothing.
+    """
+    if config.adaptive_span:
+        return "adaptive_span"
+    if config.persistent_memory:
+        return "persistent_memory"
+    return None
+
+
 # --------------------------------------------------------------------------- positions
 
 
@@ -232,9 +262,18 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(pos, self.inv_freq.to(device))  # (L, D/2)
         return angles.cos(), angles.sin()
 
-    def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        # q, k: (B, H, L, D) -> same
-        cos, sin = self.tables(q.shape[-2], q.device)
+    def tables_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """``cos``, ``sin`` at given positions ``(B, L)``: ``(B, 1, L, D/2)`` float32 each (the same
+        float32 products as :meth:`tables`, so position ``p`` gets bitwise the same angle)."""
+        angles = positions.float()[..., None] * self.inv_freq.to(positions.device)  # (B, L, D/2)
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+    def forward(self, q: Tensor, k: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # q, k: (B, H, L, D) -> same; positions: (B, L) or None (0 .. L-1 in every row)
+        if positions is None:
+            cos, sin = self.tables(q.shape[-2], q.device)
+        else:
+            cos, sin = self.tables_at(positions)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
@@ -266,7 +305,14 @@ class ExactKernel(nn.Module):
         super().__init__()
         self.causal = causal
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+        segment_mask: SegmentMask | None = None,
+    ) -> Tensor:
+        """``segment_mask`` (packed rows; built once per pass by :meth:`ProteinLM.segments`) holds the
+        padding and causal masks: ``key_padding_mask`` is then not read."""
+        if segment_mask is not None:
+            return segment_attention(q, k, v, segment_mask)
         return exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
 
     def attention_probs(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
@@ -321,24 +367,32 @@ class SelfAttention(nn.Module):
             seed=seed,
         )
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, L, dim) -> q, k, v each (B, H, L, D), rotary applied to q and k."""
+    def project(self, x: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, dim) -> q, k, v each (B, H, L, D), rotary applied to q and k (at ``positions``
+        ``(B, L)`` when given, else at 0 .. L-1)."""
         b, length, _ = x.shape
         qkv = self.qkv(x)
-        split = _fused_rotary_split(qkv, self.head_dim) if self.rotary is not None else None
+        # The fused kernel reads one (L, D/2) table for all rows; per-token positions take the torch path.
+        fused = self.rotary is not None and positions is None
+        split = _fused_rotary_split(qkv, self.head_dim) if fused else None
         if split is not None:  # CUDA, eager: one Triton pass (kernels/rotary_triton.py), same numbers
             return split(qkv, *self.rotary.tables(length, x.device), self.heads)
         qkv = qkv.view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, D) each
         if self.rotary is not None:
-            q, k = self.rotary(q, k)
+            q, k = self.rotary(q, k, positions)
         return q, k, v
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        # x: (B, L, dim); padding_mask: (B, L) True at padding
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, segments: Segments | None = None) -> Tensor:
+        # x: (B, L, dim); padding_mask: (B, L) True at padding; segments: packed rows (or None)
         b, length, _ = x.shape
-        q, k, v = self.project(x)
-        extra = {"x": x} if getattr(self.kernel, "needs_layer_input", False) else {}  # dynamic spans
+        q, k, v = self.project(x, None if segments is None else segments.positions)
+        extra: dict[str, Any] = {"x": x} if getattr(self.kernel, "needs_layer_input", False) else {}  # dyn. spans
+        if segments is not None:
+            if isinstance(self.kernel, ExactKernel):
+                extra["segment_mask"] = segments.mask
+            else:  # FAVOR: prefix / key sums per segment
+                extra["segment_ids"] = segments.segment_ids
         y = self.kernel(q, k, v, key_padding_mask=padding_mask, **extra)  # (B, H, L, D)
         y = y.transpose(1, 2).reshape(b, length, self.heads * self.head_dim)
         return self.dropout(self.out(y))
@@ -435,8 +489,10 @@ class Block(nn.Module):
             return PKMFeedForward(pkm, ffn if config.pkm_mode == "beside" else None)
         return ffn
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), padding_mask)
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, segments: Segments | None = None) -> Tensor:
+        # an attention sublayer from build_attention needs to take `segments` only for packed rows
+        x = x + (self.attn(self.norm1(x), padding_mask) if segments is None
+                 else self.attn(self.norm1(x), padding_mask, segments))
         if self.ffn is not None:
             if getattr(self.ffn, "takes_padding_mask", False):  # e.g. product-key memory
                 x = x + self.ffn(self.norm2(x), padding_mask)
@@ -506,24 +562,47 @@ class ProteinLM(nn.Module):
             return pad
         return pad if bool(pad.any()) else None
 
-    def embed_tokens(self, input_ids: Tensor) -> Tensor:
-        """(B, L) token ids -> (B, L, dim) input of the first block."""
+    def embed_tokens(self, input_ids: Tensor, positions: Tensor | None = None) -> Tensor:
+        """(B, L) token ids -> (B, L, dim) input of the first block (``positions`` (B, L): learned
+        positions read there instead of at 0 .. L-1)."""
         x = self.embed(input_ids)
         if self.pos_embed is not None:
             length = input_ids.shape[1]
-            if length > self.config.max_length:
+            if length > self.config.max_length:  # positions inside a row are < L as well
                 raise ValueError(
                     f"sequence length {length} exceeds max_length {self.config.max_length} "
                     "of a model with learned positions (rotary positions have no limit)"
                 )
-            x = x + self.pos_embed(torch.arange(length, device=input_ids.device))
+            at = torch.arange(length, device=input_ids.device) if positions is None else positions
+            x = x + self.pos_embed(at)
         return self.dropout(x)
+
+    def segments(self, segment_ids: Tensor, positions: Tensor | None, padding_mask: Tensor | None,
+                 backend: str = "auto") -> Segments:
+        """The :class:`Segments` of one pass; exact attention's mask is built here, once for all layers.
+
+        Raises:
+            ValueError: the model has an option that cannot keep segments apart.
+        """
+        unsupported = segments_unsupported(self.config)
+        if unsupported is not None:
+            raise ValueError(f"segment_ids (packed rows) are not supported with {unsupported}="
+                             f"{getattr(self.config, unsupported)!r}: attention would cross proteins")
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        mask = None
+        if self.config.attention == "exact":
+            mask = segment_mask(segment_ids, padding_mask, self.config.causal, backend)
+        return Segments(segment_ids, positions, mask)
 
     def forward(
         self,
         input_ids: Tensor,
         padding_mask: Tensor | None = None,
         return_hidden: Iterable[int] | None = None,
+        *,
+        segment_ids: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> ModelOutput:
         """Logits for every position, and on request the hidden states of chosen layers.
 
@@ -531,6 +610,12 @@ class ProteinLM(nn.Module):
             input_ids: (B, L) token ids.
             padding_mask: (B, L) bool, True at padding. ``None``: positions holding the
                 ``<pad>`` id are treated as padding.
+            segment_ids: (B, L) integer protein of each token of packed rows (``mode: packed``):
+                attention stays inside a segment and positions restart in each. ``None``: one
+                sequence per row.
+            positions: (B, L) integer position of each token inside its protein (rotary and learned
+                positions are read there). ``None``: derived from ``segment_ids`` (contiguous runs),
+                or 0 .. L-1 without them.
             return_hidden: layers whose output to return, ESM's ``repr_layers`` convention:
                 0 is the embedding (the first block's input), ``i`` the output of block ``i``
                 (1-based), and ``depth`` the last block's output after the final LayerNorm
@@ -542,14 +627,20 @@ class ProteinLM(nn.Module):
             positions.
         """
         mask = self._padding_mask(input_ids, padding_mask)
+        segments = None
+        if positions is not None and segment_ids is None:
+            raise ValueError("positions are read only for packed rows: give segment_ids too")
+        if segment_ids is not None:
+            segments = self.segments(segment_ids, positions, mask)
+            positions = segments.positions
         wanted = self.hidden_layers(return_hidden) if return_hidden is not None else None
         keep = set(wanted.values()) if wanted is not None else ()
         hidden: dict[int, Tensor] = {}
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids, positions)
         for i, block in enumerate(self.blocks):
             if i in keep:
                 hidden[i] = x
-            x = block(x, mask)
+            x = block(x, mask) if segments is None else block(x, mask, segments)
         x = self.norm(x)
         logits = F.linear(x, self.embed.weight, self.head_bias)  # (B, L, V)
         if wanted is None:

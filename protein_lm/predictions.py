@@ -2,7 +2,8 @@
 
 Each rank writes ``output_dir/predictions/predictions_rank{R}.pt``: a dict with ``batches``, one
 dict per batch in loader order, of CPU tensors ``predictions`` (B, L) arg-max ids, ``labels``
-(B, L), ``-100`` where nothing is scored, and ``label_log_prob`` (B, L), 0 where unscored. The
+(B, L), ``-100`` where nothing is scored, ``label_log_prob`` (B, L), 0 where unscored, and in
+``mode: packed`` ``segment_ids`` (B, L), which protein of a packed row each position belongs to. The
 batches are the data module's ``predict_dataloader`` (its test split, deterministic windows and
 masks). Load it with ``torch.load(path, weights_only=True)``.
 """

@@ -25,6 +25,7 @@ def test_there_are_configs():
         for att in ("performer_softmax", "performer_relu", "exact"):
             assert f"protein_{tag}_{att}.yaml" in names
     assert {"concat_performer_softmax.yaml", "concat_exact.yaml"} <= names
+    assert "packed_exact.yaml" in names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -63,6 +64,9 @@ def test_config_instantiates(path, tmp_path, sample_fasta, monkeypatch):
     if path.stem.startswith("concat_"):
         assert (cfg.heads, cfg.depth, cfg.ff_dim, cfg.dim, cfg.max_length) == (8, 6, 2048, 512, 8192)
         assert cli.datamodule.mode == "concat"
+    if path.stem.startswith("packed_"):
+        assert cli.datamodule.mode == "packed"
+        assert cli.datamodule.rows_per_batch * cfg.max_length == cli.datamodule.tokens_per_batch
     if path.stem.startswith("recipe_"):  # the recipe that trained the shipped checkpoint
         from protein_lm.checkpoint import read_checkpoint
 

@@ -7,7 +7,6 @@ cache or the data module, so a bug there cannot hide itself.
 from __future__ import annotations
 
 import gzip
-import hashlib
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from protein_lm.tokenizer import (
     VOCAB_SIZE,
     decode,
 )
+from tests.helpers.resume import fit_recording
 
 # --------------------------------------------------------------------------------------
 # helpers
@@ -506,68 +506,13 @@ def test_alphabet_residue_block_matches_collate():
 # --------------------------------------------------------------------------------------
 
 
-class _Recorder:
-    """Builds a LightningModule that records a fingerprint of every training batch."""
-
-    @staticmethod
-    def make():
-        import pytorch_lightning as pl
-
-        class Recorder(pl.LightningModule):
-            def __init__(self):
-                super().__init__()
-                self.w = torch.nn.Parameter(torch.zeros(1))
-                self.seen: list[tuple[int, str]] = []
-
-            def training_step(self, batch, batch_idx):
-                digest = hashlib.sha1(
-                    batch["input_ids"].numpy().tobytes() + batch["labels"].numpy().tobytes()
-                )
-                self.seen.append((self.current_epoch, digest.hexdigest()))
-                return (self.w * batch["input_ids"].float().mean()).sum()
-
-            def validation_step(self, batch, batch_idx):
-                self.log("val_metric", float(batch_idx))
-
-            def configure_optimizers(self):
-                return torch.optim.SGD(self.parameters(), lr=0.0)
-
-        return Recorder()
-
-
-def _fit(dm, ckpt_dir: Path, ckpt_path=None, max_epochs=3):
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    model = _Recorder.make()
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=1, save_top_k=-1),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_on_train_epoch_end=True, save_top_k=-1),
-        # what `ModelCheckpoint(monitor="val/loss")` does: save when validation ends (here twice per epoch)
-        ModelCheckpoint(dirpath=ckpt_dir, filename="val-{step}", monitor="val_metric", save_top_k=-1),
-    ]
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        val_check_interval=0.5,
-        callbacks=callbacks,
-    )
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    return model.seen
-
-
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_lightning_resume_matches_uninterrupted_run(synth_fasta, tmp_path, num_workers):
     path, _ = synth_fasta
     kw = dict(max_length=64, batch_size=4, max_train_sequences=36, max_eval_sequences=4, seed=2)
     ckpts = tmp_path / "ckpt"
-    full = _fit(make_dm(path, tmp_path, num_workers=num_workers, **kw), ckpts)
+    full = fit_recording(make_dm(path, tmp_path, num_workers=num_workers, **kw), ckpts)
     per_epoch = 9
     assert len(full) == 3 * per_epoch
     assert [e for e, _ in full] == [0] * 9 + [1] * 9 + [2] * 9
@@ -579,7 +524,7 @@ def test_lightning_resume_matches_uninterrupted_run(synth_fasta, tmp_path, num_w
         ckpt = ckpts / f"{name}.ckpt"
         state = torch.load(ckpt, weights_only=False)["ProteinDataModule"]
         assert state == {"epoch": done // per_epoch, "batches_done": done % per_epoch}, (name, state)
-        resumed = _fit(
+        resumed = fit_recording(
             make_dm(path, tmp_path, num_workers=num_workers, **kw), tmp_path / f"r-{name}", ckpt_path=ckpt
         )
         assert resumed == full[done:], f"resume from {name} diverged"

@@ -2,7 +2,8 @@
 
 ``out = D^-1 phi(Q) (phi(K)^T V)`` with ``D = diag(phi(Q) phi(K)^T 1)`` (bidirectional) or its
 prefix-sum version (causal, see :mod:`protein_lm.attention.causal`). The L x L matrix is never
-formed. The normaliser is ``max(D, eps)`` with a tiny ``eps`` (1e-30): for any normaliser above
+formed. Packed rows (``segment_ids``) keep attention inside each segment
+(:mod:`protein_lm.attention.segments`). The normaliser is ``max(D, eps)`` with a tiny ``eps`` (1e-30): for any normaliser above
 ``eps`` the output is exactly the ratio (no bias), and one that underflowed cannot give 0/0 = NaN.
 """
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from .causal import DEFAULT_CHUNK, causal_linear_attention
 from .features import RELU_EPS, draw_projection, relu_features, softmax_features
+from .segments import segment_labels, segmented_linear_attention
 
 __all__ = ["FavorAttention", "favor_bidirectional", "favor_causal", "favor_features", "DEFAULT_EPS"]
 
@@ -41,19 +43,25 @@ def favor_features(
     projection: Tensor,
     kernel: str,
     key_padding_mask: Tensor | None = None,
+    segment_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Query and key features for ``kernel``: ``(B,H,L,D) x2 -> (B,H,L,M) x2`` (float32).
 
     Padded keys get zero features; padded queries (when queries and keys share L) are zeroed
-    before the map so that huge or non-finite padding values stay finite.
+    before the map so that huge or non-finite padding values stay finite. ``segment_ids`` (integer
+    ``(B, L)``): softmax keys are shifted per segment (see :func:`softmax_features`).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if segment_ids is not None and q.shape[-2] != k.shape[-2]:
+        raise ValueError("segment_ids need queries and keys of the same length")
     q_mask = key_padding_mask if key_padding_mask is not None and q.shape[-2] == k.shape[-2] else None
     q = _zero_padded(q, q_mask)
     if kernel == "softmax":
         phi_q = softmax_features(q, projection, is_query=True)
-        phi_k = softmax_features(k, projection, is_query=False, key_padding_mask=key_padding_mask)
+        phi_k = softmax_features(
+            k, projection, is_query=False, key_padding_mask=key_padding_mask, segment_ids=segment_ids
+        )
     else:
         phi_q = relu_features(q, projection, eps=RELU_EPS)
         phi_k = relu_features(k, projection, eps=RELU_EPS, key_padding_mask=key_padding_mask)
@@ -66,6 +74,8 @@ def favor_bidirectional(
     v: Tensor,
     key_padding_mask: Tensor | None = None,
     eps: float = DEFAULT_EPS,
+    segment_ids: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
     """Bidirectional linear attention ``phi_q (phi_k^T v) / max(phi_q . sum_L phi_k, eps)``.
 
@@ -75,6 +85,9 @@ def favor_bidirectional(
         v: ``(B, H, L, D)`` values.
         key_padding_mask: bool ``(B, L)``, True at padding (padded keys and values are zeroed).
         eps: floor of the normaliser.
+        segment_ids: integer ``(B, L)``: query ``t`` sees only the keys of its own segment (a
+            maximal run of equal ids). Needs ``Lq == L``.
+        chunk_size: tokens per exact masked-quadratic chunk of the segmented path.
 
     Returns:
         ``(B, H, Lq, D)`` in the features' dtype (float32), computed with autocast off.
@@ -84,6 +97,10 @@ def favor_bidirectional(
     with torch.autocast(device_type=phi_q.device.type, enabled=False):
         phi_k = _zero_padded(phi_k, key_padding_mask)
         v = _zero_padded(v.to(dt), key_padding_mask)
+        if segment_ids is not None:
+            if lq != lk:
+                raise ValueError("segment_ids need queries and keys of the same length")
+            return _segmented(phi_q, phi_k, v, segment_ids, "both", eps, chunk_size)
         if lq * lk * (m + d) < (lq + lk) * m * d:
             # Short rows (L below ~M*D/(M+D), e.g. 50 tokens at M=256, D=64): the same products in
             # the other order, (phi_q phi_k^T) v, cost less than the (M, D) state of every row.
@@ -103,6 +120,7 @@ def favor_causal(
     key_padding_mask: Tensor | None = None,
     eps: float = DEFAULT_EPS,
     chunk_size: int = DEFAULT_CHUNK,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Causal linear attention: ``out_t = phi_q[t] sum_{s<=t} phi_k[s] v_s^T / max(phi_q[t] sum_{s<=t} phi_k[s], eps)``.
 
@@ -116,6 +134,8 @@ def favor_causal(
         key_padding_mask: bool ``(B, L)``, True at padding.
         eps: floor of the normaliser.
         chunk_size: tokens per exact masked-quadratic chunk.
+        segment_ids: integer ``(B, L)``: the prefix restarts at each segment (a maximal run of
+            equal ids), so query ``t`` sees keys ``s <= t`` of its own segment only.
 
     Returns:
         ``(B, H, L, D)`` in the features' dtype.
@@ -124,10 +144,32 @@ def favor_causal(
     with torch.autocast(device_type=phi_q.device.type, enabled=False):
         phi_k = _zero_padded(phi_k, key_padding_mask)
         v = _zero_padded(v.to(dt), key_padding_mask)
+        if segment_ids is not None:
+            return _segmented(phi_q, phi_k, v, segment_ids, "causal", eps, chunk_size)
         ones = torch.ones(*v.shape[:-1], 1, dtype=dt, device=v.device)
         nd = causal_linear_attention(phi_q, phi_k, torch.cat([v, ones], dim=-1), chunk=chunk_size)
         num, den = nd[..., :-1], nd[..., -1:]
         return num / den.clamp_min(eps)
+
+
+def _segmented(phi_q, phi_k, v, segment_ids, window: str, eps: float, chunk_size: int) -> Tensor:
+    """Normalised segmented linear attention (padded keys and values already zeroed); the normaliser
+    rides along as an all-ones value column, as in :func:`favor_causal`. Short rows take the
+    quadratic form, masked by segment equality (``L <= ~M*D/(M+D)``, like the bidirectional path)."""
+    labels = segment_labels(segment_ids, phi_q.shape[-2])
+    length, m, d = phi_q.shape[-2], phi_q.shape[-1], v.shape[-1]
+    if length * (m + d) < 2 * m * d:
+        allowed = labels[:, None, :, None] == labels[:, None, None, :]  # (B,1,L,L)
+        if window == "causal":
+            allowed = allowed.tril()
+        scores = (phi_q @ phi_k.transpose(-1, -2)).masked_fill(~allowed, 0.0)  # (B,H,L,L)
+        return (scores @ v) / scores.sum(dim=-1, keepdim=True).clamp_min(eps)
+    ones = torch.ones(*v.shape[:-1], 1, dtype=v.dtype, device=v.device)
+    nd = segmented_linear_attention(
+        phi_q, phi_k, torch.cat([v, ones], dim=-1), labels[:, None, :], window, chunk=chunk_size
+    )
+    num, den = nd[..., :-1], nd[..., -1:]
+    return num / den.clamp_min(eps)
 
 
 _TRITON_FN: Callable | None | bool = False  # False: not looked up yet; None: unavailable
@@ -238,8 +280,17 @@ class FavorAttention(nn.Module):
             return fn
         return _triton_fn() if q.is_cuda else None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """``(B, H, L, D) x3 -> (B, H, L, D)``, in ``v``'s dtype; ``key_padding_mask`` bool ``(B, L)``."""
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None = None,
+        segment_ids: Tensor | None = None,
+    ) -> Tensor:
+        """``(B, H, L, D) x3 -> (B, H, L, D)``, in ``v``'s dtype; ``key_padding_mask`` bool ``(B, L)``,
+        True at padding; ``segment_ids`` integer ``(B, L)`` for packed rows: attention stays inside
+        each maximal run of equal ids (both backends)."""
         if q.shape[-1] != self.dim_head or k.shape[-1] != self.dim_head:
             raise ValueError(f"expected head dim {self.dim_head}, got q {tuple(q.shape)}, k {tuple(k.shape)}")
         if self.causal and q.shape[-2] != k.shape[-2]:
@@ -247,7 +298,8 @@ class FavorAttention(nn.Module):
         fn = self._use_triton(q)
         if fn is not None:
             try:
-                return fn(q, k, v, self.projection, self.kernel, self.causal, key_padding_mask, self.eps)
+                args = (q, k, v, self.projection, self.kernel, self.causal, key_padding_mask, self.eps)
+                return fn(*args, segment_ids)
             except ValueError as err:  # the kernel's way of saying "shape / config not supported"
                 if self.backend == "triton":
                     raise
@@ -257,9 +309,11 @@ class FavorAttention(nn.Module):
                         stacklevel=2,
                     )
                     self._warned_fallback = True
-        phi_q, phi_k = favor_features(q, k, self.projection, self.kernel, key_padding_mask)
+        phi_q, phi_k = favor_features(q, k, self.projection, self.kernel, key_padding_mask, segment_ids)
         if self.causal:
-            out = favor_causal(phi_q, phi_k, v, key_padding_mask, self.eps, self.chunk_size)
+            out = favor_causal(phi_q, phi_k, v, key_padding_mask, self.eps, self.chunk_size, segment_ids)
         else:
-            out = favor_bidirectional(phi_q, phi_k, v, key_padding_mask, self.eps)
+            out = favor_bidirectional(
+                phi_q, phi_k, v, key_padding_mask, self.eps, segment_ids, self.chunk_size
+            )
         return out.to(v.dtype)

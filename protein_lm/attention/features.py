@@ -10,7 +10,8 @@ Two kernels:
 The softmax map is numerically stabilised by shifts that cancel exactly in FAVOR+'s ratio
 ``phi(q) (phi(K)^T V) / phi(q) (phi(K)^T 1)`` (see docs/architecture.md, "Softmax-kernel numerics"):
 a per-query shift (each query's own max over features) and one shared key shift per
-``(batch, head)`` (the max over all *real* keys and features; padding never enters it).
+``(batch, head)`` (the max over all *real* keys and features; padding never enters it), or per
+``(batch, head, segment)`` for packed rows.
 
 Feature maps always compute in at least float32, with autocast disabled, because ``exp`` of a bf16
 logit loses ~3 significant digits and the normaliser sums up to 65k such terms.
@@ -22,6 +23,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from .segments import segment_amax, segment_labels
 
 __all__ = ["draw_projection", "softmax_features", "relu_features", "feature_dtype", "RELU_EPS"]
 
@@ -109,6 +112,7 @@ def softmax_features(
     is_query: bool,
     key_padding_mask: Tensor | None = None,
     stabilize: bool = True,
+    segment_ids: Tensor | None = None,
 ) -> Tensor:
     """Positive random features of the softmax kernel: ``(B, H, L, D) -> (B, H, L, M)``.
 
@@ -121,6 +125,10 @@ def softmax_features(
             enter the key shift; padded inputs are zeroed first so inf/NaN there cannot leak.
         stabilize: ``False`` returns the unshifted map ``exp(W x' - |x'|^2/2) / sqrt(M)`` (whose
             dot products are the unbiased estimate of ``exp(q.k/sqrt(D))``); for tests and analysis.
+        segment_ids: integer ``(B, L)`` (packed rows, see :mod:`protein_lm.attention.segments`):
+            keys get one shift per ``(batch, head, segment)`` instead. A key shift only has to be
+            shared by the keys one query sees; a row-wide one would underflow to a zero normaliser
+            every segment whose keys sit ~87 nats below the row's largest.
 
     Returns:
         ``(B, H, L, M)`` features in float32 (float64 for float64 input).
@@ -143,8 +151,12 @@ def softmax_features(
             row_max = z.detach().amax(dim=-1, keepdim=True)  # (B,H,L,1)
             if mask is not None:
                 row_max = row_max.masked_fill(mask, -math.inf)
-            shift = row_max.amax(dim=-2, keepdim=True)  # (B,H,1,1): one shift over real keys
-            # A (batch, head) whose keys are all padding: any finite shift will do.
+            if segment_ids is None:
+                shift = row_max.amax(dim=-2, keepdim=True)  # (B,H,1,1): one shift over real keys
+            else:  # (B,H,L,1): the max over the real keys of each position's segment
+                labels = segment_labels(segment_ids, x.shape[-2])
+                shift = segment_amax(row_max[..., 0], labels)[..., None]
+            # A (batch, head) or segment whose keys are all padding: any finite shift will do.
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
             z = z.sub_(shift)  # shifts cancel in the ratio, so no gradient through them
         if mask is not None and not is_query:

@@ -47,6 +47,7 @@ from protein_lm.checkpoint import WEIGHTS_FORMAT, read_checkpoint
 from protein_lm.commands.train_checks import (
     check_model_settings,
     check_output_dir,
+    check_packed_model,
     check_resume,
     checkpoint_hparams,
 )
@@ -199,6 +200,7 @@ class ProteinLMCLI(LightningCLI):
         if note:
             print(note, file=sys.stderr, flush=True)
         check_model_settings(cfg["model"].as_dict())
+        check_packed_model(cfg["data"].as_dict(), cfg["model"].as_dict())
         out = self._output_dir()
         check_output_dir(out)  # every subcommand writes there (CSV metrics at least)
         cfg["output_dir"] = str(out)

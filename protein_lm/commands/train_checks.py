@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from protein_lm.errors import UserError
-from protein_lm.model import ModelConfig
+from protein_lm.model import ModelConfig, segments_unsupported
 from protein_lm.outputs import can_write_in
 
 # Options of the LightningModule that a resumed run takes from its checkpoint. The others
@@ -43,6 +43,28 @@ def check_model_settings(model: dict[str, Any]) -> None:
     if model.get("objective") == "mlm" and config.causal:
         raise UserError("--model.config.causal true needs the causal objective (--data.objective causal)")
     _check_optimiser(model)
+
+
+# Why each option cannot keep the proteins of a packed row apart (see model.segments_unsupported).
+_NOT_PACKABLE = {
+    "adaptive_span": "adaptive spans mask by distance, not by protein, so attention would cross proteins; "
+                     "use --data.mode single",
+    "persistent_memory": "the persistent-memory kernels know no protein boundaries, so attention would cross "
+                         "proteins; use --data.mode single",
+}
+
+
+def check_packed_model(data: dict[str, Any], model: dict[str, Any]) -> None:
+    """``--data.mode packed`` needs a model whose every layer keeps the proteins of a row apart."""
+    if data.get("mode") != "packed":
+        return
+    config = ModelConfig.from_dict(dict(model.get("config") or {}))  # already checked: builds
+    option = segments_unsupported(config)
+    if option is not None:
+        value = getattr(config, option)
+        shown = str(value).lower() if isinstance(value, bool) else _show(value)
+        raise UserError(f"--data.mode packed cannot be used with --model.config.{option} {shown}: "
+                        f"{_NOT_PACKABLE[option]}")
 
 
 def _check_optimiser(model: dict[str, Any]) -> None:

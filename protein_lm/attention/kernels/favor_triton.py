@@ -1429,6 +1429,7 @@ def favor_attention_triton(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     eps: float = 1e-30,
+    segment_ids: Tensor | None = None,
     *,
     tile: int = DEFAULT_BLOCK,
     state_split: int | None = None,
@@ -1469,6 +1470,8 @@ def favor_attention_triton(
     """
     if kernel not in ("softmax", "relu"):
         raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
+    if segment_ids is not None:
+        raise ValueError("segment_ids are not supported by the Triton kernels yet")
     if logit_precision is not None and logit_precision not in LOGIT_PRECISIONS:
         raise ValueError(f"logit_precision must be one of {LOGIT_PRECISIONS}, got {logit_precision!r}")
     d = q.shape[-1]
