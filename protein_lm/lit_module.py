@@ -55,7 +55,7 @@ from protein_lm.attention.adaptive_span import span_statistics
 from protein_lm.errors import UserError
 from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
 from protein_lm.model import ModelConfig, ProteinLM
-from protein_lm.optimizers import MuonAdamW, split_for_muon
+from protein_lm.optimizers import MuonAdamW, fused_adamw, split_for_muon
 from protein_lm.schedules import SCHEDULES, TrainClock, time_warmup_decay, warmup_decay
 
 Objective = Literal["mlm", "causal"]
@@ -343,13 +343,21 @@ class ProteinLMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, aux, _, _, count = self._shared_step(batch)
         total = loss + aux
-        self._check_finite(total)
+        # Checked after backward (on_after_backward), not here: reading the loss now would stall the
+        # host until the forward pass ends, with no backward kernels queued behind it.
+        self._unchecked_loss = total.detach()
         bsz = batch["input_ids"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=bsz)
         if aux.requires_grad:  # models with span / memory penalties (no device sync for the rest)
             self.log("train/aux_loss", aux, on_step=True, on_epoch=False, batch_size=bsz)
         self.log("train/tokens", count.float(), on_step=True, on_epoch=False, reduce_fx="sum", batch_size=bsz)
         return total
+
+    def on_after_backward(self) -> None:
+        """Refuse a non-finite loss before the optimiser step (gradient clipping and the step come later)."""
+        loss, self._unchecked_loss = getattr(self, "_unchecked_loss", None), None
+        if loss is not None:
+            self._check_finite(loss)
 
     def _check_finite(self, loss: Tensor) -> None:
         finite = bool(torch.isfinite(loss.detach()))
@@ -424,9 +432,10 @@ class ProteinLMModule(pl.LightningModule):
         groups = param_groups(self.model, hp.weight_decay)
         if hp.optimizer == "muon":
             optimizer: torch.optim.Optimizer = MuonAdamW(split_for_muon(groups), lr=hp.lr, betas=tuple(hp.betas),
-                                                         eps=hp.eps)
+                                                         eps=hp.eps, fused=fused_adamw(self.model))
         else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                                          fused=fused_adamw(self.model))
         total = hp.max_steps
         if total is None and self.trainer is not None:
             estimate = self.trainer.estimated_stepping_batches
