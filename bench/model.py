@@ -2,7 +2,8 @@
 
 The issue-8 model (6 layers, d 512, 8 heads, d_ff 2048, bf16 autocast) built from
 ``protein_lm.model.ProteinLM``, Performer (FAVOR+ softmax, Triton backend) vs exact (SDPA with its
-default backend choice; the backend that ran is recorded as ``backend_ran``), at
+default backend choice; the backend that ran is recorded as ``backend_ran``; ``exact-flex``: the
+model's packed-row path, FlexAttention, with one segment per row), at
 fixed shapes ``L x batch``; the longest lengths optionally with activation checkpointing (each
 block recomputed in backward). Needs a CUDA GPU.
 
@@ -37,8 +38,10 @@ import exact_baselines  # noqa: E402
 # (attention, L, batch, checkpointing)
 DEFAULT_RUNS = [
     ("exact", 1024, 32, False),
+    ("exact-flex", 1024, 32, False),
     ("performer-softmax", 1024, 32, False),
     ("exact", 8192, 4, False),
+    ("exact-flex", 8192, 4, False),
     ("performer-softmax", 8192, 4, False),
     ("exact", 32768, 1, False),
     ("performer-softmax", 32768, 1, False),
@@ -136,11 +139,11 @@ def run_one(attention, length, batch, ckpt, steps, warmup, causal=False, compile
         depth=6,
         heads=8,
         ff_dim=2048,
-        attention=attention,
+        attention="exact" if attention == "exact-flex" else attention,
         num_features=256,
         causal=causal,
         max_length=length,
-        favor_backend="triton" if attention != "exact" else "auto",
+        favor_backend="triton" if attention.startswith("performer") else "auto",
     )
     model = ProteinLM(cfg).cuda()
     if compiled:
@@ -152,10 +155,12 @@ def run_one(attention, length, batch, ckpt, steps, warmup, causal=False, compile
     forward = model.compiled(None if compiled == "default" else compiled) if compiled else model
     ids = torch.randint(4, 24, (batch, length), device="cuda")
     labels = torch.randint(4, 24, (batch, length), device="cuda")
+    # exact-flex: one segment per row, so the model's packed-row path (FlexAttention) runs full attention
+    segments = {"segment_ids": torch.zeros_like(ids, dtype=torch.int32)} if attention == "exact-flex" else {}
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = forward(ids).logits
+            logits = forward(ids, **segments).logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
         loss.backward()
         opt.step()
