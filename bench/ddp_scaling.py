@@ -335,6 +335,7 @@ def capacity_phase(args: argparse.Namespace, ladder: dict, setting: dict) -> dic
             "largest_params": model_params(ladder[names[best]]) if best is not None else None,
             "tried": {names[i]: outcome for i, outcome in sorted(tried.items())},
             "smallest_failed": next((names[i] for i, o in sorted(tried.items()) if o != "ok"), None),
+            "ladder_top_reached": best == len(names) - 1,  # then the largest is a lower bound
         }
     return found
 
@@ -430,6 +431,7 @@ def print_tables(summary: dict) -> None:
               f"{fmt_number(r['peak_gb_max'], '.1f'):>13}  {r['status']}")
     for strategy, c in summary["capacity"].items():
         size = f"{c['largest']} ({c['largest_params'] / 1e9:.2f} B)" if c["largest"] else "none"
+        size += " = the ladder's top, larger not tried" if c.get("ladder_top_reached") else ""
         print(f"capacity {strategy} on {c['gpus']} GPUs, batch 1, L 1024: largest that trains {size}; "
               f"tried {c['tried']}")
     t = summary["targets"]

@@ -24,8 +24,8 @@ this model's settings as plain options:
 Under any ``FSDPStrategy`` (Lightning's plain ``--trainer.strategy fsdp`` included) parameters
 are flat shards outside the forward pass, so the LightningModule asks this module for the
 norm-clipping (:func:`clip_gradients`, over all shards) and for each parameter's real shape
-(:func:`remember_shapes` / :func:`logical_ndim`, for the weight-decay groups), and refuses Muon,
-which needs whole matrices (:func:`check_optimizer`).
+(:func:`remember_shapes` / :func:`logical_ndim`, for the weight-decay groups), and refuses what
+FSDP would get wrong: Muon, and learned adaptive spans (:func:`check_supported`).
 """
 
 from __future__ import annotations
@@ -223,8 +223,18 @@ def clip_gradients(trainer: Any, clip_val: float | None, algorithm: str | None) 
     return True
 
 
-def check_optimizer(trainer: Any, optimizer: str) -> None:
-    """Muon orthogonalises whole weight matrices; FSDP gives each rank a flat piece of them."""
-    if optimizer == "muon" and is_fsdp(trainer):
+def check_supported(trainer: Any, optimizer: str, config: Any) -> None:
+    """Refuse what FSDP would silently get wrong (one line each).
+
+    * Muon orthogonalises whole weight matrices; FSDP gives each rank a flat piece of them.
+    * Learned (static) adaptive spans add their penalty after the last block has run, when FSDP
+      has already resharded the span parameters (dynamic spans compute theirs inside the block).
+    """
+    if not is_fsdp(trainer):
+        return
+    if optimizer == "muon":
         raise UserError("--model.optimizer muon needs whole weight matrices on every rank, which FSDP shards; "
                         "use --model.optimizer adamw with FSDP, or muon with --trainer.strategy ddp")
+    if getattr(config, "adaptive_span", False) and not getattr(config, "span_dynamic", False):
+        raise UserError("--model.config.adaptive_span: the span penalty reads the spans outside their block, where "
+                        "FSDP has resharded them; train this model with --trainer.strategy ddp (or span_dynamic)")

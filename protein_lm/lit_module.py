@@ -430,7 +430,7 @@ class ProteinLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        distributed.check_optimizer(self._trainer, hp.optimizer)
+        distributed.check_supported(self._trainer, hp.optimizer, self.config)
         groups = param_groups(self.model, hp.weight_decay)
         if hp.optimizer == "muon":
             optimizer: torch.optim.Optimizer = MuonAdamW(split_for_muon(groups), lr=hp.lr, betas=tuple(hp.betas),

@@ -251,6 +251,59 @@ def test_sharded_reader_never_unpickles_code_from_the_metadata(tmp_path):
     assert marker.exists()
 
 
+# ---------------------------------------------------------------- helpers, no processes
+
+
+def test_weight_decay_groups_use_the_shape_a_parameter_had_before_fsdp_flattened_it():
+    from protein_lm.distributed import remember_shapes
+    from protein_lm.lit_module import param_groups
+    from protein_lm.model import ModelConfig, ProteinLM
+
+    model = ProteinLM(ModelConfig(dim=16, depth=1, heads=2, ff_dim=32, num_features=8))
+    expected = {g["name"]: [id(p) for p in g["params"]] for g in param_groups(model, 0.1)}
+    assert len(expected["decay"]) == 4  # qkv, out, fc1, fc2 weights
+    remember_shapes(model)
+    for param in model.parameters():  # what FSDP does to each parameter (a flat piece of it)
+        param.data = param.data.reshape(-1)[: max(1, param.numel() // 2)].clone()
+    flat = {g["name"]: [id(p) for p in g["params"]] for g in param_groups(model, 0.1)}
+    assert flat == expected
+
+
+class _Trainer:
+    def __init__(self, strategy):
+        self.strategy = strategy
+
+
+def test_muon_and_learned_spans_are_refused_under_fsdp_only():
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from protein_lm.distributed import BlockFSDP, check_supported
+    from protein_lm.model import ModelConfig
+
+    plain, span = ModelConfig(), ModelConfig(adaptive_span=True)
+    with pytest.raises(UserError, match="muon needs whole weight matrices"):
+        check_supported(_Trainer(BlockFSDP()), "muon", plain)
+    with pytest.raises(UserError, match="adaptive_span: the span penalty"):
+        check_supported(_Trainer(BlockFSDP()), "adamw", span)
+    check_supported(_Trainer(BlockFSDP()), "adamw", plain)
+    check_supported(_Trainer(BlockFSDP()), "adamw", ModelConfig(adaptive_span=True, span_dynamic=True))
+    for trainer in (_Trainer(DDPStrategy()), None):
+        check_supported(trainer, "muon", span)
+
+
+def test_strategy_settings_that_mean_fsdp():
+    from jsonargparse import Namespace
+
+    from protein_lm.distributed import BlockFSDP, names_fsdp
+
+    assert names_fsdp("fsdp") and names_fsdp("fsdp_cpu_offload") and names_fsdp(BlockFSDP())
+    assert names_fsdp(Namespace(class_path="protein_lm.distributed.BlockFSDP", init_args=Namespace()))
+    assert names_fsdp(Namespace(class_path="pytorch_lightning.strategies.FSDPStrategy"))
+    assert not names_fsdp("ddp") and not names_fsdp(None) and not names_fsdp("auto")
+    assert not names_fsdp(Namespace(class_path="pytorch_lightning.strategies.DDPStrategy"))
+    assert not names_fsdp(Namespace(class_path="no.such.Strategy"))
+
+
 # ---------------------------------------------------------------- 2 GPUs
 
 
