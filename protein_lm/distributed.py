@@ -84,7 +84,6 @@ class BlockFSDP(FSDPStrategy):
             **kwargs,
         )
         self.reduce_dtype = reduce_dtype
-        self.activation_checkpointing = activation_checkpointing
 
     @property
     def mixed_precision_config(self):
@@ -102,6 +101,7 @@ class BlockFSDP(FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         if self.root_device.type != "cpu":
             return super()._setup_model(model)
+        # Lightning's wrapping, with the device_id torch's FSDP needs to run on CPU at all.
         from pytorch_lightning.strategies.fsdp import _setup_activation_checkpointing
         from torch.distributed.fsdp import FullyShardedDataParallel
 
@@ -116,6 +116,7 @@ class BlockFSDP(FSDPStrategy):
         _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
         return wrapped
 
+    # On CPU, full state dicts are gathered without offload_to_cpu (see _full_state_dict_on_cpu).
     def lightning_module_state_dict(self) -> dict[str, Any]:
         if self.root_device.type != "cpu" or self._state_dict_type != "full":
             return super().lightning_module_state_dict()
@@ -138,23 +139,27 @@ class BlockFSDP(FSDPStrategy):
         if self._state_dict_type != "sharded":
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
-        part = path.with_name(path.name + ".part")
-        if self.global_rank == 0 and part.exists():
-            shutil.rmtree(part)  # debris of a save that was interrupted
+        part, old = path.with_name(path.name + ".part"), path.with_name(path.name + ".old")
+        if self.global_rank == 0:
+            _remove(part)  # debris of a save that was interrupted
         self.barrier("sharded_checkpoint_start")
         super().save_checkpoint(checkpoint, part, storage_options)  # every rank writes its shard
         self.barrier("sharded_checkpoint_written")
-        if self.global_rank == 0:
-            old = path.with_name(path.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
+        if self.global_rank == 0:  # a kill between the two renames leaves the previous one as .old
+            _remove(old)
             if path.exists():
                 os.replace(path, old)
             os.replace(part, path)
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+            _remove(old)
         self.barrier("sharded_checkpoint_done")
         return None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def _full_state_dict_on_cpu(module: nn.Module) -> Any:
