@@ -4,7 +4,8 @@ Two formats, both read with ``torch.load(weights_only=True)`` (only tensors and 
 python containers are unpickled, so a file cannot run code when loaded):
 
 * a Lightning ``.ckpt`` written by ``protein-lm fit`` (it also holds optimiser state,
-  loop progress and RNG states for resuming);
+  loop progress and RNG states for resuming), or the directory of a sharded FSDP checkpoint
+  (:mod:`protein_lm.sharded_checkpoint`);
 * an exported weights file (``protein-lm export`` / ``protein-lm convert``)::
 
       {"format": "protein_lm.weights", "version": 1, "config": {...ModelConfig...},
@@ -51,16 +52,22 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """The parts every consumer needs, from either format.
 
     Returns:
-        dict with ``format`` (``"lightning"``, ``"weights"`` or ``"safetensors"``, an exported
+        dict with ``format`` (``"lightning"``, also for a sharded FSDP checkpoint directory, see
+        :mod:`protein_lm.sharded_checkpoint`; ``"weights"``; or ``"safetensors"``, an exported
         directory, see :mod:`protein_lm.safetensors_dir`), ``config`` (dict),
         ``objective``, ``state_dict`` (keys of :class:`ProteinLM`), ``metrics`` (dict),
         ``global_step``, ``epoch``, ``path``.
     """
     if Path(path).is_dir():
-        from protein_lm.safetensors_dir import read_directory
+        from protein_lm.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 
-        return read_directory(path, map_location)
-    data = _read(path, map_location)
+        if not is_sharded_checkpoint(path):
+            from protein_lm.safetensors_dir import read_directory
+
+            return read_directory(path, map_location)
+        data = read_sharded_checkpoint(path, map_location)
+    else:
+        data = _read(path, map_location)
     if data.get("format") == WEIGHTS_FORMAT:
         if int(data.get("version", 0)) > WEIGHTS_VERSION:
             raise UserError(f"{path}: weights format version {data['version']} is newer than this protein_lm")

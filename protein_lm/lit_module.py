@@ -26,9 +26,10 @@ What it adds to the plain model — and nothing else:
   generator seeded by ``(seed, step)`` so the sequence of projections is reproducible
   and survives resume; never during evaluation;
 * exact resume: before every training batch, torch's global RNG (dropout) is reseeded
-  from ``(seed, step, micro-batch, rank)``, so dropout does not depend on what else
-  consumed random numbers (sanity checks, data-loader start-up, validation) and a
-  resumed run draws the same masks. The numpy / python / torch RNG states are also
+  from ``(seed, step, micro-batch index among all ranks')``, so dropout does not depend on
+  what else consumed random numbers (sanity checks, data-loader start-up, validation), a
+  resumed run draws the same masks, and N ranks draw those of one process accumulating
+  N micro-batches over the same data. The numpy / python / torch RNG states are also
   saved in the checkpoint and restored;
 * a non-finite training loss stops the run with :class:`NonFiniteLossError` *before* the
   optimiser step, so no NaN weights are ever saved and ``last.ckpt`` stays the last good
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from protein_lm import distributed
 from protein_lm.attention.adaptive_span import span_statistics
 from protein_lm.errors import UserError
 from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
@@ -148,7 +150,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
             overrides = getattr(param, "optim_overrides", None)
             if overrides:
                 custom.setdefault(tuple(sorted(overrides.items())), []).append(param)
-            elif param.ndim < 2 or isinstance(module, nn.Embedding | nn.LayerNorm):
+            elif distributed.logical_ndim(param) < 2 or isinstance(module, nn.Embedding | nn.LayerNorm):
                 no_decay.append(param)
             else:
                 decay.append(param)
@@ -170,6 +172,17 @@ def warmup_cosine(warmup_steps: int, total_steps: int | None, min_lr_ratio: floa
     With ``total_steps=None`` the rate stays at 1 after warm-up.
     """
     return warmup_decay(warmup_steps, total_steps, min_lr_ratio, "cosine")
+
+
+def _global_micro_batch(micro: int, trainer: Any) -> tuple[int, int]:
+    """``(index, 0)`` of this rank's micro-batch among the step's ``world_size x accumulation`` ones.
+
+    Rank ``r``'s micro-batch ``m`` is the data module's batch ``m * world_size + r`` of the step, the
+    batch one process with ``world_size`` times the gradient accumulation sees as micro-batch
+    ``m * world_size + r``: seeding dropout by that index gives both runs the same masks.
+    """
+    world, rank = (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
+    return micro * world + rank, 0
 
 
 def _mix_seed(*parts: int) -> int:
@@ -298,6 +311,7 @@ class ProteinLMModule(pl.LightningModule):
     # -- forward -----------------------------------------------------------------
 
     def configure_model(self) -> None:
+        distributed.remember_shapes(self.model)  # before FSDP flattens them (weight-decay groups)
         if self.hparams.compile and self._compiled is None:
             # Kept out of the module tree so state_dict keys stay "model.*".
             mode = self.hparams.compile if isinstance(self.hparams.compile, str) else None
@@ -334,7 +348,7 @@ class ProteinLMModule(pl.LightningModule):
         if self._pending_rng is not None:
             _set_rng_state(self._pending_rng, torch_global=False)
             self._pending_rng = None
-        torch.manual_seed(_mix_seed(self.hparams.seed, step, micro, self.global_rank))
+        torch.manual_seed(_mix_seed(self.hparams.seed, step, *_global_micro_batch(micro, self.trainer)))
         interval = self.hparams.redraw_interval
         if interval and step > 0 and step % interval == 0 and micro == 0 and self.config.is_performer:
             generator = torch.Generator().manual_seed(_mix_seed(self.hparams.seed, step, 1))
@@ -350,7 +364,9 @@ class ProteinLMModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=bsz)
         if aux.requires_grad:  # models with span / memory penalties (no device sync for the rest)
             self.log("train/aux_loss", aux, on_step=True, on_epoch=False, batch_size=bsz)
-        self.log("train/tokens", count.float(), on_step=True, on_epoch=False, reduce_fx="sum", batch_size=bsz)
+        # every rank's scored tokens of this step (one scalar all-reduce)
+        self.log("train/tokens", count.float(), on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=True,
+                 batch_size=bsz)
         return total
 
     def on_after_backward(self) -> None:
@@ -427,8 +443,14 @@ class ProteinLMModule(pl.LightningModule):
 
     # -- optimiser ---------------------------------------------------------------
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        if not distributed.clip_gradients(self._trainer, gradient_clip_val, gradient_clip_algorithm):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
+        distributed.check_supported(self._trainer, hp.optimizer, self.config)
         groups = param_groups(self.model, hp.weight_decay)
         if hp.optimizer == "muon":
             optimizer: torch.optim.Optimizer = MuonAdamW(split_for_muon(groups), lr=hp.lr, betas=tuple(hp.betas),

@@ -1,4 +1,4 @@
-"""The GPU result drivers bench/fair_runs.py and bench/ddp_scaling.py, end to end in --smoke mode.
+"""The GPU result drivers bench/fair_runs.py and bench/ddp_scaling.py, end to end on CPU (--smoke, --dry-run).
 
 They are written to run on a GPU machine in one call each; these tests run the same code paths
 on tiny CPU shapes (a 300-protein cache, L = 64, a few steps) so a broken driver is found before
@@ -8,9 +8,10 @@ device time is spent. Checks that do not trust the drivers' own arithmetic:
   mechanism fields (equal budget by construction), parameter counts differ from the plain model
   by exactly what each mechanism adds, and the per-head spans read from the checkpoint's raw
   state dict equal the spans of the model loaded through the package;
-* ddp_scaling: proteins are >= 100 residues, so every row is cropped to exactly 64 tokens with
-  no padding, and the global token count must be timed_steps x world_size x batch x 64 — it
-  would be half that under DDP if only rank 0's tokens were counted.
+* ddp_scaling: concatenated windows have no padding, so the global token count must be
+  timed_steps x world_size x batch x L — it would be half that under DDP if only rank 0's tokens
+  were counted; efficiencies are recomputed from the timers; DDP and FSDP checkpoints, trained on
+  the same batches, must evaluate to the same loss; the capacity search's sizes are real models'.
 """
 
 from __future__ import annotations
@@ -144,24 +145,81 @@ def test_fair_runs_smoke_equal_settings_and_finite_results(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_scaling_smoke_counts_every_rank_and_checkpoint_evaluates(tiny_data, tmp_path):
-    cache, ood = tiny_data
-    steps = 6
-    summary = _run_driver("ddp_scaling.py", cache, ood, tmp_path / "ddp", steps=steps)
-    runs = summary["runs"]
-    assert set(runs) == {"devices1", "devices2"}
-    warmup = summary["warmup_steps"]
-    for name, world in (("devices1", 1), ("devices2", 2)):
-        e, t = runs[name], runs[name]["timer"]
-        assert t["world_size"] == world and t["timed_steps"] == steps - warmup, name
-        expected = t["timed_steps"] * world * BATCH * L  # no padding: every protein is cropped to L
-        assert t["global_padded_tokens"] == expected and t["global_tokens"] == expected, (name, t)
-        assert _finite(t["tokens_per_sec"]) and t["tokens_per_sec"] > 0
-        assert t["tokens_per_sec"] == pytest.approx(t["global_tokens"] / t["seconds"])
-        assert _finite(e["monitor_tokens_per_sec"]) and e["monitor_tokens_per_sec"] > 0
-        assert _finite(e["val"]["loss"]) and _finite(e["val"]["accuracy"])
-        assert e["checkpoint_loads"] and e["checkpoint_step"] == steps, e.get("checkpoint_error")
-        assert _finite(e["ood"]["accuracy"]) and _finite(e["ood"]["perplexity"])
-    assert runs["devices1"]["params"] == runs["devices2"]["params"]
-    assert summary["scaling_efficiency"] == pytest.approx(
-        runs["devices2"]["timer"]["tokens_per_sec"] / (2 * runs["devices1"]["timer"]["tokens_per_sec"]))
+def test_ddp_scaling_dry_run_counts_every_rank_and_fsdp_trains_like_ddp(tiny_data, tmp_path):
+    """Scaling on concatenated windows (L 128 in the dry run: every row is 128 real tokens), the
+    capacity search on single proteins (L 64), the kept checkpoints evaluated."""
+    from protein_lm.model import ModelConfig, ProteinLM
+
+    cache, _ = tiny_data
+    out = tmp_path / "scaling"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, "bench/ddp_scaling.py", "--dry-run", "--cache", str(cache), "--out", str(out),
+                           "--settings", "l8192", "--steps", "5", "--warmup-steps", "2"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {(r["strategy"], r["gpus"]): r for r in summary["scaling"]}
+    assert set(rows) == {("single", 1), ("ddp", 2), ("fsdp", 1), ("fsdp", 2)}
+    timers = {}
+    for (strategy, gpus), row in rows.items():
+        assert row["status"] == "ok", row
+        t = timers[strategy, gpus] = summary["runs"][f"scaling-tiny-l8192-{strategy}-{gpus}gpu"]["timer"]
+        assert t["world_size"] == gpus and t["timed_steps"] == 5 - 2
+        assert t["global_tokens"] == t["global_padded_tokens"] == t["timed_steps"] * gpus * 2 * 128  # all ranks
+        assert row["tokens_per_sec"] == pytest.approx(t["global_tokens"] / t["seconds"])
+    rate = {k: t["global_tokens"] / t["seconds"] for k, t in timers.items()}
+    assert rows["ddp", 2]["efficiency"] == pytest.approx(rate["ddp", 2] / (2 * rate["single", 1]))
+    assert rows["fsdp", 2]["efficiency"] == pytest.approx(rate["fsdp", 2] / (2 * rate["fsdp", 1]))
+    assert rows["fsdp", 2]["efficiency_vs_single"] == pytest.approx(rate["fsdp", 2] / (2 * rate["single", 1]))
+    # One checkpoint per strategy (at the most GPUs) loaded and scored by `protein-lm evaluate`;
+    # DDP and FSDP trained the same model on the same batches, so they score the same.
+    kept = {k: r["checkpoint"] for k, r in rows.items() if r["checkpoint"]}
+    assert set(kept) == {("single", 1), ("ddp", 2), ("fsdp", 2)}
+    assert all(c["evaluate_returncode"] == 0 and c["is_file"] and c["num_tokens"] > 0 for c in kept.values())
+    assert kept["fsdp", 2]["loss"] == pytest.approx(kept["ddp", 2]["loss"], rel=1e-5)
+    # Capacity (a one-rung ladder in the dry run; the search is tested below): its size is a real model's.
+    for strategy in ("ddp", "fsdp"):
+        c = summary["capacity"][strategy]
+        assert c["gpus"] == 2 and c["largest"] == "tiny-2l" and c["tried"] == {"tiny-2l": "ok"}
+        fields = summary["ladder"]["tiny-2l"]
+        model = ProteinLM(ModelConfig(**{k: v for k, v in fields.items() if k != "params"}))
+        assert c["largest_params"] == fields["params"] == sum(p.numel() for p in model.parameters())
+    assert summary["machine"]["dry_run"] is True
+    assert "capacity fsdp on 2 GPUs" in proc.stdout and "scaling" not in proc.stderr
+
+
+def test_scaling_presets_have_the_sizes_the_benchmark_promises():
+    from bench.ddp_scaling import LADDER, PRESETS, model_params
+
+    assert 150e6 <= model_params(PRESETS["150m"]) < 170e6
+    assert 400e6 <= model_params(PRESETS["400m"]) < 450e6
+    sizes = [model_params(v) for v in LADDER.values()]
+    assert sizes == sorted(sizes) and sizes[0] > 1e9 and sizes[-1] > 15e9
+
+
+def test_capacity_bisection_finds_the_largest_rung_that_trains():
+    from bench.ddp_scaling import largest_that_trains
+
+    for count in range(1, 10):
+        for fits in range(0, count + 1):  # rungs 0..fits-1 train
+            tried = []
+
+            def attempt(i, fits=fits, tried=tried):
+                tried.append(i)
+                return "ok" if i < fits else "oom"
+
+            best, outcomes = largest_that_trains(count, attempt)
+            assert best == (fits - 1 if fits else None), (count, fits)
+            assert len(tried) <= math.ceil(math.log2(count + 1)) and len(set(tried)) == len(tried)
+            assert outcomes == {i: ("ok" if i < fits else "oom") for i in tried}
+
+
+def test_failed_runs_are_classified_out_of_memory_before_timeout():
+    from bench.ddp_scaling import classify
+
+    assert classify(0, "", {"timed_steps": 3}) == "ok"
+    assert classify(0, "", {}) == "error"  # exited without timing a step
+    assert classify("timeout", "[rank1]: torch.OutOfMemoryError: CUDA out of memory.", {}) == "oom"
+    assert classify("timeout", "", {}) == "timeout"
+    assert classify(1, "ValueError: bad", {}) == "error"

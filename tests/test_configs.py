@@ -1,7 +1,8 @@
 """Every YAML in configs/ parses with the CLI and builds its model, data module and trainer.
 
 Heavy (GPU) configs are built on the meta device (no memory, no init cost) and pointed at
-the shipped sample instead of their prepared cache, so this stays fast on a CPU.
+the shipped sample instead of their prepared cache, so this stays fast on a CPU. The strategy
+overlays (``strategy_*.yaml``) are built on top of the paper's BID Performer config, as documented.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from protein_lm.lit_module import ProteinLMModule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+OVERLAY_BASE = REPO / "configs" / "protein_bid_performer_softmax.yaml"  # what strategy_*.yaml are added to
 
 
 def test_there_are_configs():
@@ -31,8 +33,10 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_instantiates(path, tmp_path, sample_fasta, monkeypatch):
     monkeypatch.chdir(REPO)
-    text = path.read_text()
-    args = ["--config", str(path), "--output_dir", str(tmp_path), "--wandb", "false"]
+    overlay = path.stem.startswith("strategy_")
+    text = (OVERLAY_BASE.read_text() if overlay else "") + path.read_text()
+    args = [*(["--config", str(OVERLAY_BASE)] if overlay else []),
+            "--config", str(path), "--output_dir", str(tmp_path), "--wandb", "false"]
     data_dir = None
     for line in text.splitlines():
         if line.strip().startswith("data_dir:"):
@@ -58,7 +62,7 @@ def test_config_instantiates(path, tmp_path, sample_fasta, monkeypatch):
         assert module.objective == "causal"
     if "_bid_" in path.stem:
         assert module.objective == "mlm"
-    if path.stem.startswith("protein_"):  # the Performer paper's protein setting
+    if path.stem.startswith("protein_") or overlay:  # the Performer paper's protein setting
         assert (cfg.heads, cfg.depth, cfg.ff_dim, cfg.dim, cfg.max_length) == (8, 36, 1024, 512, 1024)
         assert cfg.num_features == 256
     if path.stem.startswith("concat_"):
@@ -95,3 +99,57 @@ def test_compile_flag_reaches_torch_compile(flag, mode, tmp_path, sample_fasta, 
 def test_unknown_compile_mode_is_refused():
     with pytest.raises(ValueError, match="reduce-overhead"):
         ProteinLMModule(compile="reduce_overhead")
+
+
+def _overlay_trainer(name: str, tmp_path: Path, sample_fasta: Path, *extra: str):
+    args = ["--config", str(OVERLAY_BASE), "--config", f"configs/{name}", "--output_dir", str(tmp_path),
+            "--wandb", "false", "--data.data_dir", str(sample_fasta), *extra]
+    with torch.device("meta"):
+        return build_cli(args, run=False).trainer
+
+
+def test_fsdp_overlay_shards_fully_per_block_with_checkpointing_and_float32_reduction(
+        tmp_path, sample_fasta, monkeypatch):
+    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from protein_lm.distributed import BlockFSDP
+    from protein_lm.model import Block
+
+    monkeypatch.chdir(REPO)
+    # bf16-mixed is what the CLI picks on a GPU; forced here, since this machine may have none.
+    strategy = _overlay_trainer("strategy_fsdp.yaml", tmp_path, sample_fasta,
+                                "--trainer.precision", "bf16-mixed").strategy
+    assert type(strategy) is BlockFSDP
+    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
+    wrap = strategy.kwargs["auto_wrap_policy"]
+    assert isinstance(wrap, ModuleWrapPolicy) and wrap._module_classes == {Block}
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
+    assert isinstance(checkpointed, ModuleWrapPolicy) and checkpointed._module_classes == {Block}
+    assert strategy._state_dict_type == "full"
+    assert strategy.kwargs["use_orig_params"] is True  # the optimiser sees the model's own parameters
+    mp = strategy.mixed_precision_config
+    assert isinstance(mp, MixedPrecision)
+    assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, torch.float32)
+
+
+def test_fsdp_overlay_options_reach_the_strategy(tmp_path, sample_fasta, monkeypatch):
+    monkeypatch.chdir(REPO)
+    strategy = _overlay_trainer(
+        "strategy_fsdp.yaml", tmp_path, sample_fasta, "--trainer.precision", "bf16-mixed",
+        "--trainer.strategy.init_args.state_dict_type", "sharded",
+        "--trainer.strategy.init_args.activation_checkpointing", "false",
+        "--trainer.strategy.init_args.reduce_dtype", "bfloat16").strategy
+    assert strategy._state_dict_type == "sharded"
+    assert strategy._activation_checkpointing_kwargs == {}
+    assert strategy.mixed_precision_config.reduce_dtype == torch.bfloat16
+    assert strategy.mixed_precision_config.buffer_dtype == torch.float32
+
+
+def test_ddp_overlay_is_lightnings_ddp(tmp_path, sample_fasta, monkeypatch):
+    from pytorch_lightning.strategies import DDPStrategy
+
+    monkeypatch.chdir(REPO)
+    trainer = _overlay_trainer("strategy_ddp.yaml", tmp_path, sample_fasta, "--trainer.accelerator", "cpu",
+                               "--trainer.devices", "2")
+    assert type(trainer.strategy) is DDPStrategy and trainer.num_devices == 2

@@ -53,9 +53,11 @@ from protein_lm.commands.train_checks import (
 )
 from protein_lm.commands.train_parser import ProteinLMArgumentParser, check_config_files, option_names
 from protein_lm.datamodule import ProteinDataModule
+from protein_lm.distributed import names_fsdp
 from protein_lm.errors import UserError
 from protein_lm.finetune import apply_init_weights
 from protein_lm.lit_module import ProteinLMModule
+from protein_lm.sharded_checkpoint import checkpoint_meta, is_sharded_checkpoint
 
 DEFAULT_RUNS_DIR = "runs"
 
@@ -143,7 +145,8 @@ class ProteinLMCLI(LightningCLI):
         if subcommand:
             cfg = self.config[subcommand]
             cfg["ckpt_path"] = self._resolve_ckpt_path(subcommand, cfg)
-            if cfg["ckpt_path"] and Path(cfg["ckpt_path"]).is_file():
+            ckpt = cfg["ckpt_path"]
+            if ckpt and (Path(ckpt).is_file() or is_sharded_checkpoint(ckpt)):
                 self._check_checkpoint(subcommand, cfg)
         super()._parse_ckpt_path()
 
@@ -154,7 +157,16 @@ class ProteinLMCLI(LightningCLI):
         user's model options by the checkpoint's without a word.
         """
         path = cfg["ckpt_path"]
-        ckpt = read_checkpoint(path)
+        if is_sharded_checkpoint(path):
+            if not names_fsdp((cfg.get("trainer") or {}).get("strategy")):
+                raise UserError(f"--ckpt_path {path}: a sharded FSDP checkpoint, which only an FSDP run loads (add "
+                                f"--config configs/strategy_fsdp.yaml); for its weights alone use "
+                                f"--model.init_weights {path}, or `protein-lm export --checkpoint {path}`")
+            # Each rank reads its own shard: gathering the whole model here to check it would cost
+            # every process the full model's memory.
+            ckpt = {"format": "lightning"}
+        else:
+            ckpt = read_checkpoint(path)
         if ckpt["format"] != "lightning":
             raise UserError(f"--ckpt_path {path}: an exported weights file, not a training checkpoint; "
                             f"to start from its weights use --model.init_weights {path}")
@@ -303,7 +315,8 @@ def find_best_checkpoint(dirpath: Path, monitor: str = "val/loss", mode: str = "
 def _recorded_score(path: Path, monitor: str) -> float | None:
     """``monitor``'s value for ``path`` as its ModelCheckpoint recorded it, or None."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = checkpoint_meta(path) if is_sharded_checkpoint(path) else torch.load(
+            path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # unreadable or not a Lightning checkpoint: ranked by age instead
         return None
     for state in (ckpt.get("callbacks") or {}).values():
@@ -319,6 +332,8 @@ def _recorded_score(path: Path, monitor: str) -> float | None:
 
 def _exported_objective(path: str) -> str | None:
     """The objective of the exported model at ``path``; None for anything else (a Lightning checkpoint)."""
+    if is_sharded_checkpoint(path):
+        return None
     if not Path(path).is_dir():
         try:  # memory-mapped: a large training checkpoint costs next to nothing to look at
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -108,6 +108,10 @@ def check_output_dir(path: Path, flag: str = "--output_dir") -> None:
 
 def checkpoint_hparams(path: str | os.PathLike) -> dict[str, Any]:
     """The LightningModule options recorded in a Lightning checkpoint (already validated)."""
+    from protein_lm.sharded_checkpoint import checkpoint_meta, is_sharded_checkpoint
+
+    if is_sharded_checkpoint(path):
+        return dict(checkpoint_meta(path).get("hyper_parameters") or {})
     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return dict(data.get("hyper_parameters") or {})
 
