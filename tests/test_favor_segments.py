@@ -9,7 +9,9 @@ CPU (CI): the PyTorch path directly; the Triton kernels under Triton's interpret
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch
 from protein_lm.attention import FavorAttention, favor_bidirectional, favor_causal, favor_features
 from protein_lm.attention.features import draw_projection, softmax_features
 from protein_lm.attention.segments import segment_labels, segmented_linear_attention
+from tests.helpers.interpreter import run_interpreted
 
 EPS = 1e-30
 KERNELS = ("softmax", "relu")
@@ -32,8 +35,11 @@ def _closed_form_features(x, w, kernel):
 
 
 def explicit_reference(q, k, v, w, kernel, causal, pad, ids):
-    """``(phi_q phi_k^T (.) allowed) v / rowsum``, float64, with the L x L mask written out by loops."""
+    """``(phi_q phi_k^T (.) allowed) v / rowsum``, float64, with the L x L mask written out by loops.
+    Padded queries are zeroed first (as FavorAttention does); one that sees no key outputs 0."""
     b, _, length, _ = q.shape
+    if pad is not None:
+        q = q.masked_fill(pad[:, None, :, None], 0.0)
     allowed = torch.zeros(b, 1, length, length, dtype=torch.float64)
     for i in range(b):
         for t in range(length):
@@ -217,3 +223,320 @@ def test_labels_are_runs_and_bad_ids_are_refused():
         segment_labels(ids.float())
     with pytest.raises(ValueError, match="length"):
         segment_labels(ids, 9)
+
+
+# ------------------------------------------------------------------------- Triton kernels (interpreter)
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def _triton_grads(q, k, v, do, w, kernel, causal, pad, ids, **kw):
+    """Output and input gradients of ``sum(out * do)`` through ``favor_attention_triton``."""
+    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+
+    ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = favor_attention_triton(*ins, w, kernel, causal, pad, EPS, ids, **kw)
+    out.backward(do)
+    return [out.detach()] + [t.grad for t in ins]
+
+
+# tiles of 16 rows, walks and state splits of 32 (segments cross both), M = 32 in two slices
+GEOMETRY = dict(tile=16, state_split=32, walk_split=32, slice_m=16)
+# Row 0: segments crossing tiles and splits, 5 segments in the first tile, length-1 ones, trailing
+# padding with the last id. Row 1: one segment over two splits, short ones, padding with its own id.
+TRITON_ROWS = [([3, 1, 1, 9, 12, 1, 20, 5], None), ([40, 6, 1, 2], 9)]
+TRITON_LENGTH = 70
+
+
+def _triton_vs_explicit(kernel, causal, deterministic) -> dict:
+    ids, pad = _batch(TRITON_ROWS, TRITON_LENGTH)
+    q, k, v, do = _qkv(
+        2, 2, TRITON_LENGTH, 16, seed=20 + 2 * causal + (kernel == "relu"), dtype=torch.float32
+    )
+    w = draw_projection(32, 16, generator=torch.Generator().manual_seed(21))
+    got = _triton_grads(q, k, v, do, w, kernel, causal, pad, ids, deterministic=deterministic, **GEOMETRY)
+    ref_ins = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = explicit_reference(*ref_ins, w.double(), kernel, causal, pad, ids)
+    ref.backward(do.double())
+    refs = [ref.detach()] + [t.grad for t in ref_ins]
+    res = {name: _rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, refs, strict=True)}
+    res["finite"] = all(bool(torch.isfinite(t).all()) for t in got)
+    return res
+
+
+def _triton_packed_vs_separate(kernel, causal) -> dict:
+    """Max relative difference between each protein packed (with others, padding at the end) and
+    alone (its own row, no segments), outputs and gradients, both through the kernels."""
+    lengths, total = [7, 1, 13, 5, 2, 20], 56
+    ids, pad = _packed_row(lengths, total)
+    ids, pad = ids[None], pad[None]
+    q, k, v, do = _qkv(1, 1, total, 16, seed=22 + causal, dtype=torch.float32)
+    do = do * (~pad)[:, None, :, None]  # padded queries' outputs are nobody's loss
+    w = draw_projection(32, 16, generator=torch.Generator().manual_seed(23))
+    packed = _triton_grads(q, k, v, do, w, kernel, causal, pad, ids, **GEOMETRY)
+    worst, start = 0.0, 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        parts = [t[:, :, sl] for t in (q, k, v, do)]
+        alone = _triton_grads(*parts, w, kernel, causal, None, None, **GEOMETRY)
+        for a, b, whole in zip(packed, alone, packed, strict=True):
+            # a length-1 protein's dq, dk are 0 up to rounding: errors relative to the row's scale there
+            scale = max(b.double().norm().item(), 1e-2 * whole.double().norm().item())
+            worst = max(worst, (a[:, :, sl].double() - b.double()).norm().item() / scale)
+        start += n
+    return {"worst": worst, "pad_grads_zero": all(bool((t[:, :, start:] == 0).all()) for t in packed[1:])}
+
+
+def _triton_one_segment(causal) -> dict:
+    """One segment per row (ids all equal, int32) against the unsegmented kernels."""
+    q, k, v, do = _qkv(2, 1, 50, 16, seed=24, dtype=torch.float32)
+    pad = torch.zeros(2, 50, dtype=torch.bool)
+    pad[1, 41:] = True
+    w = draw_projection(32, 16, generator=torch.Generator().manual_seed(25))
+    ids = torch.full((2, 50), 3, dtype=torch.int32)
+    seg = _triton_grads(q, k, v, do, w, "softmax", causal, pad, ids, **GEOMETRY)
+    plain = _triton_grads(q, k, v, do, w, "softmax", causal, pad, None, **GEOMETRY)
+    return {"worst": max(_rel(a, b) for a, b in zip(seg, plain, strict=True))}
+
+
+def _triton_quiet_segment(causal) -> dict:
+    """The per-segment key shift inside the kernels: a segment ~200 nats below the other."""
+    length = 32
+    ids = torch.tensor([[0] * 16 + [1] * 16])
+    q, k, v, do = _qkv(1, 1, length, 16, seed=26, dtype=torch.float32)
+    direction = torch.nn.functional.normalize(
+        torch.randn(16, generator=torch.Generator().manual_seed(27)), dim=0
+    )
+    k[..., 16:, :] = 40.0 * direction + 0.1 * k[..., 16:, :]
+    w = draw_projection(32, 16, generator=torch.Generator().manual_seed(28))
+    out = _triton_grads(q, k, v, do, w, "softmax", causal, None, ids, **GEOMETRY)[0]
+    ref = explicit_reference(q.double(), k.double(), v.double(), w.double(), "softmax", causal, None, ids)
+    return {"rel": _rel(out[..., 16:, :], ref[..., 16:, :]), "finite": bool(torch.isfinite(out).all())}
+
+
+def _triton_uninitialised_buffers(causal) -> dict:
+    """Every ``torch.empty`` buffer (state slots, split parts, sums) filled with NaN: results equal a
+    normal run bitwise, so no slot or part is read that was not written first."""
+    ids, pad = _batch(TRITON_ROWS, TRITON_LENGTH)
+    q, k, v, do = _qkv(2, 1, TRITON_LENGTH, 16, seed=29, dtype=torch.float32)
+    w = draw_projection(32, 16, generator=torch.Generator().manual_seed(30))
+
+    def run():
+        return _triton_grads(q, k, v, do, w, "softmax", causal, pad, ids, **GEOMETRY)
+
+    def nan_filled(make):
+        def make_nan(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(math.nan) if t.is_floating_point() else t
+
+        return make_nan
+
+    normal = run()
+    empty, empty_like = torch.empty, torch.empty_like
+    torch.empty, torch.empty_like = nan_filled(empty), nan_filled(empty_like)
+    try:
+        poisoned = run()
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+    return {"equal": all(torch.equal(a, b) for a, b in zip(normal, poisoned, strict=True))}
+
+
+def _triton_compiled(causal) -> dict:
+    """The registered ops with segments: ``torch.library.opcheck``, then ``torch.compile`` against
+    the eager path."""
+    import torch._dynamo
+
+    from protein_lm.attention.kernels import favor_triton as ft
+
+    ids, pad = _batch(TRITON_ROWS, TRITON_LENGTH)
+    q, k, v, do = _qkv(2, 1, TRITON_LENGTH, 16, seed=31, dtype=torch.float32)
+    w = draw_projection(32, 16, generator=torch.Generator().manual_seed(32))
+    lab, tab = ft._segment_layout(ids, TRITON_LENGTH, 16)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(
+        ft._forward_op, (*ins, w, pad, lab, tab, "relu", causal, EPS, 16, 32, 32, 16, None, False)
+    )
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(ft.favor_attention_triton, backend="aot_eager")
+    results = []
+    for f in (compiled, ft.favor_attention_triton):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = f(*ins, w, "softmax", causal, pad, EPS, ids, **GEOMETRY)
+        out.backward(do)
+        results.append([out.detach()] + [t.grad for t in ins])
+    return {
+        "diff": max(_rel(a, b) for a, b in zip(*results, strict=True)),
+        "breaks": sum(torch._dynamo.utils.counters["graph_break"].values()),
+    }
+
+
+def _interpret_all() -> dict:
+    res = {}
+    for kernel in KERNELS:
+        for causal in (False, True):
+            for det in (False, True) if causal else (False,):
+                res[f"explicit-{kernel}-{causal}-{det}"] = _triton_vs_explicit(kernel, causal, det)
+    for causal in (False, True):
+        res[f"separate-{causal}"] = _triton_packed_vs_separate("softmax", causal)
+        res[f"one-{causal}"] = _triton_one_segment(causal)
+        res[f"quiet-{causal}"] = _triton_quiet_segment(causal)
+        res[f"nan-{causal}"] = _triton_uninitialised_buffers(causal)
+        res[f"op-{causal}"] = _triton_compiled(causal)
+    res["separate-relu-False"] = _triton_packed_vs_separate("relu", False)
+    return res
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    print(json.dumps(_interpret_all()))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_interpreted(__file__)
+
+
+TRITON_CASES = [
+    (kernel, causal, det)
+    for kernel in KERNELS
+    for causal in (False, True)
+    for det in ((False, True) if causal else (False,))
+]
+
+
+@pytest.mark.parametrize(
+    "case", TRITON_CASES, ids=lambda c: f"{c[0]}-{'causal' if c[1] else 'bid'}{'-det' if c[2] else ''}"
+)
+def test_interpreted_kernels_match_explicit_reference(interpreted, case):
+    r = interpreted["explicit-{}-{}-{}".format(*case)]
+    assert r["finite"]
+    for key in ("out", "dq", "dk", "dv"):
+        assert r[key] < 1e-5, (key, r)
+
+
+@pytest.mark.parametrize("key", ["separate-False", "separate-True", "separate-relu-False"])
+def test_interpreted_packed_equals_separate(interpreted, key):
+    r = interpreted[key]
+    assert r["worst"] < 1e-5, r
+    assert r["pad_grads_zero"], r
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreted_one_segment_equals_unsegmented(interpreted, causal):
+    assert interpreted[f"one-{causal}"]["worst"] < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreted_quiet_segment_per_segment_shift(interpreted, causal):
+    r = interpreted[f"quiet-{causal}"]
+    assert r["finite"] and r["rel"] < 1e-4, r
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreted_unwritten_slots_are_never_read(interpreted, causal):
+    assert interpreted[f"nan-{causal}"]["equal"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreted_registered_op_with_segments(interpreted, causal):
+    r = interpreted[f"op-{causal}"]
+    assert r["diff"] < 1e-5 and r["breaks"] == 0, r
+
+
+# --------------------------------------------------------------------------------------------- GPU
+def _random_packing(total, n_segments, seed):
+    """Random segment lengths (a few of them shorter than a tile, one of length 1) filling most of
+    ``total``; the rest is trailing padding."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = (torch.rand(n_segments, generator=g) * 2 + 0.2).tolist()
+    scale = 0.92 * total / sum(lengths)
+    lengths = [max(1, int(x * scale)) for x in lengths]
+    lengths[2], lengths[5], lengths[9] = 1, 17, 40  # short segments (inside one 64-row tile or two)
+    return lengths
+
+
+GPU_SHAPE = (2, 8, 4096, 64, 256)  # B, H, L, D, M
+
+
+def _gpu_case(
+    kernel, causal, deterministic=None, seed=0, device="cuda", shape=GPU_SHAPE, dtype=torch.bfloat16
+):
+    """``(out, dq, dk, dv)`` of the kernels on a random packing, and the inputs. ``device``, ``shape``
+    and ``dtype`` let the same code run small on the CPU under the interpreter."""
+    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+
+    b, h, length, d, m = shape
+    rows = [(_random_packing(length, 15, seed), None), (_random_packing(length, 14, seed + 1), 99)]
+    ids, pad = (t.to(device) for t in _batch(rows, length))
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, do = (torch.randn(b, h, length, d, device=device, generator=g).to(dtype) for _ in range(4))
+    do = do * (~pad)[:, None, :, None]
+    w = draw_projection(m, d, generator=torch.Generator().manual_seed(seed)).to(device)
+    ins = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = favor_attention_triton(*ins, w, kernel, causal, pad, EPS, ids, deterministic=deterministic)
+    out.backward(do)
+    got = [out.detach()] + [t.grad for t in ins]
+    return got, (q, k, v, do, w, pad, ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_bf16_packed_rows_match_reference(kernel, causal):
+    """B=2, L=4096, H=8, D=64, M=256, ~15 random segments per row (short ones included), bf16 kernels
+    against the PyTorch path in float32 on the same inputs."""
+    _check_against_reference(kernel, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_packed_equals_separate(causal):
+    """Each protein alone through the kernels (no segments) against the same protein packed."""
+    _check_packed_equals_separate(causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_deterministic_packed_rows_are_bitwise_reproducible(causal):
+    _check_deterministic(causal)
+
+
+def _check_against_reference(kernel, causal, **case):
+    got, (q, k, v, do, w, pad, ids) = _gpu_case(kernel, causal, **case)
+    real = (~pad)[:, None, :, None]
+    ref_ins = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = _torch_path(*ref_ins, w, kernel, causal, pad, ids, 128)
+    ref.backward(do.float())
+    refs = [ref.detach() * real] + [t.grad for t in ref_ins]
+    got[0] = got[0] * real
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, refs, strict=True):
+        assert torch.isfinite(a).all(), name
+        err = _rel(a, r)
+        print(kernel, causal, name, err)
+        assert err < 2e-2, (name, err)
+
+
+def _check_packed_equals_separate(causal, **case):
+    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+
+    got, (q, k, v, do, w, pad, ids) = _gpu_case("softmax", causal, seed=3, **case)
+    lengths = _random_packing(q.shape[2], 15, 3)
+    start = 0
+    for n in lengths:
+        sl = slice(start, start + n)
+        ins = [t[:1, :, sl].clone().requires_grad_() for t in (q, k, v)]
+        out = favor_attention_triton(*ins, w, "softmax", causal, None, EPS)
+        out.backward(do[:1, :, sl])
+        for a, b in zip(got, [out.detach()] + [t.grad for t in ins], strict=True):
+            scale = max(b.float().norm().item(), 1e-2 * a[:1].float().norm().item())
+            assert (a[:1, :, sl].float() - b.float()).norm().item() / scale < 2e-2, (n, start)
+        start += n
+
+
+def _check_deterministic(causal, **case):
+    first = _gpu_case("softmax", causal, deterministic=True, seed=5, **case)[0]
+    second = _gpu_case("softmax", causal, deterministic=True, seed=5, **case)[0]
+    fast = _gpu_case("softmax", causal, deterministic=False, seed=5, **case)[0]
+    for a, b, c in zip(first, second, fast, strict=True):
+        assert torch.equal(a, b)
+        assert _rel(a, c) < 1e-2

@@ -261,6 +261,62 @@ def _own_rows(inb, j, T: tl.constexpr, NS: tl.constexpr):
     return inb & ((tl.arange(0, T) % NS) == j)
 
 
+@triton.jit
+def _row_key_shift(GKR, row_base, rows, inb):
+    """Packed rows: the key shift of each row's segment (``(B*H, L)`` from the host)."""
+    return tl.load(GKR + row_base + rows, mask=inb, other=0.0)
+
+
+@triton.jit
+def _seg_key_shift(GKR, row_base, rows, inb, SOFTMAX: tl.constexpr):
+    """Packed rows: per-row key shifts (softmax), zeros for ReLU (no shift)."""
+    if SOFTMAX:
+        gk = _row_key_shift(GKR, row_base, rows, inb)
+    else:
+        gk = tl.zeros(rows.shape, tl.float32)
+    return gk
+
+
+@triton.jit
+def _labels(LAB, b, rows, inb, L):
+    """Packed rows: the ``(T,)`` segment labels of the tile (-1 out of range)."""
+    return tl.load(LAB + b.to(tl.int64) * L + rows, mask=inb, other=-1)
+
+
+@triton.jit
+def _label_at(LAB, b, row, L):
+    """The segment label of one row (clamped into the sequence)."""
+    return tl.load(LAB + b.to(tl.int64) * L + tl.minimum(tl.maximum(row, 0), L - 1))
+
+
+@triton.jit
+def _when(cond, mask):
+    """``mask`` where the scalar ``cond`` holds, else all False (``&`` with a scalar bool broadcasts to
+    the wrong dtype in Triton's interpreter)."""
+    return tl.where(cond, mask, False)
+
+
+@triton.jit
+def _tile_segments(TAB, b, row0, L, T: tl.constexpr):
+    """Packed rows, bidirectional: the tile's layout from the host table ``(B, n_tiles, 4)`` = start and
+    end rows of the tile's first and last segment. A segment is *long* if it reaches beyond the tile
+    (its state lives in the slot of its start tile), *short* if it lies inside it (the tile's masked
+    quadratic term covers it). At most two long segments meet a tile: the first and the last.
+    Returns ``(fs, fe, ls, first_long, last_long, has_short)``; nothing is long past the end."""
+    live = row0 < L
+    tile = tl.minimum(row0, L - 1) // T
+    ptr = TAB + (b.to(tl.int64) * tl.cdiv(L, T) + tile) * 4
+    fs = tl.load(ptr)
+    fe = tl.load(ptr + 1)
+    ls = tl.load(ptr + 2)
+    le = tl.load(ptr + 3)
+    first_long = live & ((fs < row0) | (fe >= row0 + T))
+    last_long = live & (ls != fs) & (le >= row0 + T)  # a distinct last segment starts in the tile
+    # short: a first or last segment that is not long, or any segment in between
+    has_short = live & (~first_long | ((ls != fs) & ~last_long) | (fe + 1 < ls))
+    return fs, fe, ls, first_long, last_long, has_short
+
+
 # --------------------------------------------------------------------------------------------- #
 # kernels shared by both modes
 # --------------------------------------------------------------------------------------------- #
@@ -282,6 +338,8 @@ def _key_state_kernel(
     n_split,
     hk2,
     lg_sqrt_m,
+    LAB,
+    GKR,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -290,10 +348,13 @@ def _key_state_kernel(
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ZERO_SUMS: tl.constexpr,
+    HAS_SEG: tl.constexpr,
 ):
     """Per (split, feature slice): SP = sum phi_k^T V, ZP = sum phi_k, MP = the split's key shift.
     ZERO_SUMS: the slices also zero their share of the split's rows of the causal forward's float32
-    sums NUM / DEN (the same splits), which saves a fill pass over memory before the atomic walk."""
+    sums NUM / DEN (the same splits), which saves a fill pass over memory before the atomic walk.
+    HAS_SEG (causal, packed rows): only the keys of the split's last segment (the state it hands on)
+    enter the sums, with the per-row key shift ``GKR`` of their segment (no online max)."""
     NS: tl.constexpr = M // BM
     bh, sp, ms = _split_slice(n_split, NS)
     b = bh // H
@@ -305,6 +366,8 @@ def _key_state_kernel(
     start = sp * split_len
     whi = tl.load(WHI + w_off)
     wlo = tl.load(WLO + w_off)
+    if HAS_SEG:
+        split_last = _label_at(LAB, b, tl.minimum(start + split_len, L) - 1, L)
     for t0 in range(0, split_len, T):
         rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         if ZERO_SUMS:
@@ -314,7 +377,14 @@ def _key_state_kernel(
         k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
         v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
         u = _proj(k, whi, wlo, SPLIT_W)
-        if SOFTMAX:  # online max over the split's real keys; partial sums rescaled as it grows
+        live = valid
+        if HAS_SEG:
+            live = valid & (_labels(LAB, b, rows, inb, L) == split_last)
+            if SOFTMAX:
+                shift = _row_key_shift(GKR, bh.to(tl.int64) * L, rows, inb) - _key_bias(k, hk2)
+            else:
+                shift = tl.zeros([T], tl.float32)
+        elif SOFTMAX:  # online max over the split's real keys; partial sums rescaled as it grows
             hb = _key_bias(k, hk2)
             tmax = tl.max(tl.where(valid, tl.max(u, axis=1) + hb, _NEG_K), axis=0)
             m_new = tl.maximum(m_run, tmax)
@@ -325,13 +395,174 @@ def _key_state_kernel(
             shift = m_run + lg_sqrt_m - hb
         else:
             shift = tl.zeros([T], tl.float32)
-        phi = tl.where(valid[:, None], _features(u, shift, SOFTMAX), 0.0)
+        phi = tl.where(live[:, None], _features(u, shift, SOFTMAX), 0.0)
         acc += tl.dot(tl.trans(phi.to(v.dtype)), v)
         z += tl.sum(phi, axis=0)
     out = (bh * n_split + sp).to(tl.int64)
     tl.store(SP + out * M * D + w_off, acc)
     tl.store(ZP + out * M + offs_m, z)
     tl.store(MP + out * NS + ms + tl.arange(0, 1), tl.full([1], 0.0, tl.float32) + m_run)
+
+
+@triton.jit
+def _long_segments(TAB, b, bh, rows, row0, L, T: tl.constexpr):
+    """Per tile of the bidirectional walks over packed rows: whether its first / last segment is
+    long, the rows of each (``in_f``, ``in_l``) and their state slots in ``(B*H, n_tiles, ...)``.
+    The rows of short segments are left to the ``_bid_short_*`` kernels."""
+    fs, fe, ls, first_long, last_long, _ = _tile_segments(TAB, b, row0, L, T)
+    n_tiles = tl.cdiv(L, T)
+    slot_f = (bh * n_tiles + fs // T).to(tl.int64)
+    slot_l = (bh * n_tiles + ls // T).to(tl.int64)
+    in_f = _when(first_long, rows <= fe)
+    in_l = _when(last_long, rows >= ls)
+    return first_long, last_long, in_f, in_l, slot_f, slot_l
+
+
+@triton.jit
+def _short_segments(TAB, LAB, b, rows, inb, row0, L, T: tl.constexpr):
+    """Per tile: whether it holds a short segment, the rows of short segments, and ``same (T, T)``:
+    equal labels (so a short row's partners are exactly the keys of its own segment)."""
+    fs, fe, ls, first_long, last_long, has_short = _tile_segments(TAB, b, row0, L, T)
+    short = inb & ~(_when(first_long, rows <= fe) | _when(last_long, rows >= ls))
+    lab = _labels(LAB, b, rows, _when(has_short, inb), L)
+    return has_short, short, lab[:, None] == lab[None, :]
+
+
+@triton.jit
+def _put_state(S, Z, idx, acc, z, w_off, offs_m, M: tl.constexpr, D: tl.constexpr):
+    """Stores one (BM, D) state slice and its (BM,) sums at entry ``idx`` of ``S`` / ``Z``."""
+    tl.store(S + idx.to(tl.int64) * M * D + w_off, acc.to(S.dtype.element_ty))
+    tl.store(Z + idx.to(tl.int64) * M + offs_m, z)
+
+
+@triton.jit
+def _seg_state_kernel(
+    X,
+    Y,
+    O,
+    DO,
+    DEN,
+    ROWC,
+    GKR,
+    PAD,
+    WHI,
+    WLO,
+    TAB,
+    SLOT,
+    ZSLOT,
+    HEAD,
+    ZHEAD,
+    TAIL,
+    ZTAIL,
+    H,
+    L,
+    split_len,
+    n_split,
+    hk2,
+    eps,
+    D: tl.constexpr,
+    M: tl.constexpr,
+    BM: tl.constexpr,
+    T: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    SPLIT_W: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+    QUERY: tl.constexpr,
+    ZERO_SLOTS: tl.constexpr,
+):
+    """Bidirectional, packed rows, per (split, slice): the states of the long segments (those reaching
+    beyond one tile). Keys (X=K, Y=V): ``S = sum phi_k^T v``, ``z = sum phi_k``; QUERY (X=Q, with O, DO,
+    DEN, ROWC): ``G = sum phi_q^T dN``, ``gz = sum phi_q ddn``. A segment that starts and ends in the
+    split goes straight to ``SLOT[its start tile]`` (input dtype); the part of one that crosses the
+    split's start goes to ``HEAD[split]``, of one that starts in it and crosses its end to
+    ``TAIL[split]`` (float32), for ``_seg_combine_kernel``. The walk carries one open segment.
+    ZERO_SLOTS: the slots of tiles where no long segment starts are zeroed (the forward returns the
+    slots from the registered op, whose outputs must be fully defined)."""
+    NS: tl.constexpr = M // BM
+    bh, sp, ms = _split_slice(n_split, NS)
+    b = bh // H
+    offs_m, w_off = _slice_offsets(ms, BM, D)
+    base = bh.to(tl.int64) * L * D
+    row_base = bh.to(tl.int64) * L
+    n_tiles = tl.cdiv(L, T)
+    whi = tl.load(WHI + w_off)
+    wlo = tl.load(WLO + w_off)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    z = tl.zeros([BM], dtype=tl.float32)
+    start = sp * split_len
+    open_start = start * 0 - 1  # start row of the segment left open in acc by the last tile (-1: none)
+    for t0 in range(0, split_len, T):
+        row0 = start + t0
+        rows, inb, valid, ptr = _tile(PAD, b, base, row0, L, T, D, HAS_PAD)
+        if QUERY:
+            x = tl.load(X + ptr, mask=valid[:, None], other=0.0)
+            c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
+            val, zw = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, X.dtype.element_ty)
+            phi = tl.where(inb[:, None], _features(_proj(x, whi, wlo, SPLIT_W), c_row, SOFTMAX), 0.0)
+        else:
+            x = tl.load(X + ptr, mask=valid[:, None], other=0.0)
+            val = tl.load(Y + ptr, mask=valid[:, None], other=0.0)
+            if SOFTMAX:
+                gk = _row_key_shift(GKR, row_base, rows, inb)
+            else:
+                gk = tl.zeros([T], tl.float32)
+            _, phi = _key_features(x, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
+            zw = tl.full([T], 1.0, tl.float32)
+        fs, fe, ls, first_long, last_long, _ = _tile_segments(TAB, b, row0, L, T)
+        if first_long:
+            pm = tl.where((rows <= fe)[:, None], phi, 0.0)
+            acc += tl.dot(tl.trans(pm.to(val.dtype)), val)
+            z += tl.sum(pm * zw[:, None], axis=0)
+            if fe < row0 + T:  # it ends here: complete (started in the split) or the split's head part
+                if fs >= start:
+                    _put_state(SLOT, ZSLOT, bh * n_tiles + fs // T, acc, z, w_off, offs_m, M, D)
+                else:
+                    _put_state(HEAD, ZHEAD, bh * n_split + sp, acc, z, w_off, offs_m, M, D)
+                acc = tl.zeros([BM, D], dtype=tl.float32)
+                z = tl.zeros([BM], dtype=tl.float32)
+        if last_long:
+            pm = tl.where((rows >= ls)[:, None], phi, 0.0)
+            acc += tl.dot(tl.trans(pm.to(val.dtype)), val)
+            z += tl.sum(pm * zw[:, None], axis=0)
+        if ZERO_SLOTS:
+            if (row0 < L) & ~(last_long | (first_long & (fs >= row0))):
+                zero = tl.zeros([BM, D], dtype=tl.float32)
+                _put_state(
+                    SLOT, ZSLOT, bh * n_tiles + row0 // T, zero, tl.sum(zero, axis=1), w_off, offs_m, M, D
+                )
+        open_start = tl.where(first_long & (fe >= row0 + T), fs, tl.where(last_long, ls, -1))
+    if open_start >= start:  # starts in the split and runs past its end
+        _put_state(TAIL, ZTAIL, bh * n_split + sp, acc, z, w_off, offs_m, M, D)
+    elif open_start >= 0:  # runs through the split from before its start and past its end
+        _put_state(HEAD, ZHEAD, bh * n_split + sp, acc, z, w_off, offs_m, M, D)
+
+
+@triton.jit
+def _seg_combine_kernel(
+    TAIL, HEAD, SLOT, TAB, H, L, split_len, n_split, E, BLOCK: tl.constexpr, T: tl.constexpr
+):
+    """``SLOT[start tile] = TAIL[first split] + HEAD[each later split it reaches]`` for every long segment
+    that crosses a split boundary (``(B*H, n, E)`` float32 parts, E = M*D or M): one program per (row
+    of B*H, split, block of E), summing the splits in order (bitwise reproducible)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(E, BLOCK)
+    rest = pid // n_blocks
+    sp = rest % n_split
+    bh = rest // n_split
+    b = bh // H
+    n_tiles = tl.cdiv(L, T)
+    split_end = tl.minimum((sp + 1) * split_len, L)
+    tp = TAB + (b.to(tl.int64) * n_tiles + (split_end - 1) // T) * 4
+    ls = tl.load(tp + 2)  # the last segment of the split's last tile
+    le = tl.load(tp + 3)
+    if (ls >= sp * split_len) & (le >= split_end):
+        cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < E
+        acc = tl.load(TAIL + (bh * n_split + sp).to(tl.int64) * E + cols, mask=mask, other=0.0)
+        for sp2 in range(sp + 1, le // split_len + 1):
+            acc += tl.load(HEAD + (bh * n_split + sp2).to(tl.int64) * E + cols, mask=mask, other=0.0)
+        dst = SLOT + (bh * n_tiles + ls // T).to(tl.int64) * E + cols
+        tl.store(dst, acc.to(SLOT.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -354,6 +585,7 @@ def _bid_fwd_kernel(
     n_walk,
     lg_sqrt_m,
     eps,
+    TAB,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -361,7 +593,11 @@ def _bid_fwd_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_SEG: tl.constexpr,
 ):
+    """``out = phi_q S / max(phi_q z, eps)``. HAS_SEG (packed rows): S0 / Z0 are the long segments'
+    slots; the rows of a long segment read its state (two dots where two long segments meet), the
+    rows of short segments are written by ``_bid_short_fwd_kernel``."""
     NS: tl.constexpr = M // BM
     bh, start = _walk_program(n_walk, walk_len)
     b = bh // H
@@ -373,11 +609,17 @@ def _bid_fwd_kernel(
         num = tl.zeros([T, D], dtype=tl.float32)
         den = tl.zeros([T], dtype=tl.float32)
         c_row = tl.full([T], _NEG_K, tl.float32)
+        if HAS_SEG:
+            first_long, last_long, in_f, in_l, slot_f, slot_l = _long_segments(
+                TAB, b, bh, rows, start + t0, L, T
+            )
+            inb = inb & (in_f | in_l)
         for j in tl.static_range(NS):
             offs_m, w_off = _slice_offsets(j, BM, D)
             u = _proj(q, tl.load(WHI + w_off), tl.load(WLO + w_off), SPLIT_W)
-            s = tl.load(S0 + st * M * D + w_off)
-            z = tl.load(Z0 + st * M + offs_m)
+            if not HAS_SEG:
+                s = tl.load(S0 + st * M * D + w_off)
+                z = tl.load(Z0 + st * M + offs_m)
             if SOFTMAX:  # online per-row max over the slices; accumulators rescaled as it grows
                 c_new = tl.maximum(c_row, tl.max(u, axis=1) + lg_sqrt_m)
                 alpha = tl.exp2(c_row - c_new)
@@ -385,8 +627,20 @@ def _bid_fwd_kernel(
                 den = den * alpha
                 c_row = c_new
             phi = _features(u, c_row, SOFTMAX)
-            num += tl.dot(phi.to(s.dtype), s)
-            den += tl.sum(phi * z[None, :], axis=1)
+            if HAS_SEG:
+                if first_long:
+                    s = tl.load(S0 + slot_f * M * D + w_off)
+                    pm = tl.where(in_f[:, None], phi, 0.0)
+                    num += tl.dot(pm.to(s.dtype), s)
+                    den += tl.sum(pm * tl.load(Z0 + slot_f * M + offs_m)[None, :], axis=1)
+                if last_long:
+                    s = tl.load(S0 + slot_l * M * D + w_off)
+                    pm = tl.where(in_l[:, None], phi, 0.0)
+                    num += tl.dot(pm.to(s.dtype), s)
+                    den += tl.sum(pm * tl.load(Z0 + slot_l * M + offs_m)[None, :], axis=1)
+            else:
+                num += tl.dot(phi.to(s.dtype), s)
+                den += tl.sum(phi * z[None, :], axis=1)
         den = tl.maximum(den, eps)
         tl.store(O + ptr, (num / den[:, None]).to(O.dtype.element_ty), mask=inb[:, None])
         tl.store(DEN + bh.to(tl.int64) * L + rows, den, mask=inb)
@@ -463,6 +717,7 @@ def _bid_dq_kernel(
     walk_len,
     n_walk,
     eps,
+    TAB,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -470,8 +725,10 @@ def _bid_dq_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_SEG: tl.constexpr,
 ):
-    """``dq`` one tile at a time, every slice in registers: ``dphi_q = dN S^T + ddn z``."""
+    """``dq`` one tile at a time, every slice in registers: ``dphi_q = dN S^T + ddn z``. HAS_SEG: each
+    long segment's rows use its slot; ``_bid_short_dq_kernel`` writes the rows of short segments."""
     NS: tl.constexpr = M // BM
     bh, start = _walk_program(n_walk, walk_len)
     b = bh // H
@@ -483,12 +740,30 @@ def _bid_dq_kernel(
         c_row = _row_shift(ROWC + bh.to(tl.int64) * L, rows, inb, SOFTMAX)
         dn_c, ddn = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
         dq = tl.zeros([T, D], dtype=tl.float32)
+        if HAS_SEG:
+            first_long, last_long, in_f, in_l, slot_f, slot_l = _long_segments(
+                TAB, b, bh, rows, start + t0, L, T
+            )
+            inb = inb & (in_f | in_l)
         for j in tl.static_range(NS):
             offs_m, w_off = _slice_offsets(j, BM, D)
             u = _proj(q, tl.load(WHI + w_off), tl.load(WLO + w_off), SPLIT_W)
-            s = tl.load(S0 + st * M * D + w_off)  # (BM, D) key state, input dtype
-            z = tl.load(Z0 + st * M + offs_m)
-            dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
+            if HAS_SEG:
+                dphi = tl.zeros([T, BM], dtype=tl.float32)
+                if first_long:
+                    s = tl.load(S0 + slot_f * M * D + w_off)
+                    z = tl.load(Z0 + slot_f * M + offs_m)
+                    t = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
+                    dphi += tl.where(in_f[:, None], t, 0.0)
+                if last_long:
+                    s = tl.load(S0 + slot_l * M * D + w_off)
+                    z = tl.load(Z0 + slot_l * M + offs_m)
+                    t = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
+                    dphi += tl.where(in_l[:, None], t, 0.0)
+            else:
+                s = tl.load(S0 + st * M * D + w_off)  # (BM, D) key state, input dtype
+                z = tl.load(Z0 + st * M + offs_m)
+                dphi = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
             dq_j, _ = _feat_grad(dphi, _features(u, c_row, SOFTMAX), u, tl.load(WG + w_off), SOFTMAX)
             dq += dq_j
         dq = tl.where(valid[:, None], dq, 0.0)
@@ -514,6 +789,7 @@ def _bid_dkv_kernel(
     n_walk,
     hk2,
     kgrad,
+    TAB,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -521,13 +797,17 @@ def _bid_dkv_kernel(
     SOFTMAX: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    HAS_SEG: tl.constexpr,
 ):
+    """``dk, dv`` one tile at a time from the query state G. HAS_SEG: each long segment's rows use its
+    slot (GK: per-row key shifts); ``_bid_short_dkv_kernel`` writes the rows of short segments."""
     NS: tl.constexpr = M // BM
     bh, start = _walk_program(n_walk, walk_len)
     b = bh // H
     base = bh.to(tl.int64) * L * D
     st = bh.to(tl.int64)
-    gk = tl.load(GK + bh)
+    if not HAS_SEG:
+        gk = tl.load(GK + bh)
     for t0 in range(0, walk_len, T):
         rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
@@ -535,15 +815,35 @@ def _bid_dkv_kernel(
         dk = tl.zeros([T, D], dtype=tl.float32)
         dv = tl.zeros([T, D], dtype=tl.float32)
         ds_sum = tl.zeros([T], dtype=tl.float32)
+        if HAS_SEG:
+            first_long, last_long, in_f, in_l, slot_f, slot_l = _long_segments(
+                TAB, b, bh, rows, start + t0, L, T
+            )
+            inb = inb & (in_f | in_l)
+            gk = _seg_key_shift(GK, st * L, rows, inb, SOFTMAX)
         for j in tl.static_range(NS):
             offs_m, w_off = _slice_offsets(j, BM, D)
             u, phi_k = _key_features(
                 k, tl.load(WHI + w_off), tl.load(WLO + w_off), valid, gk, hk2, SOFTMAX, SPLIT_W
             )
-            g = tl.load(G0 + st * M * D + w_off).to(v.dtype)
-            gz = tl.load(GZ0 + st * M + offs_m)
-            dphi = tl.where(valid[:, None], tl.dot(v, tl.trans(g)) + gz[None, :], 0.0)
-            dv += tl.dot(phi_k.to(v.dtype), g)
+            if HAS_SEG:
+                dphi = tl.zeros([T, BM], dtype=tl.float32)
+                if first_long:
+                    g = tl.load(G0 + slot_f * M * D + w_off).to(v.dtype)
+                    gz = tl.load(GZ0 + slot_f * M + offs_m)
+                    dphi += tl.where(in_f[:, None], tl.dot(v, tl.trans(g)) + gz[None, :], 0.0)
+                    dv += tl.dot(tl.where(in_f[:, None], phi_k, 0.0).to(v.dtype), g)
+                if last_long:
+                    g = tl.load(G0 + slot_l * M * D + w_off).to(v.dtype)
+                    gz = tl.load(GZ0 + slot_l * M + offs_m)
+                    dphi += tl.where(in_l[:, None], tl.dot(v, tl.trans(g)) + gz[None, :], 0.0)
+                    dv += tl.dot(tl.where(in_l[:, None], phi_k, 0.0).to(v.dtype), g)
+                dphi = tl.where(valid[:, None], dphi, 0.0)
+            else:
+                g = tl.load(G0 + st * M * D + w_off).to(v.dtype)
+                gz = tl.load(GZ0 + st * M + offs_m)
+                dphi = tl.where(valid[:, None], tl.dot(v, tl.trans(g)) + gz[None, :], 0.0)
+                dv += tl.dot(phi_k.to(v.dtype), g)
             dk_j, ds = _feat_grad(dphi, phi_k, u, tl.load(WG + w_off), SOFTMAX)
             dk += dk_j
             ds_sum += tl.sum(ds, axis=1)
@@ -552,6 +852,156 @@ def _bid_dkv_kernel(
         dk = tl.where(valid[:, None], dk, 0.0)
         tl.store(DK + ptr, dk.to(DK.dtype.element_ty), mask=inb[:, None])
         tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=inb[:, None])
+
+
+@triton.jit
+def _short_program(H, L, T: tl.constexpr):
+    """Per-tile kernels of short segments: program -> (row of B*H, batch, first row of its tile)."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(L, T)
+    bh = pid // n_tiles
+    return bh, bh // H, (pid % n_tiles) * T
+
+
+@triton.jit
+def _bid_short_fwd_kernel(
+    Q,
+    K,
+    V,
+    PAD,
+    WHI,
+    WLO,
+    GKR,
+    LAB,
+    TAB,
+    O,
+    DEN,
+    ROWC,
+    H,
+    L,
+    hk2,
+    lg_sqrt_m,
+    eps,
+    D: tl.constexpr,
+    M: tl.constexpr,
+    BM: tl.constexpr,
+    T: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    SPLIT_W: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """Bidirectional, packed rows: the outputs of the rows of short segments (those inside one tile)
+    from the tile's quadratic form ``(phi_q phi_k^T masked to the segment) [v, 1]``, with the same
+    online per-query shift as ``_bid_fwd_kernel``. Tiles without a short segment return at once."""
+    NS: tl.constexpr = M // BM
+    bh, b, row0 = _short_program(H, L, T)
+    base = bh.to(tl.int64) * L * D
+    row_base = bh.to(tl.int64) * L
+    rows, inb, valid, ptr = _tile(PAD, b, base, row0, L, T, D, HAS_PAD)
+    has_short, short, same = _short_segments(TAB, LAB, b, rows, inb, row0, L, T)
+    if has_short:
+        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+        k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
+        gk = _seg_key_shift(GKR, row_base, rows, inb, SOFTMAX)
+        a = tl.zeros([T, T], dtype=tl.float32)  # (T query, T key)
+        c_row = tl.full([T], _NEG_K, tl.float32)
+        for j in tl.static_range(NS):
+            _, w_off = _slice_offsets(j, BM, D)
+            whi = tl.load(WHI + w_off)
+            wlo = tl.load(WLO + w_off)
+            uq = _proj(q, whi, wlo, SPLIT_W)
+            if SOFTMAX:  # online per-row max over the slices, as in _bid_fwd_kernel
+                c_new = tl.maximum(c_row, tl.max(uq, axis=1) + lg_sqrt_m)
+                a = a * tl.exp2(c_row - c_new)[:, None]
+                c_row = c_new
+            phi_q = _features(uq, c_row, SOFTMAX)
+            uk, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
+            a += tl.dot(phi_q.to(k.dtype), tl.trans(phi_k.to(k.dtype)))
+        a = tl.where(same & valid[None, :], a, 0.0)
+        v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+        den = tl.maximum(tl.sum(a, axis=1), eps)
+        out = tl.dot(a.to(v.dtype), v) / den[:, None]
+        tl.store(O + ptr, out.to(O.dtype.element_ty), mask=short[:, None])
+        tl.store(DEN + row_base + rows, den, mask=short)
+        if SOFTMAX:
+            tl.store(ROWC + row_base + rows, c_row, mask=short)
+
+
+@triton.jit
+def _bid_short_bwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    DO,
+    DEN,
+    ROWC,
+    PAD,
+    WHI,
+    WLO,
+    WG,
+    GKR,
+    LAB,
+    TAB,
+    DQ,
+    DK,
+    DV,
+    H,
+    L,
+    hk2,
+    kgrad,
+    eps,
+    D: tl.constexpr,
+    M: tl.constexpr,
+    BM: tl.constexpr,
+    T: tl.constexpr,
+    SOFTMAX: tl.constexpr,
+    SPLIT_W: tl.constexpr,
+    HAS_PAD: tl.constexpr,
+):
+    """Bidirectional, packed rows: dq, dk, dv of the rows of short segments from the tile's quadratic
+    form: ``P = dN v^T + ddn`` (masked to the segment), ``dphi_q = P phi_k``, ``dphi_k = P^T phi_q``,
+    ``dv = A^T dN`` with ``A = phi_q phi_k^T``. Tiles without a short segment return at once."""
+    NS: tl.constexpr = M // BM
+    bh, b, row0 = _short_program(H, L, T)
+    base = bh.to(tl.int64) * L * D
+    row_base = bh.to(tl.int64) * L
+    rows, inb, valid, ptr = _tile(PAD, b, base, row0, L, T, D, HAS_PAD)
+    has_short, short, same = _short_segments(TAB, LAB, b, rows, inb, row0, L, T)
+    if has_short:
+        q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
+        k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
+        v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+        c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
+        dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, v.dtype)
+        gk = _seg_key_shift(GKR, row_base, rows, inb, SOFTMAX)
+        live = same & valid[None, :]  # (T query, T key)
+        p = tl.where(live, tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0).to(v.dtype)
+        dq = tl.zeros([T, D], dtype=tl.float32)
+        dk = tl.zeros([T, D], dtype=tl.float32)
+        dv = tl.zeros([T, D], dtype=tl.float32)
+        ds_sum = tl.zeros([T], dtype=tl.float32)
+        for j in tl.static_range(NS):
+            _, w_off = _slice_offsets(j, BM, D)
+            whi = tl.load(WHI + w_off)
+            wlo = tl.load(WLO + w_off)
+            wg = tl.load(WG + w_off)
+            uq = _proj(q, whi, wlo, SPLIT_W)
+            phi_q = tl.where(inb[:, None], _features(uq, c_row, SOFTMAX), 0.0)
+            uk, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
+            dq_j, _ = _feat_grad(tl.dot(p, phi_k.to(v.dtype)), phi_q, uq, wg, SOFTMAX)
+            dq += dq_j
+            a = tl.where(live, tl.dot(phi_q.to(v.dtype), tl.trans(phi_k.to(v.dtype))), 0.0)
+            dv += tl.dot(tl.trans(a.to(v.dtype)), dn_c)
+            dphi_k = tl.where(valid[:, None], tl.dot(tl.trans(p), phi_q.to(v.dtype)), 0.0)
+            dk_j, ds = _feat_grad(dphi_k, phi_k, uk, wg, SOFTMAX)
+            dk += dk_j
+            ds_sum += tl.sum(ds, axis=1)
+        if SOFTMAX:  # gradient of the key term -|k'|^2 / 2
+            dk -= kgrad * k.to(tl.float32) * ds_sum[:, None]
+        tl.store(DQ + ptr, tl.where(valid[:, None], dq, 0.0).to(DQ.dtype.element_ty), mask=short[:, None])
+        tl.store(DK + ptr, tl.where(valid[:, None], dk, 0.0).to(DK.dtype.element_ty), mask=short[:, None])
+        tl.store(DV + ptr, dv.to(DV.dtype.element_ty), mask=short[:, None])
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -569,15 +1019,19 @@ def _rowmax_kernel(
     walk_len,
     n_walk,
     lg_sqrt_m,
+    hk2,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
     T: tl.constexpr,
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
+    KEYS: tl.constexpr,
 ):
     """Per-query shift of the softmax features, ``max_m u + log2(sqrt(M))`` over all M, needed before
-    the slice-parallel causal walks (the deterministic walk takes it as an online max instead)."""
+    the slice-parallel causal walks (the deterministic walk takes it as an online max instead).
+    KEYS (packed rows): the same for keys, with their term ``-|k'|^2 / 2``, and ``_NEG`` at padding;
+    the host takes its max over each segment as the segment's key shift."""
     NS: tl.constexpr = M // BM
     bh, start = _walk_program(n_walk, walk_len)
     b = bh // H
@@ -590,6 +1044,8 @@ def _rowmax_kernel(
             _, w_off = _slice_offsets(j, BM, D)
             u = _proj(q, tl.load(WHI + w_off), tl.load(WLO + w_off), SPLIT_W)
             c_row = tl.maximum(c_row, tl.max(u, axis=1))
+        if KEYS:
+            c_row = tl.where(valid, c_row + _key_bias(q, hk2), _NEG_K - lg_sqrt_m)
         tl.store(ROWC + bh.to(tl.int64) * L + rows, c_row + lg_sqrt_m, mask=inb)
 
 
@@ -627,6 +1083,7 @@ def _causal_fwd_kernel(
     hk2,
     lg_sqrt_m,
     eps,
+    LAB,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -635,11 +1092,15 @@ def _causal_fwd_kernel(
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ATOMIC: tl.constexpr,
+    HAS_SEG: tl.constexpr,
 ):
     """Adds slice j's part of every row's numerator and normaliser to NUM / DEN. ATOMIC: one slice per
     program, float32 atomics into zeroed buffers, the shift from ``_rowmax_kernel``, O written by
     ``_finish_kernel``. Deterministic: the program walks every slice in turn; the shift is an online
-    max (earlier slices' sums rescaled when it grows) and the last slice writes O."""
+    max (earlier slices' sums rescaled when it grows) and the last slice writes O.
+    HAS_SEG (packed rows): the carried state belongs to one segment (``s_seg``): only its rows read it,
+    it restarts from the tile's last segment when that differs, the intra-tile scores are masked to
+    equal labels, and GK holds per-row key shifts."""
     NS: tl.constexpr = M // BM
     bh, sp, j0, n_j = _slice_range(n_split, NS, ATOMIC)
     b = bh // H
@@ -647,20 +1108,29 @@ def _causal_fwd_kernel(
     base = bh.to(tl.int64) * L * D
     row_base = bh.to(tl.int64) * L
     st = (bh * n_split + sp).to(tl.int64)
-    gk = tl.load(GK + bh)
+    if not HAS_SEG:
+        gk = tl.load(GK + bh)
     causal = offs_t[:, None] >= offs_t[None, :]
     start = sp * split_len
+    if HAS_SEG:  # the segment of the state entering the split (the scan's)
+        seg_in = tl.where(start > 0, _label_at(LAB, b, start - 1, L), -1)
     for j in range(j0, j0 + n_j):
         offs_m, w_off = _slice_offsets(j, BM, D)
         whi = tl.load(WHI + w_off)
         wlo = tl.load(WLO + w_off)
         s = tl.load(S0 + st * M * D + w_off)  # (BM, D) fp32 state entering the split
         z = tl.load(Z0 + st * M + offs_m)
+        if HAS_SEG:
+            s_seg = seg_in
         for t0 in range(0, split_len, T):
             rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
             q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
             k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
             v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
+            if HAS_SEG:
+                lab = _labels(LAB, b, rows, inb, L)
+                last = _label_at(LAB, b, start + t0 + T - 1, L)
+                gk = _seg_key_shift(GK, row_base, rows, inb, SOFTMAX)
             uq = _proj(q, whi, wlo, SPLIT_W)
             if SOFTMAX and ATOMIC:  # the final shift, from _rowmax_kernel
                 c_row = tl.load(ROWC + row_base + rows, mask=inb, other=0.0)
@@ -673,13 +1143,27 @@ def _causal_fwd_kernel(
                 c_old = c_row
             phi_q = _features(uq, c_row, SOFTMAX)
             _, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
-            a = tl.where(
-                causal, tl.dot(phi_q.to(v.dtype), tl.trans(phi_k.to(v.dtype))), 0.0
-            )  # (T, T) intra-tile scores
-            num = tl.dot(phi_q.to(v.dtype), s.to(v.dtype)) + tl.dot(a.to(v.dtype), v)
-            den = tl.sum(phi_q * z[None, :], axis=1) + tl.sum(a, axis=1)
-            s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
-            z += tl.sum(phi_k, axis=0)
+            if HAS_SEG:
+                a = tl.where(
+                    causal & (lab[:, None] == lab[None, :]),
+                    tl.dot(phi_q.to(v.dtype), tl.trans(phi_k.to(v.dtype))),
+                    0.0,
+                )
+                pq = tl.where((lab == s_seg)[:, None], phi_q, 0.0)
+                num = tl.dot(pq.to(v.dtype), s.to(v.dtype)) + tl.dot(a.to(v.dtype), v)
+                den = tl.sum(pq * z[None, :], axis=1) + tl.sum(a, axis=1)
+                pk = tl.where((lab == last)[:, None], phi_k, 0.0)
+                s = tl.where(last == s_seg, s, 0.0) + tl.dot(tl.trans(pk.to(v.dtype)), v)
+                z = tl.where(last == s_seg, z, 0.0) + tl.sum(pk, axis=0)
+                s_seg = last
+            else:
+                a = tl.where(
+                    causal, tl.dot(phi_q.to(v.dtype), tl.trans(phi_k.to(v.dtype))), 0.0
+                )  # (T, T) intra-tile scores
+                num = tl.dot(phi_q.to(v.dtype), s.to(v.dtype)) + tl.dot(a.to(v.dtype), v)
+                den = tl.sum(phi_q * z[None, :], axis=1) + tl.sum(a, axis=1)
+                s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
+                z += tl.sum(phi_k, axis=0)
             if ATOMIC:
                 tl.atomic_add(NUM + ptr, num, mask=inb[:, None], sem="relaxed")
                 tl.atomic_add(DEN + row_base + rows, den, mask=inb, sem="relaxed")
@@ -759,6 +1243,7 @@ def _causal_dq_kernel(
     n_split,
     hk2,
     eps,
+    LAB,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -767,9 +1252,12 @@ def _causal_dq_kernel(
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ATOMIC: tl.constexpr,
+    HAS_SEG: tl.constexpr,
 ):
     """Per split, one forward walk per slice j (dphi_q = dN S^T + ddn z + P phi_k): adds slice j's
-    part of dq and stores the split's partial query state ``G_j = sum phi_q^T dN``, ``gz_j``."""
+    part of dq and stores the split's partial query state ``G_j = sum phi_q^T dN``, ``gz_j``.
+    HAS_SEG: the key state is carried and reset as in the forward; G sums only the queries of the
+    split's first segment (the part the reverse scan hands to earlier splits)."""
     NS: tl.constexpr = M // BM
     bh, sp, j0, n_j = _slice_range(n_split, NS, ATOMIC)
     b = bh // H
@@ -777,9 +1265,13 @@ def _causal_dq_kernel(
     base = bh.to(tl.int64) * L * D
     row_base = bh.to(tl.int64) * L
     st = (bh * n_split + sp).to(tl.int64)
-    gk = tl.load(GK + bh)
+    if not HAS_SEG:
+        gk = tl.load(GK + bh)
     causal = offs_t[:, None] >= offs_t[None, :]
     start = sp * split_len
+    if HAS_SEG:
+        seg_in = tl.where(start > 0, _label_at(LAB, b, start - 1, L), -1)
+        split_first = _label_at(LAB, b, start, L)
     for j in range(j0, j0 + n_j):
         offs_m, w_off = _slice_offsets(j, BM, D)
         whi = tl.load(WHI + w_off)
@@ -789,6 +1281,8 @@ def _causal_dq_kernel(
         z = tl.load(Z0 + st * M + offs_m)
         g = tl.zeros([BM, D], dtype=tl.float32)
         gz = tl.zeros([BM], dtype=tl.float32)
+        if HAS_SEG:
+            s_seg = seg_in
         for t0 in range(0, split_len, T):
             rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
             q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
@@ -796,20 +1290,38 @@ def _causal_dq_kernel(
             v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
             c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
             dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, Q.dtype.element_ty)
-            p = tl.where(causal, tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0)  # (T query, T key)
+            if HAS_SEG:
+                lab = _labels(LAB, b, rows, inb, L)
+                last = _label_at(LAB, b, start + t0 + T - 1, L)
+                gk = _seg_key_shift(GK, row_base, rows, inb, SOFTMAX)
+                live = causal & (lab[:, None] == lab[None, :])
+                p = tl.where(live, tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0)  # (T query, T key)
+            else:
+                p = tl.where(causal, tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0)  # (T query, T key)
             uq = _proj(q, whi, wlo, SPLIT_W)
             phi_q = _features(uq, c_row, SOFTMAX)
-            phi_m = tl.where(inb[:, None], phi_q, 0.0)
+            if HAS_SEG:
+                phi_m = tl.where((inb & (lab == split_first))[:, None], phi_q, 0.0)
+            else:
+                phi_m = tl.where(inb[:, None], phi_q, 0.0)
             g += tl.dot(tl.trans(phi_m.to(dn_c.dtype)), dn_c)
             gz += tl.sum(phi_m * ddn[:, None], axis=0)
             _, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
-            dphi = (
-                tl.dot(dn_c, tl.trans(s.to(dn_c.dtype)))
-                + ddn[:, None] * z[None, :]
-                + tl.dot(p.to(v.dtype), phi_k.to(v.dtype))
-            )
-            s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
-            z += tl.sum(phi_k, axis=0)
+            if HAS_SEG:
+                t_s = tl.dot(dn_c, tl.trans(s.to(dn_c.dtype))) + ddn[:, None] * z[None, :]
+                dphi = tl.where((lab == s_seg)[:, None], t_s, 0.0) + tl.dot(p.to(v.dtype), phi_k.to(v.dtype))
+                pk = tl.where((lab == last)[:, None], phi_k, 0.0)
+                s = tl.where(last == s_seg, s, 0.0) + tl.dot(tl.trans(pk.to(v.dtype)), v)
+                z = tl.where(last == s_seg, z, 0.0) + tl.sum(pk, axis=0)
+                s_seg = last
+            else:
+                dphi = (
+                    tl.dot(dn_c, tl.trans(s.to(dn_c.dtype)))
+                    + ddn[:, None] * z[None, :]
+                    + tl.dot(p.to(v.dtype), phi_k.to(v.dtype))
+                )
+                s += tl.dot(tl.trans(phi_k.to(v.dtype)), v)
+                z += tl.sum(phi_k, axis=0)
             dq, _ = _feat_grad(dphi, phi_q, uq, wg, SOFTMAX)
             _add_slice(DQ32, DQ, ptr, inb, tl.where(valid[:, None], dq, 0.0), j, NS, ATOMIC)
         tl.store(GP + st * M * D + w_off, g)
@@ -844,6 +1356,7 @@ def _causal_dkv_kernel(
     hk2,
     kgrad,
     eps,
+    LAB,
     D: tl.constexpr,
     M: tl.constexpr,
     BM: tl.constexpr,
@@ -852,9 +1365,11 @@ def _causal_dkv_kernel(
     SPLIT_W: tl.constexpr,
     HAS_PAD: tl.constexpr,
     ATOMIC: tl.constexpr,
+    HAS_SEG: tl.constexpr,
 ):
     """Per split, one reverse walk per slice j carrying the suffix state G = sum phi_q^T dN: adds
-    slice j's part of dk and dv (finished in DK / DV by the last slice)."""
+    slice j's part of dk and dv (finished in DK / DV by the last slice). HAS_SEG: G belongs to one
+    segment (``g_seg``), read by its rows only and restarted from the tile's first segment."""
     NS: tl.constexpr = M // BM
     bh, sp, j0, n_j = _slice_range(n_split, NS, ATOMIC)
     b = bh // H
@@ -862,10 +1377,14 @@ def _causal_dkv_kernel(
     base = bh.to(tl.int64) * L * D
     row_base = bh.to(tl.int64) * L
     st = (bh * n_split + sp).to(tl.int64)
-    gk = tl.load(GK + bh)
+    if not HAS_SEG:
+        gk = tl.load(GK + bh)
     causal_t = offs_t[:, None] <= offs_t[None, :]  # [key j, query i]: i >= j
     start = sp * split_len
     n_t = tl.cdiv(split_len, T)
+    if HAS_SEG:  # the segment of the suffix state entering the split from its end (the scan's)
+        end = start + split_len
+        seg_in = tl.where(end < L, _label_at(LAB, b, end, L), -1)
     for j in range(j0, j0 + n_j):
         offs_m, w_off = _slice_offsets(j, BM, D)
         whi = tl.load(WHI + w_off)
@@ -873,22 +1392,43 @@ def _causal_dkv_kernel(
         wg = tl.load(WG + w_off)
         g = tl.load(G0 + st * M * D + w_off)  # (BM, D) fp32 suffix state after the split
         gz = tl.load(GZ0 + st * M + offs_m)
+        if HAS_SEG:
+            g_seg = seg_in
         for i in range(0, n_t):
-            rows, inb, valid, ptr = _tile(PAD, b, base, start + (n_t - 1 - i) * T, L, T, D, HAS_PAD)
+            row0 = start + (n_t - 1 - i) * T
+            rows, inb, valid, ptr = _tile(PAD, b, base, row0, L, T, D, HAS_PAD)
             q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
             k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
             v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
             c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
             dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, v.dtype)
-            pt = tl.where(causal_t, tl.dot(v, tl.trans(dn_c)) + ddn[None, :], 0.0)  # (T key, T query)
+            if HAS_SEG:
+                lab = _labels(LAB, b, rows, inb, L)
+                first = _label_at(LAB, b, row0, L)
+                gk = _seg_key_shift(GK, row_base, rows, inb, SOFTMAX)
+                live_t = causal_t & (lab[:, None] == lab[None, :])
+                pt = tl.where(live_t, tl.dot(v, tl.trans(dn_c)) + ddn[None, :], 0.0)  # (T key, T query)
+            else:
+                pt = tl.where(causal_t, tl.dot(v, tl.trans(dn_c)) + ddn[None, :], 0.0)  # (T key, T query)
             uk, phi_k = _key_features(k, whi, wlo, valid, gk, hk2, SOFTMAX, SPLIT_W)
             phi_q = tl.where(inb[:, None], _features(_proj(q, whi, wlo, SPLIT_W), c_row, SOFTMAX), 0.0)
             g_c = g.to(v.dtype)
-            dphi = tl.dot(v, tl.trans(g_c)) + gz[None, :] + tl.dot(pt.to(v.dtype), phi_q.to(v.dtype))
-            at = tl.where(causal_t, tl.dot(phi_k.to(v.dtype), tl.trans(phi_q.to(v.dtype))), 0.0)
-            dv = tl.dot(phi_k.to(v.dtype), g_c) + tl.dot(at.to(v.dtype), dn_c)
-            g += tl.dot(tl.trans(phi_q.to(v.dtype)), dn_c)
-            gz += tl.sum(phi_q * ddn[:, None], axis=0)
+            if HAS_SEG:
+                gm = (lab == g_seg)[:, None]
+                dphi = tl.where(gm, tl.dot(v, tl.trans(g_c)) + gz[None, :], 0.0)
+                dphi += tl.dot(pt.to(v.dtype), phi_q.to(v.dtype))
+                at = tl.where(live_t, tl.dot(phi_k.to(v.dtype), tl.trans(phi_q.to(v.dtype))), 0.0)
+                dv = tl.dot(tl.where(gm, phi_k, 0.0).to(v.dtype), g_c) + tl.dot(at.to(v.dtype), dn_c)
+                ph = tl.where((lab == first)[:, None], phi_q, 0.0)
+                g = tl.where(first == g_seg, g, 0.0) + tl.dot(tl.trans(ph.to(v.dtype)), dn_c)
+                gz = tl.where(first == g_seg, gz, 0.0) + tl.sum(ph * ddn[:, None], axis=0)
+                g_seg = first
+            else:
+                dphi = tl.dot(v, tl.trans(g_c)) + gz[None, :] + tl.dot(pt.to(v.dtype), phi_q.to(v.dtype))
+                at = tl.where(causal_t, tl.dot(phi_k.to(v.dtype), tl.trans(phi_q.to(v.dtype))), 0.0)
+                dv = tl.dot(phi_k.to(v.dtype), g_c) + tl.dot(at.to(v.dtype), dn_c)
+                g += tl.dot(tl.trans(phi_q.to(v.dtype)), dn_c)
+                gz += tl.sum(phi_q * ddn[:, None], axis=0)
             dphi = tl.where(valid[:, None], dphi, 0.0)
             dk, ds = _feat_grad(dphi, phi_k, uk, wg, SOFTMAX)
             if SOFTMAX:  # gradient of the key term -|k'|^2 / 2
@@ -899,9 +1439,13 @@ def _causal_dkv_kernel(
 
 
 @triton.jit
-def _exclusive_scan_kernel(X, OUT, n, E, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+def _exclusive_scan_kernel(
+    X, OUT, n, E, LAB, H, L, split_len, BLOCK: tl.constexpr, REVERSE: tl.constexpr, HAS_SEG: tl.constexpr
+):
     """Exclusive prefix (REVERSE: suffix) sum over dim 1 of ``(R, n, E)`` float32: one program per row
-    and block of E, walking the n splits in order, so the sums never depend on scheduling."""
+    and block of E, walking the n splits in order, so the sums never depend on scheduling.
+    HAS_SEG (packed rows, R = B*H): split i holds only its last (REVERSE: first) segment's part, and the
+    running sum passes through it only if one segment fills it (``LAB`` at its first and last row)."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(E, BLOCK)
     cols = (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -916,7 +1460,13 @@ def _exclusive_scan_kernel(X, OUT, n, E, BLOCK: tl.constexpr, REVERSE: tl.conste
         off = base + step.to(tl.int64) * E + cols
         x = tl.load(X + off, mask=mask, other=0.0)
         tl.store(OUT + off, acc, mask=mask)
-        acc += x
+        if HAS_SEG:
+            b = (pid // n_blocks) // H
+            first = _label_at(LAB, b, step * split_len, L)
+            last = _label_at(LAB, b, tl.minimum((step + 1) * split_len, L) - 1, L)
+            acc = tl.where(first == last, acc, 0.0) + x
+        else:
+            acc += x
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -1045,6 +1595,7 @@ class _Plan:
             self.split = state_split or _split_len(length, self.BH * self.NS, tile, dev, waves=STATE_WAVES)
             self.walk_split = min(walk_split or 4 * tile, n_tiles * tile)
         self.n_split = math.ceil(length / self.split)
+        self.n_tiles = n_tiles
         self.n_walk = math.ceil(length / self.walk_split)
         self.per_split = per_split
         self.cfg = _config(dev)
@@ -1088,7 +1639,7 @@ def _weights(
     return hi.contiguous(), lo.contiguous(), wg, precision == "split"
 
 
-def _exclusive_scan(x: Tensor, reverse: bool = False) -> Tensor:
+def _exclusive_scan(x: Tensor, reverse: bool = False, lab: Tensor | None = None, p=None) -> Tensor:
     """Exclusive prefix (or suffix) sum over dim 1, without ``cumsum - x`` (which cancels badly
     when one split holds huge values, e.g. ``dO / eps`` of queries that see only padding).
 
@@ -1096,14 +1647,17 @@ def _exclusive_scan(x: Tensor, reverse: bool = False) -> Tensor:
     flips, a fill and copies, ~0.1 ms at 8k) and deterministic (``torch.cumsum`` on CUDA floats
     refuses to run under ``torch.use_deterministic_algorithms(True)``). Each program walks the
     splits one at a time: with the automatic splits that is ~33 steps for B*H = 8, but ~260 for a
-    single head (not measured; a blocked walk would cut it)."""
+    single head (not measured; a blocked walk would cut it). ``lab`` (packed rows, with the plan
+    ``p``): the sum restarts wherever a split holds a segment boundary."""
     x = x.contiguous()
     out = torch.empty_like(x)
     rows, n = x.shape[:2]
     width = x[0, 0].numel()
     block = 1024
     grid = rows * triton.cdiv(width, block)
-    _launch("_exclusive_scan_kernel", _exclusive_scan_kernel, grid, x, out, n, width, block, reverse)
+    seg = (lab, p.H, p.L, p.split) if lab is not None else (None, None, None, None)
+    args = (x, out, n, width, *seg, block, reverse)
+    _launch("_exclusive_scan_kernel", _exclusive_scan_kernel, grid, *args, HAS_SEG=lab is not None)
     return out
 
 
@@ -1120,34 +1674,118 @@ def _scratch(out: Tensor, p: _Plan) -> Tensor:
     return torch.empty(out.shape, device=out.device, dtype=torch.float32)
 
 
-def _key_states(k, v, pad, whi, wlo, p: _Plan, common: dict, zero: tuple | None = None):
+def _segment_bounds(lab: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, L)`` labels -> the first and last row of each position's segment, ``(B, L)`` int64 each."""
+    b, length = lab.shape
+    pos = torch.arange(length, device=lab.device).expand(b, length)
+    change = lab[:, 1:] != lab[:, :-1]
+    new = torch.nn.functional.pad(change, (1, 0), value=True)
+    ends = torch.nn.functional.pad(change, (0, 1), value=True)
+    start = torch.where(new, pos, 0).cummax(dim=1).values
+    end = torch.where(ends, pos, length).flip(1).cummin(dim=1).values.flip(1)
+    return start, end
+
+
+def _segment_layout(segment_ids: Tensor, length: int, tile: int) -> tuple[Tensor, Tensor]:
+    """Packed rows: int32 labels ``(B, L)`` (runs of equal ids numbered 0, 1, ...) and the per-tile table
+    ``(B, n_tiles, 4)`` = first row, last row of the tile's first segment, then of its last segment
+    (the bidirectional kernels' long / short segments and state slots come from it)."""
+    from protein_lm.attention.segments import segment_labels
+
+    lab = segment_labels(segment_ids, length)
+    start, end = _segment_bounds(lab)
+    first = torch.arange(0, length, tile, device=lab.device)
+    last = (first + tile).clamp(max=length) - 1
+    tab = torch.stack([start[:, first], end[:, first], start[:, last], end[:, last]], dim=-1)
+    return lab.to(torch.int32).contiguous(), tab.to(torch.int32).contiguous()
+
+
+def _segment_key_shifts(k, pad_t, whi, wlo, lab, p: _Plan, has_pad: bool, split_w: bool) -> Tensor:
+    """Packed rows, softmax: ``(B*H, L)`` float32, each row's key shift = the max over the real keys of
+    its segment of ``u + h`` (log2 units), plus the ``1/sqrt(M)`` factor. One per segment instead of
+    one per (batch, head): a segment far below the row's largest key would underflow to zero."""
+    km = torch.empty(p.BH, p.L, device=k.device, dtype=torch.float32)
+    args = (k, pad_t, whi, wlo, km, p.H, p.L, p.walk_split, p.n_walk, p.lg_sqrt_m, p.hk2)
+    shape = dict(D=p.D, M=p.M, BM=p.BM, T=p.T, SPLIT_W=split_w, HAS_PAD=has_pad, KEYS=True)
+    _launch("_rowmax_kernel", _rowmax_kernel, p.BH * p.n_walk, *args, **shape, **p.cfg)
+    idx = lab.to(torch.int64)[:, None].expand(p.B, p.H, p.L).reshape(p.BH, p.L)
+    seg_max = torch.full_like(km, _NEG).scatter_reduce_(1, idx, km, "amax").gather(1, idx)
+    # a segment of padding only: any finite shift will do
+    return torch.where(seg_max > _NEG / 2, seg_max, p.lg_sqrt_m).contiguous()
+
+
+def _key_states(k, v, pad, whi, wlo, p: _Plan, common: dict, zero: tuple | None = None, seg=(None, None)):
     """Per-split partial key states ``(BH, n_split, M, D)``, ``(BH, n_split, M)`` and key shifts.
-    ``zero``: the causal forward's ``(num, den)`` float32 sums, zeroed on the way."""
+    ``zero``: the causal forward's ``(num, den)`` float32 sums, zeroed on the way. ``seg``: packed
+    rows' ``(labels, per-row key shifts)``: each split's part of its last segment only."""
     BH, M, D = p.BH, p.M, p.D
     sp = torch.empty(BH, p.n_split, M, D, device=k.device, dtype=torch.float32)
     zp = torch.empty(BH, p.n_split, M, device=k.device, dtype=torch.float32)
     mp = torch.empty(BH, p.n_split, p.NS, device=k.device, dtype=torch.float32)
     num, den = zero if zero is not None else (sp, zp)  # dummy pointers
-    args = (k, v, pad, whi, wlo, sp, zp, mp, num, den, p.H, p.L, p.split, p.n_split, p.hk2, p.lg_sqrt_m)
+    args = (k, v, pad, whi, wlo, sp, zp, mp, num, den, p.H, p.L, p.split, p.n_split, p.hk2, p.lg_sqrt_m, *seg)
     grid = BH * p.n_split * p.NS
-    _launch("_key_state_kernel", _key_state_kernel, grid, *args, **common, ZERO_SUMS=zero is not None)
+    flags = dict(ZERO_SUMS=zero is not None, HAS_SEG=seg[0] is not None)
+    _launch("_key_state_kernel", _key_state_kernel, grid, *args, **common, **flags)
     return sp, zp, mp
 
 
-def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
+def _seg_states(x, y, o, do, den, rowc, gk, pad, whi, wlo, tab, p: _Plan, common: dict, query: bool):
+    """Bidirectional, packed rows: the long segments' states in the slots of their start tiles,
+    ``(BH, n_tiles, M, D)`` in the input dtype and ``(BH, n_tiles, M)`` float32 (slots of tiles where no
+    long segment starts are never written nor read). Keys (x=k, y=v) or, ``query``, the backward's
+    ``sum phi_q^T dN`` (x=q with o, do, den, rowc)."""
+    BH, M, D, dev = p.BH, p.M, p.D, x.device
+    slot = torch.empty(BH, p.n_tiles, M, D, device=dev, dtype=x.dtype)
+    zslot = torch.empty(BH, p.n_tiles, M, device=dev, dtype=torch.float32)
+    parts = [torch.empty(BH, p.n_split, *w, device=dev, dtype=torch.float32) for w in ((M, D), (M,)) * 2]
+    head, zhead, tail, ztail = parts
+    args = (x, y, o, do, den, rowc, gk, pad, whi, wlo, tab, slot, zslot, head, zhead, tail, ztail)
+    args += (p.H, p.L, p.split, p.n_split, p.hk2, p.eps)
+    flags = dict(QUERY=query, ZERO_SLOTS=not query)
+    _launch("_seg_state_kernel", _seg_state_kernel, BH * p.n_split * p.NS, *args, **common, **flags)
+    block = 1024
+    for t, h, dst in ((tail, head, slot), (ztail, zhead, zslot)):
+        width = dst[0, 0].numel()
+        grid = BH * p.n_split * triton.cdiv(width, block)
+        args = (t, h, dst, tab, p.H, p.L, p.split, p.n_split, width)
+        _launch("_seg_combine_kernel", _seg_combine_kernel, grid, *args, BLOCK=block, T=p.T)
+    return slot, zslot
+
+
+def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan, seg: tuple | None = None):
     dev = q.device
     BH, M, D, L = p.BH, p.M, p.D, p.L
     has_pad = pad is not None
     pad_t = pad if has_pad else q  # dummy pointer
     common = p.consts(has_pad, split_w)
+    lab, tab = seg if seg is not None else (None, None)
+    # per-query shifts (softmax); ReLU has none, but every output of the op must be defined
+    rowc = (torch.empty if p.softmax else torch.zeros)(BH, L, device=dev, dtype=torch.float32)
+    gk = None  # packed rows, softmax: per-row key shifts, computed before any state
+    if seg is not None and p.softmax:
+        gk = _segment_key_shifts(k, pad_t, whi, wlo, lab, p, has_pad, split_w)
+    if seg is not None and not p.causal:
+        if gk is None:
+            gk = torch.zeros(BH, device=dev, dtype=torch.float32)
+        s0, z0 = _seg_states(k, v, None, None, None, None, gk, pad_t, whi, wlo, tab, p, common, False)
+        den = torch.empty(BH, L, device=dev, dtype=torch.float32)
+        o = torch.empty_like(v)
+        args = (q, pad_t, whi, wlo, s0, z0, o, den, rowc, p.H, L, p.walk_split, p.n_walk, p.lg_sqrt_m, p.eps)
+        _launch("_bid_fwd_kernel", _bid_fwd_kernel, BH * p.n_walk, *args, tab, **common, HAS_SEG=True)
+        args = (q, k, v, pad_t, whi, wlo, gk, lab, tab, o, den, rowc, p.H, L, p.hk2, p.lg_sqrt_m, p.eps)
+        _launch("_bid_short_fwd_kernel", _bid_short_fwd_kernel, BH * p.n_tiles, *args, **common)
+        return o, den, rowc, s0, z0, gk
     sums = None
     if p.atomic:  # float32 sums of the slices' atomics, zeroed by the key-state pass (same splits)
         sums = (
             torch.empty(BH, L, D, device=dev, dtype=torch.float32),
             torch.empty(BH, L, device=dev, dtype=torch.float32),
         )
-    sp, zp, mp = _key_states(k, v, pad_t, whi, wlo, p, common, zero=sums)
-    if p.softmax:
+    sp, zp, mp = _key_states(k, v, pad_t, whi, wlo, p, common, zero=sums, seg=(lab, gk))
+    if gk is not None:  # the per-row shifts are final: nothing to rescale
+        pass
+    elif p.softmax:
         gmax = mp.amax(dim=(1, 2))  # (BH,)
         gmax = torch.where(gmax > _NEG / 2, gmax, torch.zeros_like(gmax))  # all-padding heads
         w = torch.exp2(mp - gmax[:, None, None])  # (BH, n_split, NS)
@@ -1156,27 +1794,26 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
         gk = gmax + p.lg_sqrt_m  # the head's key shift, with the 1/sqrt(M) factor
     else:
         gk = torch.zeros(BH, device=dev, dtype=torch.float32)
-    # per-query shifts (softmax); ReLU has none, but every output of the op must be defined
-    rowc = (torch.empty if p.softmax else torch.zeros)(BH, L, device=dev, dtype=torch.float32)
     if p.causal:
-        s0 = _exclusive_scan(sp)  # state entering each split
-        z0 = _exclusive_scan(zp)
+        s0 = _exclusive_scan(sp, lab=lab, p=p)  # state entering each split
+        z0 = _exclusive_scan(zp, lab=lab, p=p)
         del sp, zp
         if p.atomic:  # the zeroed float32 sums, finished by _finish_kernel; shift computed up front
             num, den = sums
             o = num.view(q.shape) if v.dtype == torch.float32 else torch.empty_like(v)
             if p.softmax:
-                args = (q, pad_t, whi, wlo, rowc, p.H, L, p.walk_split, p.n_walk, p.lg_sqrt_m)
-                shape = dict(D=D, M=M, BM=p.BM, T=p.T, SPLIT_W=split_w, HAS_PAD=has_pad)
+                args = (q, pad_t, whi, wlo, rowc, p.H, L, p.walk_split, p.n_walk, p.lg_sqrt_m, None)
+                shape = dict(D=D, M=M, BM=p.BM, T=p.T, SPLIT_W=split_w, HAS_PAD=has_pad, KEYS=False)
                 _launch("_rowmax_kernel", _rowmax_kernel, BH * p.n_walk, *args, **shape, **p.cfg)
         else:
             den = torch.empty(BH, L, device=dev, dtype=torch.float32)
             o = torch.empty_like(v)
             num = _scratch(o, p)
         args = (q, k, v, pad_t, whi, wlo, s0, z0, gk, rowc, num, den, o, p.H, L, p.split, p.n_split)
-        consts = (p.hk2, p.lg_sqrt_m, p.eps)
+        consts = (p.hk2, p.lg_sqrt_m, p.eps, lab)
         grid = BH * p.n_split * p.per_split
-        _launch("_causal_fwd_kernel", _causal_fwd_kernel, grid, *args, *consts, **common, ATOMIC=p.atomic)
+        flags = dict(ATOMIC=p.atomic, HAS_SEG=seg is not None)
+        _launch("_causal_fwd_kernel", _causal_fwd_kernel, grid, *args, *consts, **common, **flags)
         if p.atomic:
             rows = 64
             fin = (num, den, o, BH * L, p.eps)
@@ -1190,60 +1827,74 @@ def _forward(q, k, v, pad, whi, wlo, split_w, p: _Plan):
         den = torch.empty(BH, L, device=dev, dtype=torch.float32)
         o = torch.empty_like(v)
         args = (q, pad_t, whi, wlo, s0, z0, o, den, rowc, p.H, L, p.walk_split, p.n_walk, p.lg_sqrt_m, p.eps)
-        _launch("_bid_fwd_kernel", _bid_fwd_kernel, BH * p.n_walk, *args, **common)
+        _launch("_bid_fwd_kernel", _bid_fwd_kernel, BH * p.n_walk, *args, None, **common, HAS_SEG=False)
     return o, den, rowc, s0, z0, gk
 
 
-def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk, p: _Plan):
+def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk, p: _Plan, seg=None):
     dev = q.device
     BH, M, D, L = p.BH, p.M, p.D, p.L
     has_pad = pad is not None
     pad_t = pad if has_pad else q
     common = p.consts(has_pad, split_w)
-    gp = torch.empty(BH, p.n_split, M, D, device=dev, dtype=torch.float32)  # per-split query states
-    gzp = torch.empty(BH, p.n_split, M, device=dev, dtype=torch.float32)
+    lab, tab = seg if seg is not None else (None, None)
+    has_seg = seg is not None
     if not p.causal:  # no running state: dq per tile, the query state like the key state
-        args = (q, o, do, den, rowc, pad_t, whi, wlo, gp, gzp, p.H, L, p.split, p.n_split, p.eps)
-        _launch("_bid_query_state_kernel", _bid_query_state_kernel, BH * p.n_split * p.NS, *args, **common)
-        g0 = gp.sum(dim=1).to(q.dtype).contiguous()  # read per tile in the input dtype, like S
-        gz0 = gzp.sum(dim=1).contiguous()
-        del gp, gzp
+        if has_seg:
+            g0, gz0 = _seg_states(q, None, o, do, den, rowc, None, pad_t, whi, wlo, tab, p, common, True)
+        else:
+            gp = torch.empty(BH, p.n_split, M, D, device=dev, dtype=torch.float32)  # per-split query states
+            gzp = torch.empty(BH, p.n_split, M, device=dev, dtype=torch.float32)
+            args = (q, o, do, den, rowc, pad_t, whi, wlo, gp, gzp, p.H, L, p.split, p.n_split, p.eps)
+            grid = BH * p.n_split * p.NS
+            _launch("_bid_query_state_kernel", _bid_query_state_kernel, grid, *args, **common)
+            g0 = gp.sum(dim=1).to(q.dtype).contiguous()  # read per tile in the input dtype, like S
+            gz0 = gzp.sum(dim=1).contiguous()
+            del gp, gzp
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        args = (q, o, do, den, rowc, pad_t, whi, wlo, wg, s0, z0, dq, p.H, L, p.walk_split, p.n_walk, p.eps)
-        _launch("_bid_dq_kernel", _bid_dq_kernel, BH * p.n_walk, *args, **common)
         args = (
-            k,
-            v,
+            q,
+            o,
+            do,
+            den,
+            rowc,
             pad_t,
             whi,
             wlo,
             wg,
-            g0,
-            gz0,
-            gk,
-            dk,
-            dv,
+            s0,
+            z0,
+            dq,
             p.H,
             L,
             p.walk_split,
             p.n_walk,
-            p.hk2,
-            p.kgrad,
+            p.eps,
+            tab,
         )
-        _launch("_bid_dkv_kernel", _bid_dkv_kernel, BH * p.n_walk, *args, **common)
+        _launch("_bid_dq_kernel", _bid_dq_kernel, BH * p.n_walk, *args, **common, HAS_SEG=has_seg)
+        args = (k, v, pad_t, whi, wlo, wg, g0, gz0, gk, dk, dv, p.H, L, p.walk_split, p.n_walk, p.hk2)
+        args += (p.kgrad, tab)
+        _launch("_bid_dkv_kernel", _bid_dkv_kernel, BH * p.n_walk, *args, **common, HAS_SEG=has_seg)
+        if has_seg:  # the rows of short segments
+            args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, gk, lab, tab, dq, dk, dv)
+            args += (p.H, L, p.hk2, p.kgrad, p.eps)
+            _launch("_bid_short_bwd_kernel", _bid_short_bwd_kernel, BH * p.n_tiles, *args, **common)
         return dq, dk, dv
+    gp = torch.empty(BH, p.n_split, M, D, device=dev, dtype=torch.float32)  # per-split query states
+    gzp = torch.empty(BH, p.n_split, M, device=dev, dtype=torch.float32)
     grid = BH * p.n_split * p.per_split
-    slices = dict(common, ATOMIC=p.atomic)
+    slices = dict(common, ATOMIC=p.atomic, HAS_SEG=has_seg)
     if p.atomic:  # zeroed float32 sums, cast after the pass (the kernels' OUT is unused)
         dq32 = dq = torch.zeros(q.shape, device=dev, dtype=torch.float32)
     else:
         dq = torch.empty_like(q)
         dq32 = _scratch(dq, p)
     args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, s0, z0, gk, dq32, dq, gp, gzp)
-    consts = (p.H, L, p.split, p.n_split, p.hk2, p.eps)
+    consts = (p.H, L, p.split, p.n_split, p.hk2, p.eps, lab)
     _launch("_causal_dq_kernel", _causal_dq_kernel, grid, *args, *consts, **slices)
-    g0 = _exclusive_scan(gp, reverse=True)  # suffix state after each split
-    gz0 = _exclusive_scan(gzp, reverse=True)
+    g0 = _exclusive_scan(gp, reverse=True, lab=lab, p=p)  # suffix state after each split
+    gz0 = _exclusive_scan(gzp, reverse=True, lab=lab, p=p)
     del gp, gzp
     if p.atomic:  # dk reuses dq's float32 buffer (peak: two of them plus the outputs), so copy dq
         dq = dq32.to(q.dtype, copy=True)
@@ -1255,7 +1906,7 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
         dv32 = _scratch(dv, p)
     del dq32
     args = (q, k, v, o, do, den, rowc, pad_t, whi, wlo, wg, g0, gz0, gk, dk32, dv32, dk, dv)
-    consts = (p.H, L, p.split, p.n_split, p.hk2, p.kgrad, p.eps)
+    consts = (p.H, L, p.split, p.n_split, p.hk2, p.kgrad, p.eps, lab)
     _launch("_causal_dkv_kernel", _causal_dkv_kernel, grid, *args, *consts, **slices)
     if p.atomic:
         dk, dv = dk32.to(k.dtype), dv32.to(v.dtype)
@@ -1282,15 +1933,21 @@ def _bytes(pad: Tensor | None) -> Tensor | None:
     return None if pad is None else pad.view(torch.uint8)  # Triton loads the bool mask as bytes
 
 
-def _output_grad(do: Tensor, o: Tensor, pad: Tensor | None, causal: bool) -> Tensor:
-    """dO as the backward kernels take it."""
+def _output_grad(
+    do: Tensor, o: Tensor, pad: Tensor | None, causal: bool, lab: Tensor | None = None
+) -> Tensor:
+    """dO as the backward kernels take it (``lab``: packed rows' segment labels)."""
     if pad is not None:
         # Queries that see no real key (leading padding under a causal mask, or a row that is all
         # padding) have output 0 and, in exact arithmetic, zero gradient: their normaliser is 0,
         # floored at eps. Their dO / eps (up to 1e30 * dO) would otherwise amplify bf16 rounding
         # into garbage dk/dv (measured on an H100: 26-29% error with leading padding).
-        do = do.masked_fill(_blind_queries(pad, causal)[:, None, :, None], 0)
+        do = do.masked_fill(_blind_queries(pad, causal, lab)[:, None, :, None], 0)
     return do.to(o.dtype).contiguous()
+
+
+def _seg_or_none(lab: Tensor | None, tab: Tensor | None) -> tuple | None:
+    return None if lab is None else (lab, tab)
 
 
 class _FavorEager(torch.autograd.Function):
@@ -1298,24 +1955,41 @@ class _FavorEager(torch.autograd.Function):
     the launches themselves (a Performer step is host-bound on a fast GPU)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, projection, pad, opts):  # type: ignore[override]
+    def forward(ctx, q, k, v, projection, pad, lab, tab, opts):  # type: ignore[override]
         p, precision = _plan(q, projection, opts)
         whi, wlo, wg, split_w = _weights(projection, q.dtype, p, precision)
-        o, den, rowc, s0, z0, gk = _forward(q, k, v, _bytes(pad), whi, wlo, split_w, p)
-        ctx.save_for_backward(q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, pad)
+        seg = _seg_or_none(lab, tab)
+        o, den, rowc, s0, z0, gk = _forward(q, k, v, _bytes(pad), whi, wlo, split_w, p, seg)
+        ctx.save_for_backward(q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, pad, lab, tab)
         ctx.plan, ctx.split_w = p, split_w
         return o
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do):  # type: ignore[override]
-        q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, pad = ctx.saved_tensors
+        q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, pad, lab, tab = ctx.saved_tensors
         p = ctx.plan
-        do = _output_grad(do, o, pad, p.causal)
+        do = _output_grad(do, o, pad, p.causal, lab)
         dq, dk, dv = _backward(
-            q, k, v, o, do, den, rowc, _bytes(pad), whi, wlo, wg, ctx.split_w, s0, z0, gk, p
+            q,
+            k,
+            v,
+            o,
+            do,
+            den,
+            rowc,
+            _bytes(pad),
+            whi,
+            wlo,
+            wg,
+            ctx.split_w,
+            s0,
+            z0,
+            gk,
+            p,
+            _seg_or_none(lab, tab),
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 # Under torch.compile the same kernels are two registered ops, opaque to Dynamo and Inductor, so a
@@ -1324,15 +1998,20 @@ class _FavorEager(torch.autograd.Function):
 @torch.library.custom_op(
     f"{_NS}::{_OP}_fwd",
     mutates_args=(),
-    schema=f"(Tensor q, Tensor k, Tensor v, Tensor projection, Tensor? pad, {_OPTS}) -> Tensor[]",
+    schema=(
+        "(Tensor q, Tensor k, Tensor v, Tensor projection, Tensor? pad, Tensor? lab, Tensor? tab, "
+        f"{_OPTS}) -> Tensor[]"
+    ),
 )
-def _forward_op(q, k, v, projection, pad, *opts):
+def _forward_op(q, k, v, projection, pad, lab, tab, *opts):
     """``[o, den, rowc, s0, z0, gk, projection copy]``: the output and what backward needs (``pad``
-    bool, True at padding). The copy keeps backward right if the projection is redrawn in between
+    bool, True at padding; ``lab``, ``tab``: packed rows' labels and tile table, see
+    ``_segment_layout``). The copy keeps backward right if the projection is redrawn in between
     (a copy made outside the op could be recomputed from the redrawn buffer by the partitioner)."""
     p, precision = _plan(q, projection, opts)
     whi, wlo, _, split_w = _weights(projection, q.dtype, p, precision)
-    return [*_forward(q, k, v, _bytes(pad), whi, wlo, split_w, p), projection.clone()]
+    seg = _seg_or_none(lab, tab)
+    return [*_forward(q, k, v, _bytes(pad), whi, wlo, split_w, p, seg), projection.clone()]
 
 
 @_forward_op.register_fake
@@ -1342,6 +2021,8 @@ def _forward_fake(
     v,
     projection,
     pad,
+    lab,
+    tab,
     kernel,
     causal,
     eps,
@@ -1359,10 +2040,18 @@ def _forward_fake(
         slices = m // _slice_width(m, slice_m)
         n_split = _causal_splits(length, b * h, slices, tile, walk_split, deterministic, q.device)[1]
         s0, z0 = q.new_empty(b * h, n_split, m, d, **f32), q.new_empty(b * h, n_split, m, **f32)
+    elif lab is not None:  # packed rows: one slot per tile, S in the input dtype
+        n_tiles = _cdiv(length, tile)
+        s0, z0 = q.new_empty(b * h, n_tiles, m, d), q.new_empty(b * h, n_tiles, m, **f32)
     else:  # summed states, S in the input dtype
         s0, z0 = q.new_empty(b * h, m, d), q.new_empty(b * h, m, **f32)
     rows = q.new_empty(b * h, length, **f32)
-    gk = q.new_empty(b * h, **f32)
+    # per-row key shifts for packed softmax rows, else one per (batch, head)
+    gk = (
+        q.new_empty(b * h, length, **f32)
+        if lab is not None and kernel == "softmax"
+        else q.new_empty(b * h, **f32)
+    )
     return [torch.empty_like(v), rows, torch.empty_like(rows), s0, z0, gk, torch.empty_like(projection)]
 
 
@@ -1371,14 +2060,16 @@ def _forward_fake(
     mutates_args=(),
     schema=(
         "(Tensor q, Tensor k, Tensor v, Tensor o, Tensor do, Tensor den, Tensor rowc, Tensor s0, "
-        f"Tensor z0, Tensor gk, Tensor projection, Tensor? pad, {_OPTS}) -> (Tensor, Tensor, Tensor)"
+        "Tensor z0, Tensor gk, Tensor projection, Tensor? pad, Tensor? lab, Tensor? tab, "
+        f"{_OPTS}) -> (Tensor, Tensor, Tensor)"
     ),
 )
-def _backward_op(q, k, v, o, do, den, rowc, s0, z0, gk, projection, pad, *opts):
+def _backward_op(q, k, v, o, do, den, rowc, s0, z0, gk, projection, pad, lab, tab, *opts):
     """``dq, dk, dv`` (recomputes the features; the weights are re-derived from the projection)."""
     p, precision = _plan(q, projection, opts)
     whi, wlo, wg, split_w = _weights(projection, q.dtype, p, precision)
-    return _backward(q, k, v, o, do, den, rowc, _bytes(pad), whi, wlo, wg, split_w, s0, z0, gk, p)
+    seg = _seg_or_none(lab, tab)
+    return _backward(q, k, v, o, do, den, rowc, _bytes(pad), whi, wlo, wg, split_w, s0, z0, gk, p, seg)
 
 
 @_backward_op.register_fake
@@ -1387,37 +2078,46 @@ def _backward_fake(q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _, pad = inputs[:5]
+    q, k, v, _, pad, lab, tab = inputs[:7]
     o, den, rowc, s0, z0, gk, projection = output
-    ctx.save_for_backward(q, k, v, o, den, rowc, s0, z0, gk, projection, pad)
+    ctx.save_for_backward(q, k, v, o, den, rowc, s0, z0, gk, projection, pad, lab, tab)
     ctx.mark_non_differentiable(den, rowc, s0, z0, gk, projection)
-    ctx.opts = inputs[5:]
+    ctx.opts = inputs[7:]
 
 
 def _op_backward(ctx, grads):
-    q, k, v, o, den, rowc, s0, z0, gk, projection, pad = ctx.saved_tensors
-    do = _output_grad(grads[0], o, pad, ctx.opts[1])  # grads of the other outputs: unused
-    dq, dk, dv = _backward_op(q, k, v, o, do, den, rowc, s0, z0, gk, projection, pad, *ctx.opts)
-    return (dq, dk, dv) + (None,) * (len(ctx.opts) + 2)
+    q, k, v, o, den, rowc, s0, z0, gk, projection, pad, lab, tab = ctx.saved_tensors
+    do = _output_grad(grads[0], o, pad, ctx.opts[1], lab)  # grads of the other outputs: unused
+    args = (q, k, v, o, do, den, rowc, s0, z0, gk, projection, pad, lab, tab)
+    dq, dk, dv = _backward_op(*args, *ctx.opts)
+    return (dq, dk, dv) + (None,) * (len(ctx.opts) + 4)
 
 
 # No double backward: the backward op has no autograd of its own.
 _forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def _blind_queries(pad: Tensor, causal: bool) -> Tensor:
-    """``(B, L)`` bool: query positions with no real key to attend to (``pad`` bool, True at padding)."""
+def _blind_queries(pad: Tensor, causal: bool, lab: Tensor | None = None) -> Tensor:
+    """``(B, L)`` bool: query positions with no real key to attend to (``pad`` bool, True at padding;
+    ``lab``: packed rows' segment labels, whose keys are those of the query's own segment)."""
     real = ~pad
-    visible = real.cumsum(dim=1) if causal else real.sum(dim=1, keepdim=True).expand_as(real)
-    return visible == 0
+    if lab is None:
+        visible = real.cumsum(dim=1) if causal else real.sum(dim=1, keepdim=True).expand_as(real)
+        return visible == 0
+    count = real.to(torch.int64).cumsum(dim=1)  # real keys up to each row (integers: exact)
+    start, end = _segment_bounds(lab)
+    before = (count - real.to(torch.int64)).gather(1, start)  # real keys before the segment
+    upto = count if causal else count.gather(1, end)
+    return upto == before
 
 
-def _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps):
+def _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps, segment_ids=None):
     from protein_lm.attention.favor import favor_bidirectional, favor_causal, favor_features
 
-    phi_q, phi_k = favor_features(q, k, projection, kernel, key_padding_mask)
-    fn = favor_causal if causal else favor_bidirectional
-    return fn(phi_q, phi_k, v, key_padding_mask, eps).to(v.dtype)
+    phi_q, phi_k = favor_features(q, k, projection, kernel, key_padding_mask, segment_ids)
+    if causal:
+        return favor_causal(phi_q, phi_k, v, key_padding_mask, eps, segment_ids=segment_ids).to(v.dtype)
+    return favor_bidirectional(phi_q, phi_k, v, key_padding_mask, eps, segment_ids).to(v.dtype)
 
 
 def favor_attention_triton(
@@ -1454,6 +2154,10 @@ def favor_attention_triton(
         causal: prefix (unidirectional) attention.
         key_padding_mask: bool ``(B, L)``, True at padding.
         eps: floor of the normaliser.
+        segment_ids: integer ``(B, L)`` for packed rows: query ``t`` sees only keys of its own
+            segment (a maximal run of equal ids; ``s <= t`` when causal), softmax keys are shifted
+            per segment. Every mode is supported (bidirectional / causal, softmax / ReLU,
+            deterministic, eager and compiled); see docs/attention.md, "Packed sequences".
         tile: rows per tile, a power of two >= 16 (64; 16/32 for tiny tests).
         state_split: rows per program of the key-state and dq passes (bidirectional; tuning knob),
             a multiple of ``tile``.
@@ -1470,8 +2174,6 @@ def favor_attention_triton(
     """
     if kernel not in ("softmax", "relu"):
         raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
-    if segment_ids is not None:
-        raise ValueError("segment_ids are not supported by the Triton kernels yet")
     if logit_precision is not None and logit_precision not in LOGIT_PRECISIONS:
         raise ValueError(f"logit_precision must be one of {LOGIT_PRECISIONS}, got {logit_precision!r}")
     d = q.shape[-1]
@@ -1483,7 +2185,7 @@ def favor_attention_triton(
         and _slice_width(m, slice_m) is not None
     )
     if not supported:  # shapes the kernels do not cover: the reference path, same numerics
-        return _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps)
+        return _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps, segment_ids)
     dtype = v.dtype
     cdt = torch.float32 if dtype == torch.float16 else dtype  # fp16 lacks exp range for features
     q, k, v = (t.to(cdt).contiguous() for t in (q, k, v))
@@ -1493,6 +2195,13 @@ def favor_attention_triton(
             raise ValueError("key_padding_mask must be bool (B, L), True at padding")
         pad = key_padding_mask.contiguous()
     _check_options(m, tile, state_split, walk_split, slice_m)  # before tracing: callers may fall back
+    lab = tab = None
+    if segment_ids is not None:
+        if segment_ids.shape != (q.shape[0], q.shape[2]):
+            raise ValueError(
+                f"segment_ids must be (B, L) = {(q.shape[0], q.shape[2])}, got {tuple(segment_ids.shape)}"
+            )
+        lab, tab = _segment_layout(segment_ids.to(q.device), q.shape[2], tile)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     opts = (
@@ -1507,7 +2216,7 @@ def favor_attention_triton(
         deterministic,
     )
     if torch.compiler.is_compiling():
-        out = _forward_op(q, k, v, projection.detach(), pad, *opts)[0]
+        out = _forward_op(q, k, v, projection.detach(), pad, lab, tab, *opts)[0]
     else:
-        out = _FavorEager.apply(q, k, v, projection.detach(), pad, opts)
+        out = _FavorEager.apply(q, k, v, projection.detach(), pad, lab, tab, opts)
     return out.to(dtype)
