@@ -351,10 +351,9 @@ def _triton_compiled(causal) -> dict:
     ids, pad = _batch(TRITON_ROWS, TRITON_LENGTH)
     q, k, v, do = _qkv(2, 1, TRITON_LENGTH, 16, seed=31, dtype=torch.float32)
     w = draw_projection(32, 16, generator=torch.Generator().manual_seed(32))
-    lab, tab = ft._segment_layout(ids, TRITON_LENGTH, 16)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(
-        ft._forward_op, (*ins, w, pad, lab, tab, "relu", causal, EPS, 16, 32, 32, 16, None, False)
+        ft._forward_op, (*ins, w, pad, ids, "relu", causal, EPS, 16, 32, 32, 16, None, False)
     )
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -371,8 +370,57 @@ def _triton_compiled(causal) -> dict:
     }
 
 
+def _layout_and_segment_max() -> dict:
+    """The kernels' segment layout (labels, per-tile first / last segment bounds) and per-segment max
+    against loops over the rows, with blocks of 1024 rows crossed by segments (L = 2500)."""
+    from protein_lm.attention.kernels.favor_triton import _segment_layout, _segment_max_kernel
+
+    g = torch.Generator().manual_seed(33)
+    length, tile = 2500, 16
+    ids = torch.stack(
+        [
+            torch.randint(0, 3, (length,), generator=g).bool().cumsum(0) * 7,  # many short runs
+            torch.arange(length) // 1100,  # runs across the 1024-row blocks
+            torch.randint(0, 40, (length,), generator=g) // 39,  # non-monotone ids: runs of 0 and 1
+        ]
+    )
+    lab, tab = _segment_layout(ids, tile)
+    ok_lab = ok_tab = True
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        want = [0]
+        for t in range(1, length):
+            want.append(want[-1] + (row[t] != row[t - 1]))
+        ok_lab &= lab[b].tolist() == want
+
+        def bounds(t, want=want):
+            s = t
+            while s > 0 and want[s - 1] == want[t]:
+                s -= 1
+            e = t
+            while e < length - 1 and want[e + 1] == want[t]:
+                e += 1
+            return s, e
+
+        for i, r0 in enumerate(range(0, length, tile)):
+            r1 = min(r0 + tile, length) - 1
+            ok_tab &= tab[b, i].tolist() == [*bounds(r0), *bounds(r1)]
+    x = torch.randn(2 * ids.shape[0], length, generator=g)
+    x[0, 100:300] = -1e30  # padding: a segment made of it keeps the fill value
+    out = torch.empty_like(x)
+    _segment_max_kernel[(x.shape[0],)](x, lab, out, 2, length, 0.5, 1024)
+    ok_max = True
+    for r in range(x.shape[0]):
+        labs = lab[r // 2]
+        for v in labs.unique():
+            sel = labs == v
+            m = x[r][sel].max().item()
+            ok_max &= bool(torch.all(out[r][sel] == (m if m > -5e29 else 0.5)))
+    return {"labels": ok_lab, "table": ok_tab, "max": ok_max}
+
+
 def _interpret_all() -> dict:
-    res = {}
+    res = {"layout": _layout_and_segment_max()}
     for kernel in KERNELS:
         for causal in (False, True):
             for det in (False, True) if causal else (False,):
@@ -435,6 +483,10 @@ def test_interpreted_quiet_segment_per_segment_shift(interpreted, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_interpreted_unwritten_slots_are_never_read(interpreted, causal):
     assert interpreted[f"nan-{causal}"]["equal"]
+
+
+def test_interpreted_segment_layout_and_segment_max(interpreted):
+    assert interpreted["layout"] == {"labels": True, "table": True, "max": True}
 
 
 @pytest.mark.parametrize("causal", [False, True])

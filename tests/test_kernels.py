@@ -248,7 +248,7 @@ def _check_registered_op(causal: bool) -> dict:
         pad = torch.arange(40)[None] >= 35 if use_pad else None
         # walk_split None: the causal split count comes from the SM count and L (symbolic in the fake)
         torch.library.opcheck(
-            ft._forward_op, (q, k, v, proj, pad, None, None, kernel, causal, EPS, 16, None, None, 16, None, det)
+            ft._forward_op, (q, k, v, proj, pad, None, kernel, causal, EPS, 16, None, None, 16, None, det)
         )
     # eager calls bypass the op dispatcher (it doubled their host time): the op must not be called
     real_op, op_calls = ft._forward_op, []

@@ -219,13 +219,18 @@ def _slice_range(n_split, NS: tl.constexpr, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _dn(DO, O, DEN_ROW, rows, ptr, inb, eps, dtype: tl.constexpr):
+def _dn(DO, O, DEN_ROW, rows, ptr, inb, eps, dtype: tl.constexpr, BLIND: tl.constexpr):
     """``dN = dO / den`` (rounded to the product dtype) and ``d(out)/d(den) = -rowsum(dN * O)``
-    computed from that same rounded dN, so that ``dN . (v - o)`` cancels exactly."""
+    computed from that same rounded dN, so that ``dN . (v - o)`` cancels exactly. BLIND (packed
+    rows): ``dN = 0`` where the normaliser was floored at eps, i.e. for queries that see no key
+    (whose output is 0); without segments the host zeroes their dO instead (``_blind_queries``)."""
     do = tl.load(DO + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
     o = tl.load(O + ptr, mask=inb[:, None], other=0.0).to(tl.float32)
     den = tl.load(DEN_ROW + rows, mask=inb, other=1.0)
-    dn_c = (do / den[:, None]).to(dtype)
+    dn = do / den[:, None]
+    if BLIND:
+        dn = tl.where((den > eps)[:, None], dn, 0.0)
+    dn_c = dn.to(dtype)
     ddn = tl.where(den > eps, -tl.sum(dn_c.to(tl.float32) * o, axis=1), 0.0)
     return dn_c, ddn
 
@@ -315,6 +320,96 @@ def _tile_segments(TAB, b, row0, L, T: tl.constexpr):
     # short: a first or last segment that is not long, or any segment in between
     has_short = live & (~first_long | ((ls != fs) & ~last_long) | (fe + 1 < ls))
     return fs, fe, ls, first_long, last_long, has_short
+
+
+@triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min2(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _seg_max2(v1, f1, v2, f2):
+    """Segmented running max: a set flag starts a new segment."""
+    return tl.where(f2, v2, tl.maximum(v1, v2)), f1 | f2
+
+
+# --------------------------------------------------------------------------------------------- #
+# packed rows: segment layout and per-segment key shifts (one program per row, two walks over L)
+# --------------------------------------------------------------------------------------------- #
+@triton.jit
+def _segment_layout_kernel(IDS, LAB, TAB, L, BLOCK: tl.constexpr, T: tl.constexpr):
+    """Per batch row: ``LAB`` int32 = the index of each position's run of equal ids, and ``TAB
+    (n_tiles, 4)`` = first and last row of each tile's first segment, then of its last one (a forward
+    walk for starts, a backward walk for ends, each a scan per block with a carry). The backward
+    walk indexes its blocks in descending order and scans forward (no ``reverse=True`` scans)."""
+    b = tl.program_id(0).to(tl.int64)
+    ids = IDS + b * L
+    tab = TAB + b * tl.cdiv(L, T) * 4
+    label = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)  # label of the last row walked
+    start = label  # first row of the segment open at the end of the last block
+    for r0 in range(0, L, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        inb = r < L
+        new = inb & (r > 0) & (tl.load(ids + r, mask=inb) != tl.load(ids + r - 1, mask=inb & (r > 0)))
+        lab = label + tl.cumsum(new.to(tl.int32), axis=0)
+        st = tl.maximum(tl.associative_scan(tl.where(new, r, 0), 0, _max2), start)
+        tl.store(LAB + b * L + r, lab, mask=inb)
+        first = inb & (r % T == 0)
+        last = inb & ((r % T == T - 1) | (r == L - 1))
+        tl.store(tab + (r // T) * 4, st, mask=first)
+        tl.store(tab + (r // T) * 4 + 2, st, mask=last)
+        label += tl.sum(new.to(tl.int32), axis=0)
+        start = tl.max(tl.where(inb, st, 0), axis=0)
+    end = L - 1  # last row of the segment open at the start of the last block walked
+    for i in range(0, tl.cdiv(L, BLOCK)):
+        hi = L - 1 - i * BLOCK
+        r = hi - tl.arange(0, BLOCK)  # descending rows
+        inb = r >= 0
+        nxt = inb & (r < L - 1)
+        stop = inb & ((r == L - 1) | (tl.load(ids + r, mask=inb) != tl.load(ids + r + 1, mask=nxt)))
+        en = tl.minimum(tl.associative_scan(tl.where(stop, r, L), 0, _min2), end)
+        first = inb & (r % T == 0)
+        last = inb & ((r % T == T - 1) | (r == L - 1))
+        tl.store(tab + (r // T) * 4 + 1, en, mask=first)
+        tl.store(tab + (r // T) * 4 + 3, en, mask=last)
+        end = tl.min(tl.where(inb, en, L), axis=0)
+
+
+@triton.jit
+def _segment_max_kernel(X, LAB, OUT, H, L, fill, BLOCK: tl.constexpr):
+    """Per row of ``(B*H, L)``: ``OUT = `` the max of ``X`` over each position's segment (``fill``
+    where it is ``_NEG``: a segment of padding only). A forward walk takes the running max within
+    segments (carried across blocks), a backward walk spreads each segment's last value back."""
+    bh = tl.program_id(0)
+    lab = LAB + (bh // H).to(tl.int64) * L
+    x_row = X + bh.to(tl.int64) * L
+    out = OUT + bh.to(tl.int64) * L
+    run = tl.max(tl.full([BLOCK], _NEG_K, tl.float32), axis=0)
+    for r0 in range(0, L, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        inb = r < L
+        x = tl.load(x_row + r, mask=inb, other=_NEG_K)
+        new = tl.load(lab + r, mask=inb) != tl.load(lab + r - 1, mask=inb & (r > 0), other=-1)
+        v, _ = tl.associative_scan((x, new), 0, _seg_max2)
+        v = tl.where(tl.cumsum(new.to(tl.int32), axis=0) == 0, tl.maximum(v, run), v)  # the open one
+        tl.store(out + r, v, mask=inb)
+        run = tl.max(tl.where(r == tl.minimum(r0 + BLOCK, L) - 1, v, _NEG_K), axis=0)
+    run = tl.max(tl.full([BLOCK], _NEG_K, tl.float32), axis=0)
+    for i in range(0, tl.cdiv(L, BLOCK)):
+        hi = L - 1 - i * BLOCK
+        r = hi - tl.arange(0, BLOCK)  # descending rows: a forward scan walks them backwards
+        inb = r >= 0
+        v = tl.load(out + r, mask=inb, other=_NEG_K)
+        stop = tl.load(lab + r, mask=inb) != tl.load(lab + r + 1, mask=inb & (r < L - 1), other=-1)
+        w, _ = tl.associative_scan((v, stop), 0, _seg_max2)
+        w = tl.where(tl.cumsum(stop.to(tl.int32), axis=0) == 0, tl.maximum(w, run), w)  # the open segment
+        tl.store(out + r, tl.where(w > _NEG_K / 2, w, fill), mask=inb)
+        run = tl.max(tl.where(r == tl.maximum(hi - BLOCK + 1, 0), w, _NEG_K), axis=0)
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -497,7 +592,7 @@ def _seg_state_kernel(
         if QUERY:
             x = tl.load(X + ptr, mask=valid[:, None], other=0.0)
             c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
-            val, zw = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, X.dtype.element_ty)
+            val, zw = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, X.dtype.element_ty, True)
             phi = tl.where(inb[:, None], _features(_proj(x, whi, wlo, SPLIT_W), c_row, SOFTMAX), 0.0)
         else:
             x = tl.load(X + ptr, mask=valid[:, None], other=0.0)
@@ -689,7 +784,7 @@ def _bid_query_state_kernel(
         rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
         c_row = _row_shift(ROWC + bh.to(tl.int64) * L, rows, inb, SOFTMAX)
-        dn_c, ddn = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
+        dn_c, ddn = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty, False)
         phi_q = tl.where(inb[:, None], _features(_proj(q, whi, wlo, SPLIT_W), c_row, SOFTMAX), 0.0)
         g += tl.dot(tl.trans(phi_q.to(dn_c.dtype)), dn_c)
         gz += tl.sum(phi_q * ddn[:, None], axis=0)
@@ -738,7 +833,7 @@ def _bid_dq_kernel(
         rows, inb, valid, ptr = _tile(PAD, b, base, start + t0, L, T, D, HAS_PAD)
         q = tl.load(Q + ptr, mask=valid[:, None], other=0.0)
         c_row = _row_shift(ROWC + bh.to(tl.int64) * L, rows, inb, SOFTMAX)
-        dn_c, ddn = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty)
+        dn_c, ddn = _dn(DO, O, DEN + bh.to(tl.int64) * L, rows, ptr, inb, eps, Q.dtype.element_ty, HAS_SEG)
         dq = tl.zeros([T, D], dtype=tl.float32)
         if HAS_SEG:
             first_long, last_long, in_f, in_l, slot_f, slot_l = _long_segments(
@@ -973,7 +1068,7 @@ def _bid_short_bwd_kernel(
         k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
         v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
         c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
-        dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, v.dtype)
+        dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, v.dtype, True)
         gk = _seg_key_shift(GKR, row_base, rows, inb, SOFTMAX)
         live = same & valid[None, :]  # (T query, T key)
         p = tl.where(live, tl.dot(dn_c, tl.trans(v)) + ddn[:, None], 0.0).to(v.dtype)
@@ -1289,7 +1384,7 @@ def _causal_dq_kernel(
             k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
             v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
             c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
-            dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, Q.dtype.element_ty)
+            dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, Q.dtype.element_ty, HAS_SEG)
             if HAS_SEG:
                 lab = _labels(LAB, b, rows, inb, L)
                 last = _label_at(LAB, b, start + t0 + T - 1, L)
@@ -1401,7 +1496,7 @@ def _causal_dkv_kernel(
             k = tl.load(K + ptr, mask=valid[:, None], other=0.0)
             v = tl.load(V + ptr, mask=valid[:, None], other=0.0)
             c_row = _row_shift(ROWC + row_base, rows, inb, SOFTMAX)
-            dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, v.dtype)
+            dn_c, ddn = _dn(DO, O, DEN + row_base, rows, ptr, inb, eps, v.dtype, HAS_SEG)
             if HAS_SEG:
                 lab = _labels(LAB, b, rows, inb, L)
                 first = _label_at(LAB, b, row0, L)
@@ -1674,30 +1769,15 @@ def _scratch(out: Tensor, p: _Plan) -> Tensor:
     return torch.empty(out.shape, device=out.device, dtype=torch.float32)
 
 
-def _segment_bounds(lab: Tensor) -> tuple[Tensor, Tensor]:
-    """``(B, L)`` labels -> the first and last row of each position's segment, ``(B, L)`` int64 each."""
-    b, length = lab.shape
-    pos = torch.arange(length, device=lab.device).expand(b, length)
-    change = lab[:, 1:] != lab[:, :-1]
-    new = torch.nn.functional.pad(change, (1, 0), value=True)
-    ends = torch.nn.functional.pad(change, (0, 1), value=True)
-    start = torch.where(new, pos, 0).cummax(dim=1).values
-    end = torch.where(ends, pos, length).flip(1).cummin(dim=1).values.flip(1)
-    return start, end
-
-
-def _segment_layout(segment_ids: Tensor, length: int, tile: int) -> tuple[Tensor, Tensor]:
+def _segment_layout(segment_ids: Tensor, tile: int) -> tuple[Tensor, Tensor]:
     """Packed rows: int32 labels ``(B, L)`` (runs of equal ids numbered 0, 1, ...) and the per-tile table
     ``(B, n_tiles, 4)`` = first row, last row of the tile's first segment, then of its last segment
-    (the bidirectional kernels' long / short segments and state slots come from it)."""
-    from protein_lm.attention.segments import segment_labels
-
-    lab = segment_labels(segment_ids, length)
-    start, end = _segment_bounds(lab)
-    first = torch.arange(0, length, tile, device=lab.device)
-    last = (first + tile).clamp(max=length) - 1
-    tab = torch.stack([start[:, first], end[:, first], start[:, last], end[:, last]], dim=-1)
-    return lab.to(torch.int32).contiguous(), tab.to(torch.int32).contiguous()
+    (the bidirectional kernels' long / short segments and state slots come from it). One launch."""
+    b, length = segment_ids.shape
+    lab = torch.empty(b, length, device=segment_ids.device, dtype=torch.int32)
+    tab = torch.empty(b, _cdiv(length, tile), 4, device=segment_ids.device, dtype=torch.int32)
+    _launch("_segment_layout_kernel", _segment_layout_kernel, b, segment_ids, lab, tab, length, 1024, tile)
+    return lab, tab
 
 
 def _segment_key_shifts(k, pad_t, whi, wlo, lab, p: _Plan, has_pad: bool, split_w: bool) -> Tensor:
@@ -1708,10 +1788,9 @@ def _segment_key_shifts(k, pad_t, whi, wlo, lab, p: _Plan, has_pad: bool, split_
     args = (k, pad_t, whi, wlo, km, p.H, p.L, p.walk_split, p.n_walk, p.lg_sqrt_m, p.hk2)
     shape = dict(D=p.D, M=p.M, BM=p.BM, T=p.T, SPLIT_W=split_w, HAS_PAD=has_pad, KEYS=True)
     _launch("_rowmax_kernel", _rowmax_kernel, p.BH * p.n_walk, *args, **shape, **p.cfg)
-    idx = lab.to(torch.int64)[:, None].expand(p.B, p.H, p.L).reshape(p.BH, p.L)
-    seg_max = torch.full_like(km, _NEG).scatter_reduce_(1, idx, km, "amax").gather(1, idx)
-    # a segment of padding only: any finite shift will do
-    return torch.where(seg_max > _NEG / 2, seg_max, p.lg_sqrt_m).contiguous()
+    gk = torch.empty_like(km)  # a segment of padding only gets a finite shift (any will do)
+    _launch("_segment_max_kernel", _segment_max_kernel, p.BH, km, lab, gk, p.H, p.L, p.lg_sqrt_m, 1024)
+    return gk
 
 
 def _key_states(k, v, pad, whi, wlo, p: _Plan, common: dict, zero: tuple | None = None, seg=(None, None)):
@@ -1933,21 +2012,15 @@ def _bytes(pad: Tensor | None) -> Tensor | None:
     return None if pad is None else pad.view(torch.uint8)  # Triton loads the bool mask as bytes
 
 
-def _output_grad(
-    do: Tensor, o: Tensor, pad: Tensor | None, causal: bool, lab: Tensor | None = None
-) -> Tensor:
-    """dO as the backward kernels take it (``lab``: packed rows' segment labels)."""
-    if pad is not None:
+def _output_grad(do: Tensor, o: Tensor, pad: Tensor | None, causal: bool, packed: bool = False) -> Tensor:
+    """dO as the backward kernels take it (``packed``: the kernels zero dN of blind queries)."""
+    if pad is not None and not packed:
         # Queries that see no real key (leading padding under a causal mask, or a row that is all
         # padding) have output 0 and, in exact arithmetic, zero gradient: their normaliser is 0,
         # floored at eps. Their dO / eps (up to 1e30 * dO) would otherwise amplify bf16 rounding
         # into garbage dk/dv (measured on an H100: 26-29% error with leading padding).
-        do = do.masked_fill(_blind_queries(pad, causal, lab)[:, None, :, None], 0)
+        do = do.masked_fill(_blind_queries(pad, causal)[:, None, :, None], 0)
     return do.to(o.dtype).contiguous()
-
-
-def _seg_or_none(lab: Tensor | None, tab: Tensor | None) -> tuple | None:
-    return None if lab is None else (lab, tab)
 
 
 class _FavorEager(torch.autograd.Function):
@@ -1955,12 +2028,12 @@ class _FavorEager(torch.autograd.Function):
     the launches themselves (a Performer step is host-bound on a fast GPU)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, projection, pad, lab, tab, opts):  # type: ignore[override]
+    def forward(ctx, q, k, v, projection, pad, segment_ids, opts):  # type: ignore[override]
         p, precision = _plan(q, projection, opts)
         whi, wlo, wg, split_w = _weights(projection, q.dtype, p, precision)
-        seg = _seg_or_none(lab, tab)
+        seg = None if segment_ids is None else _segment_layout(segment_ids, p.T)
         o, den, rowc, s0, z0, gk = _forward(q, k, v, _bytes(pad), whi, wlo, split_w, p, seg)
-        ctx.save_for_backward(q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, pad, lab, tab)
+        ctx.save_for_backward(q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, pad, *(seg or (None, None)))
         ctx.plan, ctx.split_w = p, split_w
         return o
 
@@ -1969,27 +2042,11 @@ class _FavorEager(torch.autograd.Function):
     def backward(ctx, do):  # type: ignore[override]
         q, k, v, o, den, rowc, s0, z0, gk, whi, wlo, wg, pad, lab, tab = ctx.saved_tensors
         p = ctx.plan
-        do = _output_grad(do, o, pad, p.causal, lab)
-        dq, dk, dv = _backward(
-            q,
-            k,
-            v,
-            o,
-            do,
-            den,
-            rowc,
-            _bytes(pad),
-            whi,
-            wlo,
-            wg,
-            ctx.split_w,
-            s0,
-            z0,
-            gk,
-            p,
-            _seg_or_none(lab, tab),
-        )
-        return dq, dk, dv, None, None, None, None, None
+        seg = None if lab is None else (lab, tab)
+        do = _output_grad(do, o, pad, p.causal, packed=seg is not None)
+        args = (q, k, v, o, do, den, rowc, _bytes(pad), whi, wlo, wg, ctx.split_w, s0, z0, gk, p, seg)
+        dq, dk, dv = _backward(*args)
+        return dq, dk, dv, None, None, None, None
 
 
 # Under torch.compile the same kernels are two registered ops, opaque to Dynamo and Inductor, so a
@@ -1999,19 +2056,19 @@ class _FavorEager(torch.autograd.Function):
     f"{_NS}::{_OP}_fwd",
     mutates_args=(),
     schema=(
-        "(Tensor q, Tensor k, Tensor v, Tensor projection, Tensor? pad, Tensor? lab, Tensor? tab, "
+        "(Tensor q, Tensor k, Tensor v, Tensor projection, Tensor? pad, Tensor? segment_ids, "
         f"{_OPTS}) -> Tensor[]"
     ),
 )
-def _forward_op(q, k, v, projection, pad, lab, tab, *opts):
-    """``[o, den, rowc, s0, z0, gk, projection copy]``: the output and what backward needs (``pad``
-    bool, True at padding; ``lab``, ``tab``: packed rows' labels and tile table, see
+def _forward_op(q, k, v, projection, pad, segment_ids, *opts):
+    """``[o, den, rowc, s0, z0, gk, projection copy]`` and, for packed rows, ``lab, tab``: the output
+    and what backward needs (``pad`` bool, True at padding; ``lab``, ``tab``: see
     ``_segment_layout``). The copy keeps backward right if the projection is redrawn in between
     (a copy made outside the op could be recomputed from the redrawn buffer by the partitioner)."""
     p, precision = _plan(q, projection, opts)
     whi, wlo, _, split_w = _weights(projection, q.dtype, p, precision)
-    seg = _seg_or_none(lab, tab)
-    return [*_forward(q, k, v, _bytes(pad), whi, wlo, split_w, p, seg), projection.clone()]
+    seg = None if segment_ids is None else _segment_layout(segment_ids, p.T)
+    return [*_forward(q, k, v, _bytes(pad), whi, wlo, split_w, p, seg), projection.clone(), *(seg or ())]
 
 
 @_forward_op.register_fake
@@ -2021,8 +2078,7 @@ def _forward_fake(
     v,
     projection,
     pad,
-    lab,
-    tab,
+    segment_ids,
     kernel,
     causal,
     eps,
@@ -2035,24 +2091,25 @@ def _forward_fake(
 ):
     b, h, length, d = q.shape
     m = projection.shape[0]
+    packed = segment_ids is not None
     f32 = dict(device=q.device, dtype=torch.float32)
     if causal:  # per-split states entering each split (float32); sizes may be symbolic in L
         slices = m // _slice_width(m, slice_m)
         n_split = _causal_splits(length, b * h, slices, tile, walk_split, deterministic, q.device)[1]
         s0, z0 = q.new_empty(b * h, n_split, m, d, **f32), q.new_empty(b * h, n_split, m, **f32)
-    elif lab is not None:  # packed rows: one slot per tile, S in the input dtype
+    elif packed:  # one state slot per tile, S in the input dtype
         n_tiles = _cdiv(length, tile)
         s0, z0 = q.new_empty(b * h, n_tiles, m, d), q.new_empty(b * h, n_tiles, m, **f32)
     else:  # summed states, S in the input dtype
         s0, z0 = q.new_empty(b * h, m, d), q.new_empty(b * h, m, **f32)
     rows = q.new_empty(b * h, length, **f32)
-    # per-row key shifts for packed softmax rows, else one per (batch, head)
-    gk = (
-        q.new_empty(b * h, length, **f32)
-        if lab is not None and kernel == "softmax"
-        else q.new_empty(b * h, **f32)
-    )
-    return [torch.empty_like(v), rows, torch.empty_like(rows), s0, z0, gk, torch.empty_like(projection)]
+    # key shifts: per row for packed softmax rows, else one per (batch, head)
+    gk = q.new_empty(b * h, length, **f32) if packed and kernel == "softmax" else q.new_empty(b * h, **f32)
+    out = [torch.empty_like(v), rows, torch.empty_like(rows), s0, z0, gk, torch.empty_like(projection)]
+    if packed:  # labels and tile table
+        i32 = dict(device=q.device, dtype=torch.int32)
+        out += [q.new_empty(b, length, **i32), q.new_empty(b, _cdiv(length, tile), 4, **i32)]
+    return out
 
 
 @torch.library.custom_op(
@@ -2068,7 +2125,7 @@ def _backward_op(q, k, v, o, do, den, rowc, s0, z0, gk, projection, pad, lab, ta
     """``dq, dk, dv`` (recomputes the features; the weights are re-derived from the projection)."""
     p, precision = _plan(q, projection, opts)
     whi, wlo, wg, split_w = _weights(projection, q.dtype, p, precision)
-    seg = _seg_or_none(lab, tab)
+    seg = None if lab is None else (lab, tab)
     return _backward(q, k, v, o, do, den, rowc, _bytes(pad), whi, wlo, wg, split_w, s0, z0, gk, p, seg)
 
 
@@ -2078,37 +2135,32 @@ def _backward_fake(q, k, v, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, _, pad, lab, tab = inputs[:7]
-    o, den, rowc, s0, z0, gk, projection = output
+    q, k, v, _, pad = inputs[:5]
+    o, den, rowc, s0, z0, gk, projection = output[:7]
+    lab, tab = output[7:] if len(output) > 7 else (None, None)
     ctx.save_for_backward(q, k, v, o, den, rowc, s0, z0, gk, projection, pad, lab, tab)
-    ctx.mark_non_differentiable(den, rowc, s0, z0, gk, projection)
-    ctx.opts = inputs[7:]
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.opts = inputs[6:]
 
 
 def _op_backward(ctx, grads):
     q, k, v, o, den, rowc, s0, z0, gk, projection, pad, lab, tab = ctx.saved_tensors
-    do = _output_grad(grads[0], o, pad, ctx.opts[1], lab)  # grads of the other outputs: unused
+    packed = lab is not None
+    do = _output_grad(grads[0], o, pad, ctx.opts[1], packed)  # grads of the other outputs: unused
     args = (q, k, v, o, do, den, rowc, s0, z0, gk, projection, pad, lab, tab)
     dq, dk, dv = _backward_op(*args, *ctx.opts)
-    return (dq, dk, dv) + (None,) * (len(ctx.opts) + 4)
+    return (dq, dk, dv) + (None,) * (len(ctx.opts) + 3)
 
 
 # No double backward: the backward op has no autograd of its own.
 _forward_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def _blind_queries(pad: Tensor, causal: bool, lab: Tensor | None = None) -> Tensor:
-    """``(B, L)`` bool: query positions with no real key to attend to (``pad`` bool, True at padding;
-    ``lab``: packed rows' segment labels, whose keys are those of the query's own segment)."""
+def _blind_queries(pad: Tensor, causal: bool) -> Tensor:
+    """``(B, L)`` bool: query positions with no real key to attend to (``pad`` bool, True at padding)."""
     real = ~pad
-    if lab is None:
-        visible = real.cumsum(dim=1) if causal else real.sum(dim=1, keepdim=True).expand_as(real)
-        return visible == 0
-    count = real.to(torch.int64).cumsum(dim=1)  # real keys up to each row (integers: exact)
-    start, end = _segment_bounds(lab)
-    before = (count - real.to(torch.int64)).gather(1, start)  # real keys before the segment
-    upto = count if causal else count.gather(1, end)
-    return upto == before
+    visible = real.cumsum(dim=1) if causal else real.sum(dim=1, keepdim=True).expand_as(real)
+    return visible == 0
 
 
 def _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps, segment_ids=None):
@@ -2195,13 +2247,17 @@ def favor_attention_triton(
             raise ValueError("key_padding_mask must be bool (B, L), True at padding")
         pad = key_padding_mask.contiguous()
     _check_options(m, tile, state_split, walk_split, slice_m)  # before tracing: callers may fall back
-    lab = tab = None
     if segment_ids is not None:
-        if segment_ids.shape != (q.shape[0], q.shape[2]):
+        shape = (q.shape[0], q.shape[2])
+        if (
+            segment_ids.shape != shape
+            or segment_ids.dtype.is_floating_point
+            or segment_ids.dtype == torch.bool
+        ):
             raise ValueError(
-                f"segment_ids must be (B, L) = {(q.shape[0], q.shape[2])}, got {tuple(segment_ids.shape)}"
+                f"segment_ids must be an integer {shape} = (B, L) tensor, got {segment_ids.dtype} {tuple(segment_ids.shape)}"
             )
-        lab, tab = _segment_layout(segment_ids.to(q.device), q.shape[2], tile)
+        segment_ids = segment_ids.to(q.device).contiguous()
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     opts = (
@@ -2216,7 +2272,7 @@ def favor_attention_triton(
         deterministic,
     )
     if torch.compiler.is_compiling():
-        out = _forward_op(q, k, v, projection.detach(), pad, lab, tab, *opts)[0]
+        out = _forward_op(q, k, v, projection.detach(), pad, segment_ids, *opts)[0]
     else:
-        out = _FavorEager.apply(q, k, v, projection.detach(), pad, lab, tab, opts)
+        out = _FavorEager.apply(q, k, v, projection.detach(), pad, segment_ids, opts)
     return out.to(dtype)
