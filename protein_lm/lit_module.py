@@ -57,7 +57,7 @@ from protein_lm.attention.adaptive_span import span_statistics
 from protein_lm.errors import UserError
 from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
 from protein_lm.model import ModelConfig, ProteinLM
-from protein_lm.optimizers import MuonAdamW, fused_adamw, split_for_muon
+from protein_lm.optimizers import MuonAdamW, split_for_muon
 from protein_lm.schedules import SCHEDULES, TrainClock, time_warmup_decay, warmup_decay
 
 Objective = Literal["mlm", "causal"]
@@ -454,10 +454,9 @@ class ProteinLMModule(pl.LightningModule):
         groups = param_groups(self.model, hp.weight_decay)
         if hp.optimizer == "muon":
             optimizer: torch.optim.Optimizer = MuonAdamW(split_for_muon(groups), lr=hp.lr, betas=tuple(hp.betas),
-                                                         eps=hp.eps, fused=fused_adamw(self.model))
+                                                         eps=hp.eps)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
-                                          fused=fused_adamw(self.model))
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         total = hp.max_steps
         if total is None and self.trainer is not None:
             estimate = self.trainer.estimated_stepping_batches

@@ -32,11 +32,10 @@ class MuonAdamW(torch.optim.Optimizer):
         betas: AdamW betas.
         eps: AdamW epsilon.
         momentum: Muon momentum.
-        fused: AdamW's one-kernel CUDA implementation (see :func:`fused_adamw`).
     """
 
     def __init__(self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float] = (0.9, 0.98),
-                 eps: float = 1e-8, momentum: float = 0.95, fused: bool | None = None) -> None:
+                 eps: float = 1e-8, momentum: float = 0.95) -> None:
         muon_groups = [g for g in groups if g.get("muon")]
         adam_groups = [g for g in groups if not g.get("muon")]
         self.inner: list[torch.optim.Optimizer] = []
@@ -44,7 +43,7 @@ class MuonAdamW(torch.optim.Optimizer):
             self.inner.append(torch.optim.Muon(muon_groups, lr=lr, momentum=momentum,
                                                adjust_lr_fn="match_rms_adamw"))
         if adam_groups:
-            self.inner.append(torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=eps, fused=fused))
+            self.inner.append(torch.optim.AdamW(adam_groups, lr=lr, betas=betas, eps=eps))
         # The inner optimisers' group dicts, shared (not copied): an LR change reaches them.
         super().__init__([g for opt in self.inner for g in opt.param_groups], {})
 
@@ -89,14 +88,3 @@ def split_for_muon(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({**group, "params": others})
     return out
 
-
-def fused_adamw(module: torch.nn.Module) -> bool | None:
-    """``True`` when every parameter is a plain CUDA tensor, else ``None`` (torch's default).
-
-    The fused AdamW step is a few kernels for all parameters instead of a launch series per tensor
-    group: for models of ~10 M parameters the optimiser's host time was a large part of a step.
-    Sharded (DTensor) or CPU parameters keep torch's default implementation.
-    """
-    params = list(module.parameters())
-    plain = all(type(p) is torch.nn.Parameter and p.is_cuda for p in params)
-    return True if params and plain else None
