@@ -248,13 +248,14 @@ TRITON_ROWS = [([3, 1, 1, 9, 12, 1, 20, 5], None), ([40, 6, 1, 2], 9)]
 TRITON_LENGTH = 70
 
 
-def _triton_vs_explicit(kernel, causal, deterministic) -> dict:
+def _triton_vs_explicit(kernel, causal, deterministic, precision=None) -> dict:
     ids, pad = _batch(TRITON_ROWS, TRITON_LENGTH)
     q, k, v, do = _qkv(
         2, 2, TRITON_LENGTH, 16, seed=20 + 2 * causal + (kernel == "relu"), dtype=torch.float32
     )
     w = draw_projection(32, 16, generator=torch.Generator().manual_seed(21))
-    got = _triton_grads(q, k, v, do, w, kernel, causal, pad, ids, deterministic=deterministic, **GEOMETRY)
+    kw = dict(deterministic=deterministic, logit_precision=precision, **GEOMETRY)
+    got = _triton_grads(q, k, v, do, w, kernel, causal, pad, ids, **kw)
     ref_ins = [t.double().requires_grad_() for t in (q, k, v)]
     ref = explicit_reference(*ref_ins, w.double(), kernel, causal, pad, ids)
     ref.backward(do.double())
@@ -426,6 +427,8 @@ def _interpret_all() -> dict:
             for det in (False, True) if causal else (False,):
                 res[f"explicit-{kernel}-{causal}-{det}"] = _triton_vs_explicit(kernel, causal, det)
     for causal in (False, True):
+        # the hi/lo split projection of bf16 inputs (float32 here: the interpreter cannot multiply bf16)
+        res[f"explicit-split-{causal}"] = _triton_vs_explicit("softmax", causal, False, "split")
         res[f"separate-{causal}"] = _triton_packed_vs_separate("softmax", causal)
         res[f"one-{causal}"] = _triton_one_segment(causal)
         res[f"quiet-{causal}"] = _triton_quiet_segment(causal)
@@ -457,6 +460,14 @@ TRITON_CASES = [
 )
 def test_interpreted_kernels_match_explicit_reference(interpreted, case):
     r = interpreted["explicit-{}-{}-{}".format(*case)]
+    assert r["finite"]
+    for key in ("out", "dq", "dk", "dv"):
+        assert r[key] < 1e-5, (key, r)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreted_split_projection_with_segments(interpreted, causal):
+    r = interpreted[f"explicit-split-{causal}"]
     assert r["finite"]
     for key in ("out", "dq", "dk", "dv"):
         assert r[key] < 1e-5, (key, r)
