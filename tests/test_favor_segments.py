@@ -248,13 +248,14 @@ TRITON_ROWS = [([3, 1, 1, 9, 12, 1, 20, 5], None), ([40, 6, 1, 2], 9)]
 TRITON_LENGTH = 70
 
 
-def _triton_vs_explicit(kernel, causal, deterministic) -> dict:
+def _triton_vs_explicit(kernel, causal, deterministic, precision=None) -> dict:
     ids, pad = _batch(TRITON_ROWS, TRITON_LENGTH)
     q, k, v, do = _qkv(
         2, 2, TRITON_LENGTH, 16, seed=20 + 2 * causal + (kernel == "relu"), dtype=torch.float32
     )
     w = draw_projection(32, 16, generator=torch.Generator().manual_seed(21))
-    got = _triton_grads(q, k, v, do, w, kernel, causal, pad, ids, deterministic=deterministic, **GEOMETRY)
+    kw = dict(deterministic=deterministic, logit_precision=precision, **GEOMETRY)
+    got = _triton_grads(q, k, v, do, w, kernel, causal, pad, ids, **kw)
     ref_ins = [t.double().requires_grad_() for t in (q, k, v)]
     ref = explicit_reference(*ref_ins, w.double(), kernel, causal, pad, ids)
     ref.backward(do.double())
@@ -348,8 +349,8 @@ def _triton_compiled(causal) -> dict:
 
     from protein_lm.attention.kernels import favor_triton as ft
 
-    ids, pad = _batch(TRITON_ROWS, TRITON_LENGTH)
-    q, k, v, do = _qkv(2, 1, TRITON_LENGTH, 16, seed=31, dtype=torch.float32)
+    ids, pad = _batch([([3, 1, 20, 6], None)], 40)  # short and long segments, trailing padding
+    q, k, v, do = _qkv(1, 1, 40, 16, seed=31, dtype=torch.float32)
     w = draw_projection(32, 16, generator=torch.Generator().manual_seed(32))
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(
@@ -372,11 +373,11 @@ def _triton_compiled(causal) -> dict:
 
 def _layout_and_segment_max() -> dict:
     """The kernels' segment layout (labels, per-tile first / last segment bounds) and per-segment max
-    against loops over the rows, with blocks of 1024 rows crossed by segments (L = 2500)."""
+    against loops over the rows, with blocks of 1024 rows crossed by segments (L = 2100)."""
     from protein_lm.attention.kernels.favor_triton import _segment_layout, _segment_max_kernel
 
     g = torch.Generator().manual_seed(33)
-    length, tile = 2500, 16
+    length, tile = 2100, 16
     ids = torch.stack(
         [
             torch.randint(0, 3, (length,), generator=g).bool().cumsum(0) * 7,  # many short runs
@@ -426,6 +427,8 @@ def _interpret_all() -> dict:
             for det in (False, True) if causal else (False,):
                 res[f"explicit-{kernel}-{causal}-{det}"] = _triton_vs_explicit(kernel, causal, det)
     for causal in (False, True):
+        # the hi/lo split projection of bf16 inputs (float32 here: the interpreter cannot multiply bf16)
+        res[f"explicit-split-{causal}"] = _triton_vs_explicit("softmax", causal, False, "split")
         res[f"separate-{causal}"] = _triton_packed_vs_separate("softmax", causal)
         res[f"one-{causal}"] = _triton_one_segment(causal)
         res[f"quiet-{causal}"] = _triton_quiet_segment(causal)
@@ -457,6 +460,14 @@ TRITON_CASES = [
 )
 def test_interpreted_kernels_match_explicit_reference(interpreted, case):
     r = interpreted["explicit-{}-{}-{}".format(*case)]
+    assert r["finite"]
+    for key in ("out", "dq", "dk", "dv"):
+        assert r[key] < 1e-5, (key, r)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_interpreted_split_projection_with_segments(interpreted, causal):
+    r = interpreted[f"explicit-split-{causal}"]
     assert r["finite"]
     for key in ("out", "dq", "dk", "dv"):
         assert r[key] < 1e-5, (key, r)
@@ -592,3 +603,21 @@ def _check_deterministic(causal, **case):
     for a, b, c in zip(first, second, fast, strict=True):
         assert torch.equal(a, b)
         assert _rel(a, c) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_favor_module_passes_segments_to_triton(causal):
+    """FavorAttention(backend="triton") with segments: the fused kernels run (no fallback warning)
+    and agree with backend="torch"."""
+    import warnings
+
+    att = FavorAttention(64, 256, causal=causal, backend="triton", seed=0).cuda()
+    ref = FavorAttention(64, 256, causal=causal, backend="torch", seed=0).cuda()
+    ids, pad = (t.cuda() for t in _batch([([300, 5, 700, 20], None), ([1000, 24], 7)], 1100))
+    q, k, v = (torch.randn(2, 4, 1100, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = att(q, k, v, pad, ids)
+    real = (~pad)[:, None, :, None]
+    assert _rel(out.float() * real, ref(q, k, v, pad, ids).float() * real) < 2e-2

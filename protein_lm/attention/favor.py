@@ -2,9 +2,9 @@
 
 ``out = D^-1 phi(Q) (phi(K)^T V)`` with ``D = diag(phi(Q) phi(K)^T 1)`` (bidirectional) or its
 prefix-sum version (causal, see :mod:`protein_lm.attention.causal`). The L x L matrix is never
-formed. Packed rows (``segment_ids``) keep attention inside each segment
-(:mod:`protein_lm.attention.segments`). The normaliser is ``max(D, eps)`` with a tiny ``eps`` (1e-30): for any normaliser above
+formed. The normaliser is ``max(D, eps)`` with a tiny ``eps`` (1e-30): for any normaliser above
 ``eps`` the output is exactly the ratio (no bias), and one that underflowed cannot give 0/0 = NaN.
+Packed rows (``segment_ids``) keep attention inside each segment (:mod:`protein_lm.attention.segments`).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def _segmented(phi_q, phi_k, v, segment_ids, window: str, eps: float, chunk_size
     """Normalised segmented linear attention (padded keys and values already zeroed); the normaliser
     rides along as an all-ones value column, as in :func:`favor_causal`. Short rows take the
     quadratic form, masked by segment equality (``L <= ~M*D/(M+D)``, like the bidirectional path)."""
-    labels = segment_labels(segment_ids, phi_q.shape[-2])
+    labels = segment_labels(segment_ids, phi_q.shape[-2]).to(phi_q.device)
     length, m, d = phi_q.shape[-2], phi_q.shape[-1], v.shape[-1]
     if length * (m + d) < 2 * m * d:
         allowed = labels[:, None, :, None] == labels[:, None, None, :]  # (B,1,L,L)

@@ -154,7 +154,7 @@ def softmax_features(
             if segment_ids is None:
                 shift = row_max.amax(dim=-2, keepdim=True)  # (B,H,1,1): one shift over real keys
             else:  # (B,H,L,1): the max over the real keys of each position's segment
-                labels = segment_labels(segment_ids, x.shape[-2])
+                labels = segment_labels(segment_ids, x.shape[-2]).to(x.device)
                 shift = segment_amax(row_max[..., 0], labels)[..., None]
             # A (batch, head) or segment whose keys are all padding: any finite shift will do.
             shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))

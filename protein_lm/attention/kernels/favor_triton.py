@@ -60,6 +60,25 @@ Between kernels, the per-split partial sums (``(B*H, splits, M, D)``) are combin
 sum in PyTorch (bidirectional) or ``_exclusive_scan_kernel``'s prefix / suffix scan (causal). Backward
 recomputes everything from ``q, k, v, out`` and the per-row normaliser and shift.
 
+Packed rows (``segment_ids``; every branch behind the ``HAS_SEG`` constexpr or in kernels of their
+own, so without segments the kernels compile to the code they had before):
+
+* ``_segment_layout_kernel``: labels (runs of equal ids) and, per 64-row tile, the first / last row
+  of its first and last segment. ``_rowmax_kernel`` (KEYS) + ``_segment_max_kernel``: one key shift
+  per segment instead of per (batch, head), as a per-row ``(B*H, L)`` array.
+* bidirectional: a segment is *long* if it reaches beyond one tile, *short* if it lies inside one.
+  At most two long segments meet a tile (its first and last), and each starts in a different tile,
+  so their states live in the slot of their start tile, ``(B*H, n_tiles, M, D)``.
+  ``_seg_state_kernel`` fills the slots (segments inside a split directly; the parts of those that
+  cross splits are summed in order by ``_seg_combine_kernel``: no atomics). The walks read one slot
+  per tile (two where long segments meet); the rows of short segments are left to
+  ``_bid_short_fwd_kernel`` / ``_bid_short_bwd_kernel``, the tile's masked quadratic form, which
+  return at once on tiles without one.
+* causal: the carried state belongs to one segment, is read by its rows only and restarts at a
+  boundary; intra-tile scores are masked to equal labels; the split scan restarts at a split that
+  holds a boundary; the split parts are the last (forward) / first (backward) segment's only.
+* queries that see no key get ``dN = 0`` in the kernels (``_dn`` BLIND), not a host-side mask.
+
 Precision: inputs bf16 (or fp32). The projection ``x W^T`` that feeds ``exp`` runs as two bf16
 products against ``W = W_hi + W_lo`` (about 16 mantissa bits) by default; ``logit_precision="bf16"``
 uses one bf16 product (faster, ~3 significant digits in the logits). Features, normalisers and all
@@ -572,7 +591,7 @@ def _seg_state_kernel(
     split's start goes to ``HEAD[split]``, of one that starts in it and crosses its end to
     ``TAIL[split]`` (float32), for ``_seg_combine_kernel``. The walk carries one open segment.
     ZERO_SLOTS: the slots of tiles where no long segment starts are zeroed (the forward returns the
-    slots from the registered op, whose outputs must be fully defined)."""
+    key slots from the registered op, whose outputs must be fully defined)."""
     NS: tl.constexpr = M // BM
     bh, sp, ms = _split_slice(n_split, NS)
     b = bh // H
