@@ -458,10 +458,10 @@ def test_gpu_favor_module_dispatches_to_triton():
     launched = []
     real_forward = favor_triton._forward
 
-    def spy(*args):
-        plan = args[-1]
+    def spy(*args, **kwargs):
+        plan = next(a for a in (*args, *kwargs.values()) if isinstance(a, favor_triton._Plan))
         launched.append(("softmax" if plan.softmax else "relu", plan.causal))
-        return real_forward(*args)
+        return real_forward(*args, **kwargs)
 
     att = FavorAttention(64, 256, causal=True, backend="triton", seed=0).cuda()
     ref = FavorAttention(64, 256, causal=True, backend="torch", seed=0).cuda()
