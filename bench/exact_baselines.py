@@ -81,7 +81,11 @@ _FLEX: Callable | None = None
 
 
 def compiled_flex() -> Callable:
-    """``flex_attention`` compiled once per process (uncompiled it materialises the scores)."""
+    """``flex_attention`` compiled once per process (uncompiled it materialises the scores).
+
+    Each new shape or mask recompiles; past ``torch._dynamo.config.recompile_limit`` the call runs the
+    unfused reference instead, so a benchmark of many shapes resets Dynamo between them.
+    """
     global _FLEX
     if _FLEX is None:
         from torch.nn.attention.flex_attention import flex_attention
