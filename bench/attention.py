@@ -49,7 +49,7 @@ def _ours_triton(kernel, causal, **opts):
 
 def packed_segments(b: int, length: int, seed: int = 0) -> torch.Tensor:
     """``(B, L)`` int32 segment ids of rows filled with protein-like lengths (log-normal, median 300,
-    capped at L), each row cut where the next protein would not fit: the shape of a packed batch."""
+    capped at L); the last protein of a row is cut to fill it, so rows hold no padding tail."""
     gen = torch.Generator().manual_seed(seed)
     seg = torch.empty(b, length, dtype=torch.int32)
     for row in range(b):

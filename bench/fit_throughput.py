@@ -165,6 +165,13 @@ def read_throughput(run_dir: Path) -> dict:
             "windows": len(rates), "peak_memory_gb": max(float(r.get("perf/peak_memory_gb") or 0) for r in rows)}
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a fit run: no wandb, unbuffered, and ``bench/`` importable (the run loads
+    :class:`StepProfiler` as ``fit_throughput.StepProfiler``)."""
+    path = os.pathsep.join(p for p in (str(REPO / "bench"), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", required=True, help="a `protein-lm prepare` token cache")
@@ -176,9 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="a torch.profiler window of 10 steady-state steps")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
-    # the fit subprocess imports StepProfiler as fit_throughput.StepProfiler
-    path = os.pathsep.join(p for p in (str(REPO / "bench"), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    env = child_env()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs:
@@ -195,9 +200,13 @@ def main(argv: list[str] | None = None) -> None:
                 row["error"] = proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"
             else:
                 row.update(read_throughput(Path(tmp) / run))
-                busy = [u for u in util if u > 0]
-                row["gpu_util_median"] = statistics.median(busy) if busy else None
-                row["gpu_util_mean"] = round(statistics.fmean(busy), 1) if busy else None
+                # idle samples count (host-bound stalls are what this shows); start-up and compile
+                # are left out by dropping the samples before the GPU first got busy and after it
+                # last was
+                busy = [i for i, u in enumerate(util) if u > 0]
+                window = util[busy[0] : busy[-1] + 1] if busy else []
+                row["gpu_util_median"] = statistics.median(window) if window else None
+                row["gpu_util_mean"] = round(statistics.fmean(window), 1) if window else None
                 prof = Path(tmp) / run / "profile.json"
                 if prof.exists():
                     row["profile"] = json.loads(prof.read_text())

@@ -87,4 +87,3 @@ def split_for_muon(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if others:
             out.append({**group, "params": others})
     return out
-

@@ -9,8 +9,9 @@ optimiser state, so :func:`protein_lm.checkpoint.read_checkpoint` (hence ``evalu
 
 Nothing in it runs code: ``meta.pt`` and the tensor files are read with ``weights_only=True``,
 and DCP's ``.metadata`` (a plain pickle) with an unpickler that builds only DCP's own metadata
-classes, ``torch.Size``, dtypes and layouts. Weights stored as pickled bytes instead of tensors
-are refused, since DCP would unpickle those without restriction.
+classes, ``torch.Size``, dtypes and layouts. Entries stored as pickled bytes instead of tensors
+are dropped from the metadata before DCP plans the load, since it would unpickle them without
+restriction.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -70,18 +72,17 @@ def read_sharded_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") 
     meta = checkpoint_meta(path)
     reader = _SafeReader(path)
     metadata = reader.read_metadata()
+    if reader.dropped_model_entries:
+        raise UserError(f"{path}: model entries stored as pickled objects, not tensors "
+                        f"({reader.dropped_model_entries[:3]}); refusing to unpickle them")
     model_keys = [k for k in metadata.state_dict_metadata if k.split(".", 1)[0] == _MODEL_KEY]
     if not model_keys:
-        raise UserError(f"{path}: sharded checkpoint without model weights")
-    not_tensors = [k for k in model_keys if not isinstance(metadata.state_dict_metadata[k], TensorStorageMetadata)]
-    if not_tensors:
-        raise UserError(f"{path}: model entries stored as pickled objects, not tensors ({not_tensors[:3]}); "
-                        "refusing to unpickle them")
+        raise UserError(f"{path}: sharded checkpoint without model weights (as tensors)")
     state: dict[str, Any] = {}
     try:
         _load_state_dict(state, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys={_MODEL_KEY}),
                          no_dist=True)
-    except (OSError, RuntimeError, ValueError, KeyError) as err:
+    except (OSError, RuntimeError, ValueError, KeyError, CheckpointException) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: cannot read the sharded checkpoint's weights ({first})") from None
     weights = {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in state[_MODEL_KEY].items()}
@@ -114,6 +115,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 class _SafeReader(FileSystemReader):
     """DCP's file reader, with the ``.metadata`` pickle read by :class:`_MetadataUnpickler`."""
 
+    dropped_model_entries: list[str] = []  # non-tensor entries the model's part of the load would read
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         file = Path(self.path) / DCP_METADATA
         try:
@@ -122,6 +125,24 @@ class _SafeReader(FileSystemReader):
             raise UserError(f"{file}: not a checkpoint's metadata ({err})") from None
         if not isinstance(metadata, Metadata):
             raise UserError(f"{file}: not a checkpoint's metadata (a {type(metadata).__name__})")
+        # Only tensors are ever loaded: drop every other entry (DCP would unpickle it without
+        # restriction), whatever key or planner path the file gives it.
+        dropped = {k for k, v in metadata.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)}
+        planner = metadata.planner_data or {}
+        self.dropped_model_entries = sorted(
+            k for k in dropped
+            if k.split(".", 1)[0] == _MODEL_KEY or (isinstance(planner.get(k), (tuple, list)) and planner.get(k)
+                                                    and planner[k][0] == _MODEL_KEY)
+        )
+        metadata.state_dict_metadata = {k: v for k, v in metadata.state_dict_metadata.items() if k not in dropped}
+        if metadata.planner_data:
+            metadata.planner_data = {k: v for k, v in metadata.planner_data.items() if k not in dropped}
+        metadata.storage_data = {i: d for i, d in (metadata.storage_data or {}).items() if i.fqn not in dropped}
+        missing = sorted({str(d.relative_path) for d in metadata.storage_data.values()
+                          if not (Path(self.path) / d.relative_path).is_file()})
+        if missing:
+            raise UserError(f"{self.path}: sharded checkpoint is incomplete (missing {', '.join(missing[:3])}); "
+                            "copy the whole directory")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id

@@ -73,7 +73,8 @@ def test_too_few_windows_is_an_error(tmp_path):
 @pytest.mark.parametrize("run", ["exact-padded", "performer-padded", "performer-packed"])
 def test_fit_commands_parse(tmp_path, run):
     cmd = fit_throughput.command(run, str(tmp_path / "cache"), 10, 4096, 1, tmp_path, True, log_every=5)
-    proc = subprocess.run([*cmd, "--print_config"], capture_output=True, text=True, cwd=REPO, check=False)
+    proc = subprocess.run([*cmd, "--print_config"], capture_output=True, text=True, cwd=REPO, check=False,
+                          env=fit_throughput.child_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ThroughputMonitor" in proc.stdout
     assert ("mode: packed" if run.endswith("packed") else "mode: single") in proc.stdout

@@ -229,6 +229,31 @@ def test_sharded_reader_refuses_weights_stored_as_pickled_objects(tmp_path):
         read_sharded_checkpoint(path)
 
 
+def test_sharded_reader_refuses_pickled_entries_whatever_their_key(tmp_path):
+    """DCP picks entries by their planner path, which the file sets: a renamed key must not slip in."""
+    from protein_lm.sharded_checkpoint import read_sharded_checkpoint
+
+    marker = tmp_path / "code_ran"
+    path = _sharded_dir(tmp_path / "ckpt", {"model.embed.weight": torch.zeros(2), "evil": _RunsCode(marker)})
+    meta_file = path / ".metadata"
+    metadata = pickle.loads(meta_file.read_bytes())
+    metadata.planner_data["evil"] = ("model", "evil")
+    meta_file.write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UserError, match="pickled objects, not tensors"):
+        read_sharded_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_incomplete_sharded_checkpoint_is_a_one_line_error(tmp_path):
+    from protein_lm.sharded_checkpoint import read_sharded_checkpoint
+
+    path = _sharded_dir(tmp_path / "ckpt", {"model.embed.weight": torch.zeros(2)})
+    for shard in path.glob("*.distcp"):
+        shard.unlink()
+    with pytest.raises(UserError, match="incomplete .*missing"):
+        read_sharded_checkpoint(path)
+
+
 class _RunsCode:
     def __init__(self, marker: Path):
         self.marker = marker
