@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from machine import cpu_name  # noqa: E402  (bench/machine.py; bench/ is on sys.path as a script)
 
-from protein_lm.datamodule import ProteinDataModule  # noqa: E402
+from protein_lm.data.datamodule import ProteinDataModule  # noqa: E402
 
 CASES = [
     # name, mode, objective, max_length, batch_size, tokens_per_batch

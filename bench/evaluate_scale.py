@@ -71,7 +71,7 @@ def main() -> None:
                "PROTEIN_LM_CACHE": str(tmp / "caches")}
         inputs = make_inputs(tmp)
         for path in inputs.values():  # caches first: the timing is of the scoring
-            subprocess.run([sys.executable, "-c", f"from protein_lm.cache import ensure_cache; "
+            subprocess.run([sys.executable, "-c", f"from protein_lm.data.cache import ensure_cache; "
                             f"ensure_cache({str(path)!r}, progress=False)"], env=env, check=True)
         results = {name: evaluate(path, env) for name, path in inputs.items()}
     report = {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),

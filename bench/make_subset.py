@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from protein_lm.cache import TokenCache  # noqa: E402
-from protein_lm.tokenizer import TOKENS  # noqa: E402
+from protein_lm.data.readers import TokenCache  # noqa: E402
+from protein_lm.data.tokenizer import TOKENS  # noqa: E402
 
 
 def main() -> None:

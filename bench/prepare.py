@@ -49,7 +49,7 @@ def run_measured(cmd: list[str] | str, shell: bool = False, env: dict | None = N
 STAGES = """
 import json, sys, time
 from pathlib import Path
-from protein_lm import fasta
+from protein_lm.data import fasta
 path = Path(sys.argv[1])
 out = {}
 for name, it in (("inflate_only", lambda: fasta._Chunks(path)),
@@ -75,8 +75,8 @@ def cache_stats(out: Path) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(REPO))
-    from protein_lm.cache import TokenCache
-    from protein_lm.tokenizer import TOKEN_TO_ID
+    from protein_lm.data.readers import TokenCache
+    from protein_lm.data.tokenizer import TOKEN_TO_ID
 
     c = TokenCache(out)
     lengths = c.lengths

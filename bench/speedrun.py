@@ -260,7 +260,7 @@ def fit_argv(args: argparse.Namespace, overrides: list[str], output_dir: Path) -
 
 def build_eval_sets(datamodule, ood: str, args: argparse.Namespace, model_max_length: int) -> dict[str, list]:
     """The fixed evaluation batches (CPU tensors): test-split subset and OOD subset, seeded masks."""
-    from protein_lm.datamodule import ProteinDataModule
+    from protein_lm.data.datamodule import ProteinDataModule
 
     length = args.eval_max_length or int(datamodule.max_length)
     if not 3 <= length <= model_max_length:

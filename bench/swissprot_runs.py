@@ -118,8 +118,8 @@ def best_checkpoint(run_dir: Path) -> Path:
 
 def write_test_fasta(cache: str, out: Path, max_sequences: int) -> Path:
     """The test split of the data module (content-hash split) as FASTA, for evaluate/analyze."""
-    from protein_lm.datamodule import ProteinDataModule
-    from protein_lm.tokenizer import TOKENS
+    from protein_lm.data.datamodule import ProteinDataModule
+    from protein_lm.data.tokenizer import TOKENS
 
     dm = ProteinDataModule(cache, mode="single", max_length=1024)
     dm.setup("test")

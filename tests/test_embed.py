@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from protein_lm.cli import main
+from protein_lm.data.readers import Protein
+from protein_lm.data.tokenizer import encode_residues
 from protein_lm.embeddings import embed_proteins, read_embeddings
-from protein_lm.inference import Protein, frame, window_starts
-from protein_lm.tokenizer import encode_residues
+from protein_lm.inference import frame, window_starts
 from tests.conftest import REPO
 from tests.helpers.tiny_models import save_tiny, tiny_model
 
@@ -121,7 +122,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case):
 
 
 def test_shipped_model_on_the_shipped_sample(tmp_path, sample_fasta):
-    from protein_lm.fasta import read_fasta
+    from protein_lm.data.fasta import read_fasta
 
     records = []
     for rec in read_fasta(sample_fasta):
@@ -147,6 +148,6 @@ def test_shipped_model_on_the_shipped_sample(tmp_path, sample_fasta):
 
 
 def _letters(tokens) -> str:
-    from protein_lm.tokenizer import TOKENS
+    from protein_lm.data.tokenizer import TOKENS
 
     return "".join(TOKENS[int(t)] for t in tokens)

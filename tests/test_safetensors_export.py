@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from protein_lm.checkpoint import load_model
 from protein_lm.cli import main
-from protein_lm.tokenizer import TOKENS
+from protein_lm.data.tokenizer import TOKENS
 from tests.helpers.tiny_models import save_tiny
 
 

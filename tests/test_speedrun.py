@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from protein_lm.datamodule import ProteinDataModule
+from protein_lm.data.datamodule import ProteinDataModule
 from protein_lm.errors import UserError
 from protein_lm.lit_module import ProteinLMModule
 from protein_lm.model import ModelConfig

@@ -1,10 +1,10 @@
-"""Unit tests of protein_lm.splits: content hashing and split assignment."""
+"""Unit tests of protein_lm.data.splits: content hashing and split assignment."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from protein_lm.splits import TEST, TRAIN, VAL, assign_splits, content_hashes
+from protein_lm.data.splits import TEST, TRAIN, VAL, assign_splits, content_hashes
 
 
 def _pack(seqs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

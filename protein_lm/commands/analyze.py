@@ -28,13 +28,12 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from protein_lm.analysis.vig import EXACT_THRESHOLD, MIN_TOTAL, VARIANTS
+from protein_lm.data.readers import read_sequences
 from protein_lm.devices import resolve_device
 from protein_lm.errors import UserError
 
@@ -120,23 +119,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_sequences(
-    path: Path, limit: int | None, on_invalid: str = "error"
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``(record id, residue token ids)`` of the first ``limit`` records of a FASTA(.gz) file.
-
-    The one place this command reads FASTA (through :mod:`protein_lm.fasta`, which names the file, record
-    and line in its errors).
-    """
-    from protein_lm.fasta import read_fasta
-
-    counts: Counter = Counter()
-    for n, record in enumerate(read_fasta(path, on_invalid=on_invalid, counts=counts)):
-        if limit is not None and n >= limit:
-            return
-        yield record.id, record.tokens
-
-
 def _find_protein(path: Path, protein_id: str, on_invalid: str) -> np.ndarray:
     for rid, tokens in read_sequences(path, None, on_invalid):
         if rid == protein_id:
@@ -145,7 +127,7 @@ def _find_protein(path: Path, protein_id: str, on_invalid: str) -> np.ndarray:
 
 
 def _write_matrix_csv(path: Path, matrix: np.ndarray) -> None:
-    from protein_lm.tokenizer import STANDARD_AA
+    from protein_lm.data.tokenizer import STANDARD_AA
 
     lines = ["," + ",".join(STANDARD_AA)]
     for a, row in zip(STANDARD_AA, matrix, strict=True):
@@ -353,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if not sequences:
         raise UserError(f"{fasta}: no sequences to analyse")
-    from protein_lm.tokenizer import STANDARD_AA_IDS
+    from protein_lm.data.tokenizer import STANDARD_AA_IDS
 
     if not any(np.isin(np.asarray(t), STANDARD_AA_IDS).any() for _, t in sequences):
         raise UserError(f"{fasta}: no standard amino acids in the analysed records (only X, B, Z, U, O or gaps)")
@@ -386,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         from protein_lm.analysis.blosum import compare_with_blosum62
-        from protein_lm.tokenizer import TOKENS
+        from protein_lm.data.tokenizer import TOKENS
 
         heads_total = cfg.depth * cfg.heads
         for v in VARIANTS:

@@ -1,23 +1,11 @@
-"""Token cache: FASTA(.gz) -> memmap of residue ids + offsets + ids + manifest.
+"""Writing a token cache: FASTA(.gz) -> memmap of residue ids + offsets + ids + manifest.
 
-Layout of a cache directory (docs/architecture.md, docs/data.md)::
-
-    tokens.u8      uint8 residue ids (4..30) of all kept sequences, concatenated, no specials
-    offsets.npy    int64, num_sequences + 1; sequence i is tokens[offsets[i]:offsets[i+1]]
-    ids.txt        one record id per line
-    manifest.json  written last: its presence means the cache is complete
-    hashes.npy     uint64, num_sequences: each sequence's split hash (splits.content_hashes)
-    hashes.json    what hashes.npy belongs to: hash scheme, num_sequences, the manifest's
-                   content fingerprint and a digest of hashes.npy (see TokenCache.content_hashes)
-
+The layout is in :mod:`protein_lm.data.readers` (which reads it, no torch).
 :func:`prepare_cache` streams with constant memory (tokens appended to a file, lengths
 spilled to a scratch file, never the whole corpus in RAM), builds everything in a
 temporary directory next to the output and renames it into place at the end, so a crash
 or a rejected input never leaves a half-written cache. Unchanged inputs are a cache hit
-(size + mtime fast check, then sha256). Reading is :class:`TokenCache` (no torch).
-
-The split hashes are optional files: ``prepare`` writes them (hashing each block while it streams),
-and a cache made before they existed gets them on its first :meth:`TokenCache.content_hashes` call.
+(size + mtime fast check, then sha256). :func:`ensure_cache` turns a FASTA path into its cache.
 """
 
 from __future__ import annotations
@@ -29,9 +17,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,280 +27,32 @@ from typing import Any
 import numpy as np
 
 from protein_lm import __version__
+from protein_lm.data.fasta import ON_INVALID, SKIP_REASONS, _check_readable, tokenize_fasta
+from protein_lm.data.progress import ReadProgress
+from protein_lm.data.readers import (
+    CACHE_FILES,
+    FORMAT,
+    HASHES_FILE,
+    HASHES_META_FILE,
+    IDS_FILE,
+    MANIFEST_FILE,
+    OFFSETS_FILE,
+    OPTIONAL_FILES,
+    TOKENS_FILE,
+    VERSION,
+    _umask,
+    cache_damage,
+    hashes_meta,
+    is_cache_dir,
+)
+from protein_lm.data.record_checks import RecordAudit, warnings_for
+from protein_lm.data.splits import content_hashes
+from protein_lm.data.tokenizer import ALPHABET_VERSION
 from protein_lm.errors import UserError
-from protein_lm.fasta import ON_INVALID, SKIP_REASONS, _check_readable, tokenize_fasta
-from protein_lm.record_checks import RecordAudit, warnings_for
 from protein_lm.scratch import make_scratch_dir, remove_stale
-from protein_lm.splits import HASH_SCHEME, content_hashes
-from protein_lm.tokenizer import ALPHABET_VERSION
 from protein_lm.worker_pool import worker_pool
 
-FORMAT = "protein_lm.token_cache"
-VERSION = 1
-TOKENS_FILE = "tokens.u8"
-OFFSETS_FILE = "offsets.npy"
-IDS_FILE = "ids.txt"
-MANIFEST_FILE = "manifest.json"
-HASHES_FILE = "hashes.npy"
-HASHES_META_FILE = "hashes.json"
-CACHE_FILES = (TOKENS_FILE, OFFSETS_FILE, IDS_FILE, MANIFEST_FILE)  # a complete cache has all of these
-OPTIONAL_FILES = (HASHES_FILE, HASHES_META_FILE)  # derived; (re)made on first use when missing or stale
-_HASH_SPOT_CHECKS = 16  # sequences re-hashed when loading hashes.npy (catches a cache edited by hand)
 _COPY_CHUNK = 1 << 22  # elements / bytes per chunk when assembling offsets and parts
-
-
-# --------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------
-
-
-class TokenCache:
-    """Read-only view of a prepared token cache (memory-mapped; cheap to open and pickle).
-
-    Example::
-
-        cache = TokenCache("data/cache")
-        len(cache), cache.sequence(0), cache.record_id(0), cache.lengths[:5]
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        manifest_path = self.path / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise UserError(
-                f"{self.path}: not a complete token cache (no {MANIFEST_FILE}); "
-                "run `protein-lm prepare FASTA --out DIR`"
-            )
-        manifest = _read_manifest(self.path)
-        if manifest is None:
-            raise UserError(_damaged_message(self.path, None, f"{MANIFEST_FILE} is not valid JSON"))
-        self.manifest: dict[str, Any] = manifest
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise UserError(
-                f"{self.path}: unsupported cache format {self.manifest.get('format')!r} "
-                f"version {self.manifest.get('version')!r} (expected {FORMAT!r} v{VERSION}); "
-                "re-run `protein-lm prepare`"
-            )
-        damage = cache_damage(self.path, self.manifest)
-        if damage:
-            raise UserError(_damaged_message(self.path, self.manifest, damage))
-        self._open()
-
-    def _open(self) -> None:
-        self.offsets: np.ndarray = np.load(self.path / OFFSETS_FILE, mmap_mode="r")
-        n_tok = int(self.offsets[-1])
-        if n_tok:
-            self.tokens: np.ndarray = np.memmap(
-                self.path / TOKENS_FILE, dtype=np.uint8, mode="r", shape=(n_tok,)
-            )
-        else:  # numpy cannot memory-map an empty file
-            self.tokens = np.zeros(0, dtype=np.uint8)
-        self._lengths: np.ndarray | None = None
-        self._hashes: np.ndarray | None = None
-        self._id_starts: np.ndarray | None = None
-        self._ids: np.ndarray | None = None
-
-    # Pickle by path: DataLoader workers re-open the memmaps instead of copying them.
-    def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "manifest": self.manifest}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.path = state["path"]
-        self.manifest = state["manifest"]
-        self._open()
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __repr__(self) -> str:
-        return f"TokenCache({str(self.path)!r}, sequences={len(self)}, residues={self.num_residues})"
-
-    @property
-    def num_residues(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """``int64`` length of every sequence (computed once)."""
-        if self._lengths is None:
-            self._lengths = np.diff(np.asarray(self.offsets))
-        return self._lengths
-
-    def content_hashes(self) -> np.ndarray:
-        """``uint64`` split hash of every sequence (:func:`protein_lm.splits.content_hashes`).
-
-        Hashing a large corpus costs minutes, and every ``setup`` (each DDP rank, each resume) needs
-        the hashes, so they are kept in ``hashes.npy``. They are used only if ``hashes.json`` says they
-        were made with today's hash scheme for this very cache (its manifest fingerprint), the file
-        is intact (length, dtype, digest) and a few re-hashed sequences agree; otherwise they are
-        recomputed and saved atomically (temporary file + rename: concurrent ranks each write the
-        same bytes, the last rename wins). A read-only or full disk only costs the recomputation.
-        """
-        if self._hashes is None:
-            hashes = self._load_hashes()
-            if hashes is None:
-                hashes = content_hashes(self.tokens, self.offsets)
-                self._save_hashes(hashes)
-            self._hashes = hashes
-        return self._hashes
-
-    def _load_hashes(self) -> np.ndarray | None:
-        """The stored hashes if they provably belong to this cache, else ``None``."""
-        try:
-            meta = json.loads((self.path / HASHES_META_FILE).read_text())
-            # memory-mapped: ranks and workers share the page cache instead of a copy each
-            hashes = np.load(self.path / HASHES_FILE, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError, EOFError):  # missing, unreadable, garbage
-            return None
-        n = len(self)
-        if (
-            not isinstance(meta, dict)
-            or hashes.dtype != np.dtype("<u8")
-            or hashes.shape != (n,)
-            or meta != _hashes_meta(self.manifest, hashes)
-        ):
-            return None
-        offs = self.offsets
-        for i in np.unique(np.linspace(0, n - 1, min(n, _HASH_SPOT_CHECKS)).astype(np.int64)).tolist():
-            a, b = int(offs[i]), int(offs[i + 1])
-            if content_hashes(self.tokens[a:b], np.array([0, b - a]))[0] != hashes[i]:
-                return None
-        return hashes
-
-    def _save_hashes(self, hashes: np.ndarray) -> None:
-        try:
-            _save_atomic(self.path / HASHES_FILE, lambda fh: np.save(fh, hashes, allow_pickle=False))
-            meta = json.dumps(_hashes_meta(self.manifest, hashes), indent=2) + "\n"
-            _save_atomic(self.path / HASHES_META_FILE, lambda fh: fh.write(meta.encode()))
-        except OSError as err:
-            warnings.warn(
-                f"{self.path}: cannot save the sequence hashes ({err.strerror or err}); "
-                "they are recomputed (in memory) every time this cache is opened",
-                stacklevel=3,
-            )
-
-    def sequence(self, i: int) -> np.ndarray:
-        """Residue token ids of sequence ``i`` (a read-only ``uint8`` view, no specials)."""
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"sequence index {i} out of range for a cache of {n} sequences")
-        i %= n
-        return self.tokens[int(self.offsets[i]) : int(self.offsets[i + 1])]
-
-    __getitem__ = sequence
-
-    def record_id(self, i: int) -> str:
-        """FASTA id (header up to the first whitespace) of sequence ``i``."""
-        if self._ids is None:  # memory-map ids.txt and index its line starts once
-            path = self.path / IDS_FILE
-            self._ids = (
-                np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
-            )
-            nl = np.flatnonzero(self._ids == 10)
-            self._id_starts = np.concatenate([[0], nl + 1]).astype(np.int64)
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"sequence index {i} out of range for a cache of {n} sequences")
-        i %= n
-        start, end = int(self._id_starts[i]), int(self._id_starts[i + 1]) - 1
-        return bytes(self._ids[start:end]).decode("utf-8")
-
-
-def _read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest of the cache at ``path``, or None when it is not a JSON object."""
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return manifest if isinstance(manifest, dict) else None
-
-
-def cache_damage(path: Path, manifest: dict[str, Any]) -> str | None:
-    """What is wrong with the cache files at ``path`` compared with ``manifest``, or None.
-
-    The manifest is written last and records the counts, so a file truncated, replaced or edited
-    afterwards shows as a size that disagrees with them. Checked: ``tokens.u8`` holds exactly
-    ``num_residues`` bytes; ``offsets.npy`` is ``num_sequences + 1`` int64 offsets rising from 0 to
-    ``num_residues``; ``ids.txt`` has ``num_sequences`` lines. This reads the offsets and the ids once
-    (a few MB per million sequences), never the tokens, so opening a cache stays cheap; a residue
-    byte changed in place keeps every size and is not detected.
-    """
-    try:
-        n_seq, n_res = int(manifest["num_sequences"]), int(manifest["num_residues"])
-    except (KeyError, TypeError, ValueError):
-        return f"{MANIFEST_FILE} lacks the sequence and residue counts"
-    for name in (TOKENS_FILE, OFFSETS_FILE, IDS_FILE):
-        if not (path / name).is_file():
-            return f"{name} is missing"
-    size = (path / TOKENS_FILE).stat().st_size
-    if size != n_res:
-        return f"{TOKENS_FILE} has {size:,} bytes, the manifest says {n_res:,} residues"
-    try:
-        offsets = np.load(path / OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return f"{OFFSETS_FILE} is not a readable numpy array"
-    if offsets.dtype != np.int64 or offsets.shape != (n_seq + 1,):
-        return f"{OFFSETS_FILE} holds {offsets.dtype} {offsets.shape}, expected int64 ({n_seq + 1},)"
-    if int(offsets[0]) != 0 or int(offsets[-1]) != n_res:
-        return f"{OFFSETS_FILE} does not run from 0 to {n_res:,}"
-    prev = 0
-    for start in range(0, n_seq + 1, _COPY_CHUNK):
-        chunk = np.asarray(offsets[start : start + _COPY_CHUNK])
-        if chunk[0] < prev or (chunk.size > 1 and bool((np.diff(chunk) < 0).any())):
-            return f"{OFFSETS_FILE} is not increasing"
-        prev = int(chunk[-1])
-    ids_size = (path / IDS_FILE).stat().st_size
-    lines = int(np.count_nonzero(np.memmap(path / IDS_FILE, dtype=np.uint8, mode="r") == 10)) if ids_size else 0
-    if lines != n_seq:
-        return f"{IDS_FILE} has {lines:,} lines, the manifest says {n_seq:,} sequences"
-    return None
-
-
-def _damaged_message(path: Path, manifest: dict[str, Any] | None, damage: str) -> str:
-    inputs = [str(rec.get("path")) for rec in (manifest or {}).get("inputs", []) if isinstance(rec, dict)]
-    fasta = " ".join(inputs) if inputs else "FASTA"
-    return f"cache {path} is damaged ({damage}): rerun `protein-lm prepare {fasta} --out {path} --force`"
-
-
-def cache_fingerprint(manifest: dict[str, Any]) -> str:
-    """sha256 of the manifest minus the inputs' ``mtime_ns``: it changes whenever the cache is rebuilt
-    (``created``, inputs' sha256, counts, alphabet) but not when a cache hit records a touched input."""
-    inputs = [{k: v for k, v in rec.items() if k != "mtime_ns"} for rec in manifest.get("inputs", [])]
-    canon = json.dumps({**manifest, "inputs": inputs}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()
-
-
-def _hashes_meta(manifest: dict[str, Any], hashes: np.ndarray) -> dict[str, Any]:
-    """The content of ``hashes.json`` for ``hashes`` (a ``uint64`` array) of the cache of ``manifest``."""
-    return {
-        "scheme": HASH_SCHEME,
-        "num_sequences": int(len(hashes)),
-        "cache_fingerprint": cache_fingerprint(manifest),
-        "blake2b": hashlib.blake2b(np.ascontiguousarray(hashes, dtype="<u8").data).hexdigest(),
-    }
-
-
-def _save_atomic(path: Path, write: Any) -> None:
-    """``write(binary file)`` into a unique temporary sibling, then rename it to ``path``.
-
-    The temporary name is unique per call (``mkstemp``), so processes saving at the same time never
-    share a partial file; it is removed when anything fails.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-# --------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -342,46 +80,6 @@ class _Part:
     input: dict[str, Any]
 
 
-class _Progress:
-    """Bytes-read progress on stderr: redrawn in place on a terminal, a line every 10 s
-    otherwise (logs), nothing for inputs that finish quickly."""
-
-    DELAY = 2.0  # seconds before the first report
-    INTERVAL_TTY = 0.5
-    INTERVAL_LOG = 10.0
-
-    def __init__(self, label: str, total: int, enabled: bool):
-        self.label, self.total, self.enabled = label, max(total, 1), enabled
-        self.done = 0
-        self.start = self.last = time.monotonic()
-        self.tty = enabled and sys.stderr.isatty()
-        self.shown = False
-
-    def __call__(self, n: int) -> None:
-        self.done += n
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        interval = self.INTERVAL_TTY if self.tty else self.INTERVAL_LOG
-        if now - self.start < self.DELAY or now - self.last < interval:
-            return
-        self.last = now
-        self._show(now)
-
-    def _show(self, now: float) -> None:
-        rate = self.done / max(now - self.start, 1e-9) / 1e6
-        pct = 100.0 * self.done / self.total
-        line = f"prepare: {self.label}: {pct:5.1f}% of {self.total / 1e6:,.0f} MB read ({rate:,.0f} MB/s)"
-        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
-        self.shown = True
-
-    def close(self) -> None:
-        if self.enabled and self.shown:
-            self.done = self.total
-            self._show(time.monotonic())
-            if self.tty:
-                print(file=sys.stderr, flush=True)
-
 
 def _file_info(path: Path) -> dict[str, Any]:
     st = path.stat()
@@ -401,7 +99,7 @@ def _tokenize_to_part(index: int, path: Path, scratch: Path, on_invalid: str, pr
     info = _file_info(path)
     hasher = hashlib.sha256()
     counts: Counter = Counter()
-    prog = _Progress(path.name, info["size"], progress)
+    prog = ReadProgress(path.name, info["size"], progress)
     tok_path = scratch / f"part-{index}.u8"
     len_path = scratch / f"part-{index}.lengths"
     ids_path = scratch / f"part-{index}.ids"
@@ -534,12 +232,6 @@ def _is_hit(out_dir: Path, paths: list[Path], on_invalid: str) -> bool:
     return True
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -650,7 +342,7 @@ def prepare(
             "protein_lm_version": __version__,
         }
         hashes = _write_hashes([p.hashes for p in parts], n_seq, tmp / HASHES_FILE)
-        meta = _hashes_meta(manifest, hashes)
+        meta = hashes_meta(manifest, hashes)
         del hashes
         (tmp / HASHES_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -695,10 +387,6 @@ def default_cache_root() -> Path:
     """``$PROTEIN_LM_CACHE`` or ``~/.cache/protein_lm``."""
     env = os.environ.get("PROTEIN_LM_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "protein_lm"
-
-
-def is_cache_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST_FILE).is_file()
 
 
 def ensure_cache(
