@@ -4,8 +4,9 @@ YAML configs, LightningCLI ``config.yaml`` files and Lightning checkpoints name 
 path (``class_path: protein_lm.datamodule.ProteinDataModule``; ``_class_path`` in a checkpoint's
 ``datamodule_hyper_parameters``), and scripts import them. Each old path in :data:`MOVED` is a
 stand-in module put into ``sys.modules`` when ``protein_lm`` is imported; it costs nothing until an
-attribute is read through it. The first read imports the new modules; every attribute (read, set or
-deleted: ``monkeypatch`` works) is that of the new module defining it. The first use from outside
+attribute is read through it. The first read imports the new modules; every attribute read is that of
+the new module defining it. It is a read-only view: setting an attribute on an old path changes only
+the stand-in (patch the new module instead), so ``monkeypatch`` and its undo never touch the new modules. The first use from outside
 the package emits one ``DeprecationWarning`` naming the new path (the package's own modules are
 exempt: ``protein_lm/model.py`` still imports ``protein_lm.tokenizer``, and a user could not act on
 that; ``tests/test_imports.py`` keeps any other module from using an old path).
@@ -77,18 +78,6 @@ class MovedModule(types.ModuleType):
         except AttributeError:
             raise AttributeError(f"module {self.__name__!r} (moved to {MOVED[self.__name__][0]}) "
                                  f"has no attribute {attr!r}") from None
-
-    def __setattr__(self, attr: str, value) -> None:
-        if attr.startswith("__") and attr.endswith("__"):
-            super().__setattr__(attr, value)
-        else:
-            setattr(self._owner(attr), attr, value)
-
-    def __delattr__(self, attr: str) -> None:
-        if attr.startswith("__") and attr.endswith("__"):
-            super().__delattr__(attr)
-        else:
-            delattr(self._owner(attr), attr)
 
     def __dir__(self) -> list[str]:
         return sorted({a for m in MOVED[self.__name__] for a in dir(importlib.import_module(m))})

@@ -78,7 +78,7 @@ def test_cli_writes_ids_shards_and_index(tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert list(index["records"]) == list(SEQS)  # ids kept, in file order
     assert index["layers"] == [0, 2] and len(index["shards"]) == 3
-    assert not (tmp_path / "emb.part").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb", "in.fasta", "tiny.pt"]  # no scratch left
     emb = read_embeddings(out)
     for pid, seq in SEQS.items():
         assert emb[pid]["per_tok"][2].shape == (len(seq), 32)
@@ -116,7 +116,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case):
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("protein-lm embed: error:")
     assert {"duplicate": "on line 3 was already used on line 1", "out_not_empty": "not an empty directory",
             "bad_layer": "out of range"}[case] in err
-    assert not (tmp_path / "emb.part").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".emb.")]  # no scratch left
     if case != "out_not_empty":
         assert not out.exists()
 

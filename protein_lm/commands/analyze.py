@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from protein_lm.analysis.vig import EXACT_THRESHOLD, MIN_TOTAL, VARIANTS
 from protein_lm.data.readers import read_sequences
 from protein_lm.devices import resolve_device
 from protein_lm.errors import UserError
+from protein_lm.io import remove_stale, replace_dir, scratch_dir
 
 DEFAULT_BATCH_TOKENS = 8192  # as attention_maps' (not imported here: it would load torch for --help)
 MAP_MAX_RESIDUES = 128  # per-protein figure: longer proteins are cropped for legibility
@@ -178,26 +177,6 @@ def _check_writable(directory: Path) -> None:
     err = can_write_in(directory)
     if err is not None:
         raise UserError(f"--out: cannot write to {directory} ({err.strerror or err}); choose another directory")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp`` is complete."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions of a new directory
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old / out.name, out)  # keep the earlier output where it was
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -365,7 +344,8 @@ def run(args: argparse.Namespace) -> int:
     maps = attention_map(model, frame(protein).to(device))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out)  # scratch directories of analyses that were killed
+    tmp = scratch_dir(out)
     try:
         from protein_lm.analysis.blosum import compare_with_blosum62
         from protein_lm.data.tokenizer import TOKENS
@@ -468,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)  # an earlier output is replaced only now that this one is complete
     except OSError as e:  # e.g. the disk filled up while writing: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"--out {out}: could not write the analysis ({e.strerror or e})") from None

@@ -40,7 +40,6 @@ from protein_lm.data.readers import (
     OPTIONAL_FILES,
     TOKENS_FILE,
     VERSION,
-    _umask,
     cache_damage,
     hashes_meta,
     is_cache_dir,
@@ -49,7 +48,7 @@ from protein_lm.data.record_checks import RecordAudit, warnings_for
 from protein_lm.data.splits import content_hashes
 from protein_lm.data.tokenizer import ALPHABET_VERSION
 from protein_lm.errors import UserError
-from protein_lm.scratch import make_scratch_dir, remove_stale
+from protein_lm.io import remove_stale, replace_dir, scratch_dir, write_text
 from protein_lm.worker_pool import worker_pool
 
 _COPY_CHUNK = 1 << 22  # elements / bytes per chunk when assembling offsets and parts
@@ -228,14 +227,8 @@ def _is_hit(out_dir: Path, paths: list[Path], on_invalid: str) -> bool:
             rec["mtime_ns"] = info["mtime_ns"]  # same content, touched: remember the new mtime
             touched = True
     if touched:
-        _write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+        write_text(out_dir / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n")
     return True
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -254,24 +247,6 @@ def _check_out_dir(out_dir: Path) -> None:
                 f"{out_dir}: exists and holds files that are not part of a token cache "
                 f"({', '.join(sorted(foreign)[:3])}); choose another --out"
             )
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an old cache there is moved aside first, then removed
-    (and put back if the rename fails)."""
-    old = None
-    if out_dir.exists():
-        old = make_scratch_dir(out_dir, "old")
-        os.replace(out_dir, old / "cache")
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:
-        if old is not None:
-            os.replace(old / "cache", out_dir)
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(
@@ -297,10 +272,9 @@ def prepare(
 
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_scratch_dir(out_dir, "tmp")
+        tmp = scratch_dir(out_dir)
     except OSError as err:
         raise UserError(f"{out_dir}: cannot create the cache directory: {err.strerror or err}") from None
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a cache is an ordinary dir
     try:
         workers = max(1, min(int(workers), len(paths)))
         if workers == 1:
@@ -346,7 +320,7 @@ def prepare(
         del hashes
         (tmp / HASHES_META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except OSError as err:  # disk full, permissions: one line, nothing half-written left
         raise UserError(f"{out_dir}: cannot write the cache: {err.strerror or err}") from None
     finally:

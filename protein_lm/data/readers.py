@@ -20,11 +20,9 @@ The commands that read FASTA records directly (``analyze``, ``spans``, ``embed``
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -37,6 +35,7 @@ import numpy as np
 from protein_lm.data.fasta import read_fasta
 from protein_lm.data.splits import HASH_SCHEME, content_hashes
 from protein_lm.errors import UserError
+from protein_lm.io import write_file, write_text
 
 FORMAT = "protein_lm.token_cache"
 VERSION = 1
@@ -131,8 +130,8 @@ class TokenCache:
         the hashes, so they are kept in ``hashes.npy``. They are used only if ``hashes.json`` says they
         were made with today's hash scheme for this very cache (its manifest fingerprint), the file
         is intact (length, dtype, digest) and a few re-hashed sequences agree; otherwise they are
-        recomputed and saved atomically (temporary file + rename: concurrent ranks each write the
-        same bytes, the last rename wins). A read-only or full disk only costs the recomputation.
+        recomputed and saved atomically (:func:`protein_lm.io.write_file`: concurrent ranks each write
+        the same bytes, the last rename wins). A read-only or full disk only costs the recomputation.
         """
         if self._hashes is None:
             hashes = self._load_hashes()
@@ -167,9 +166,12 @@ class TokenCache:
 
     def _save_hashes(self, hashes: np.ndarray) -> None:
         try:
-            _save_atomic(self.path / HASHES_FILE, lambda fh: np.save(fh, hashes, allow_pickle=False))
-            meta = json.dumps(hashes_meta(self.manifest, hashes), indent=2) + "\n"
-            _save_atomic(self.path / HASHES_META_FILE, lambda fh: fh.write(meta.encode()))
+            def save(tmp: Path) -> None:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, hashes, allow_pickle=False)
+
+            write_file(self.path / HASHES_FILE, save)
+            write_text(self.path / HASHES_META_FILE, json.dumps(hashes_meta(self.manifest, hashes), indent=2) + "\n")
         except OSError as err:
             warnings.warn(
                 f"{self.path}: cannot save the sequence hashes ({err.strerror or err}); "
@@ -276,31 +278,6 @@ def hashes_meta(manifest: dict[str, Any], hashes: np.ndarray) -> dict[str, Any]:
         "cache_fingerprint": cache_fingerprint(manifest),
         "blake2b": hashlib.blake2b(np.ascontiguousarray(hashes, dtype="<u8").data).hexdigest(),
     }
-
-
-def _save_atomic(path: Path, write: Any) -> None:
-    """``write(binary file)`` into a unique temporary sibling, then rename it to ``path``.
-
-    The temporary name is unique per call (``mkstemp``), so processes saving at the same time never
-    share a partial file; it is removed when anything fails.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
 
 
 def is_cache_dir(path: str | os.PathLike) -> bool:
