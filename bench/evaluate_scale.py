@@ -12,7 +12,7 @@ timing, in a private cache root), and its wall time and tokens/s (tokens of the 
 reported. Target (docs/data.md): each extreme case under 60 s on a 2-core CPU, at the rate of the
 ordinary input. Writes bench/results/evaluate_scale.json and prints a table.
 
-    python bench/evaluate_scale.py [--threads 2] [--out bench/results/evaluate_scale.json]
+    python -m bench.evaluate_scale [--threads 2] [--out bench/results/evaluate_scale.json]
 """
 
 from __future__ import annotations

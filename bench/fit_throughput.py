@@ -13,8 +13,8 @@ d_ff 1536, m 256), L 1024, 65,536-token batches. Runs are named ``ATTENTION-MODE
 ATTENTION ``exact`` or ``performer``, MODE ``padded`` (single mode, token-budget batches) or
 ``packed``.
 
-    python bench/fit_throughput.py --cache cache/swissprot2014 --out bench/results/fit_throughput.json
-    python bench/fit_throughput.py --cache DIR --runs exact-padded performer-padded --profile
+    python -m bench.fit_throughput --cache cache/swissprot2014 --out bench/results/fit_throughput.json
+    python -m bench.fit_throughput --cache DIR --runs exact-padded performer-padded --profile
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def command(run: str, cache: str, steps: int, tokens: int, workers: int, root: P
     if "compile" in extra:
         cmd += ["--model.compile", "default"]
     if profile:  # a steady-state torch.profiler window (StepProfiler), read back by main()
-        cmd += ["--trainer.callbacks+=fit_throughput.StepProfiler", "--trainer.callbacks.out",
+        cmd += ["--trainer.callbacks+=bench.fit_throughput.StepProfiler", "--trainer.callbacks.out",
                 str(root / run / "profile.json"), "--trainer.callbacks.start_step", str(min(100, steps // 2)),
                 "--trainer.callbacks.steps", "10"]
     return cmd
@@ -176,9 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", action="store_true", help="a torch.profiler window of 10 steady-state steps")
     p.add_argument("--out", default="")
     args = p.parse_args(argv)
-    # the fit subprocess imports StepProfiler as fit_throughput.StepProfiler
-    path = os.pathsep.join(p for p in (str(REPO / "bench"), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    # the fit subprocess runs in REPO, so it imports bench.fit_throughput.StepProfiler from there
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs:

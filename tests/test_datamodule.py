@@ -502,7 +502,7 @@ def test_alphabet_residue_block_matches_collate():
 
 
 # --------------------------------------------------------------------------------------
-# exact resume under a real Lightning Trainer (the contract helper D's LightningModule relies on)
+# exact resume under a real Lightning Trainer (the contract the LightningModule relies on)
 # --------------------------------------------------------------------------------------
 
 
