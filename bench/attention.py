@@ -9,8 +9,8 @@ m=256 features, bf16, for L = 1k...64k: median time (``triton.testing.do_bench``
 memory (peak allocated during one fwd+bwd minus what the inputs and output gradient hold).
 Writes JSON (and prints a table last). Needs a CUDA GPU.
 
-    python bench/attention.py --out bench/results/attention_h100.json
-    python bench/attention.py --plot bench/results/attention_h100.json   # log-log figure (CPU ok)
+    python -m bench.attention --out bench/results/attention_h100.json
+    python -m bench.attention --plot bench/results/attention_h100.json   # log-log figure (CPU ok)
 
 performer-pytorch is optional (``pip install performer-pytorch``); methods that are not
 importable are skipped and recorded as such.
@@ -28,11 +28,7 @@ from pathlib import Path
 import torch
 import torch._dynamo
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import exact_baselines  # noqa: E402
+from bench import exact_baselines
 
 LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 

@@ -4,8 +4,8 @@ Each measurement runs in a fresh subprocess so that ``ru_maxrss`` (peak resident
 run's own peak; the baseline RSS of an idle process that imported torch and built the inputs is
 reported separately so the attention's own footprint can be read off.
 
-    python bench/causal_memory.py                 # the issue's target: L=32768, B=1, H=4, D=64, M=256
-    python bench/causal_memory.py --sweep         # + chunk-size sweep and L scaling
+    python -m bench.causal_memory                 # the issue's target: L=32768, B=1, H=4, D=64, M=256
+    python -m bench.causal_memory --sweep         # + chunk-size sweep and L scaling
 
 Writes bench/results/causal_memory.json and prints a table last.
 """
@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_name  # noqa: E402  (bench/machine.py; bench/ is on sys.path as a script)
+from bench.machine import cpu_name
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
 
 
 def load_average() -> str:
@@ -32,9 +33,6 @@ def load_average() -> str:
         return " ".join(f"{x:.1f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
 def _child(
@@ -82,7 +80,8 @@ def run_one(
 ) -> dict:
     cmd = [
         sys.executable,
-        __file__,
+        "-m",
+        "bench.causal_memory",
         "--child",
         str(length),
         str(chunk),
@@ -92,7 +91,7 @@ def run_one(
         kernel,
         str(int(inputs_only)),
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
     rec = json.loads(res.stdout.strip().splitlines()[-1])
     rec.update(length=length, chunk=chunk, batch=1, heads=heads, dim=dim, features=features, kernel=kernel)
     return rec
@@ -142,7 +141,7 @@ def main() -> None:
         "(python + torch + inputs + attention); idle_rss_mb is the same process before attention",
         "idle_rss_mb": idle,
         "load_average_1_5_15_min_at_end": load_average(),
-        "command": "python bench/causal_memory.py" + (" --sweep" if args.sweep else ""),
+        "command": "python -m bench.causal_memory" + (" --sweep" if args.sweep else ""),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "causal_memory.json"

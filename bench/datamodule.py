@@ -1,6 +1,6 @@
 """DataModule throughput: MLM (and causal) batches per second from one process.
 
-Target (issue 2): at least 10 M tokens/s of MLM batches per DataLoader worker, so the input pipeline
+Target: at least 10 M tokens/s of MLM batches per DataLoader worker, so the input pipeline
 never starves a GPU. Measured with ``num_workers=0`` — the batch is built in the main process, which
 is exactly the work one worker does per batch — on the shipped Swiss-Prot sample.
 
@@ -10,7 +10,7 @@ transfer) were measured on the CPU of the H100 host (16 cores) that feeds the GP
 
 Usage::
 
-    python bench/datamodule.py [--fasta data/swissprot_sample.fasta.gz] [--seconds 3] [--out bench/results/datamodule.json]
+    python -m bench.datamodule [--fasta data/swissprot_sample.fasta.gz] [--seconds 3] [--out bench/results/datamodule.json]
 
 "tokens/s" counts every position of the ``B x L`` batch (what the GPU processes); "residues/s"
 counts non-padding positions only (in concat mode they are the same).
@@ -31,12 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.machine import cpu_name
+from protein_lm.data.datamodule import ProteinDataModule
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from machine import cpu_name  # noqa: E402  (bench/machine.py; bench/ is on sys.path as a script)
-
-from protein_lm.datamodule import ProteinDataModule  # noqa: E402
 
 CASES = [
     # name, mode, objective, max_length, batch_size, tokens_per_batch
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
     out = {
         "benchmark": "datamodule",
-        "command": "python bench/datamodule.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.datamodule " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {
             "cpu": cpu_name(),
             "logical_cpus": os.cpu_count(),

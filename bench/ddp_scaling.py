@@ -21,10 +21,10 @@ one run after the other (no GPU is shared). Two phases:
   or otherwise, counts as too large; the log says which). Every rank builds the model in host
   memory before it is sharded, so rungs that cannot fit the host's RAM are skipped, not run.
 
-    python bench/ddp_scaling.py --cache CACHE --out DIR                 # both phases on the GPUs present
-    python bench/ddp_scaling.py --cache CACHE --out DIR --phase scaling --presets 150m --settings l1024
-    python bench/ddp_scaling.py --cache CACHE --out DIR --phase capacity --strategies fsdp
-    python bench/ddp_scaling.py --cache CACHE --out DIR --dry-run       # CPU processes (gloo), tiny sizes
+    python -m bench.ddp_scaling --cache CACHE --out DIR                 # both phases on the GPUs present
+    python -m bench.ddp_scaling --cache CACHE --out DIR --phase scaling --presets 150m --settings l1024
+    python -m bench.ddp_scaling --cache CACHE --out DIR --phase capacity --strategies fsdp
+    python -m bench.ddp_scaling --cache CACHE --out DIR --dry-run       # CPU processes (gloo), tiny sizes
 
 Results accumulate in DIR: each run writes ``DIR/runs/<name>/result.json`` and a later call skips
 runs that have one (``--force`` reruns them), so the phases can be spread over several calls. Every
@@ -50,7 +50,6 @@ import torch
 from pytorch_lightning import Callback
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
 
 HEAD_DIM, FEATURES = 64, 256
 PRESETS = {  # ModelConfig fields
@@ -417,7 +416,7 @@ def summarize(args: argparse.Namespace, presets: dict, ladder: dict, capacity: d
 
 
 def print_tables(summary: dict) -> None:
-    from bench.swissprot_runs import fmt_number
+    from bench.tables import fmt_number
 
     m = summary["machine"]
     print(f"\nmachine: {m.get('gpu_count', 0)} x {m.get('gpu', 'CPU processes (dry run)')}, {m['cpu']}, "
@@ -496,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.gpus:
             print(f"[bench] no GPU (found {present}); --dry-run checks the pipeline on CPU", file=sys.stderr)
             return 2
-        from bench.swissprot_runs import check_triton_backend
+        from bench.machine import check_triton_backend
 
         args.favor_backend = check_triton_backend()["softmax-bid"]
     # Children inherit this: NVLink multicast stays off (machine rule), wandb off, and each rank's

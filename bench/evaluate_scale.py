@@ -12,7 +12,7 @@ timing, in a private cache root), and its wall time and tokens/s (tokens of the 
 reported. Target (docs/data.md): each extreme case under 60 s on a 2-core CPU, at the rate of the
 ordinary input. Writes bench/results/evaluate_scale.json and prints a table.
 
-    python bench/evaluate_scale.py [--threads 2] [--out bench/results/evaluate_scale.json]
+    python -m bench.evaluate_scale [--threads 2] [--out bench/results/evaluate_scale.json]
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main() -> None:
                "PROTEIN_LM_CACHE": str(tmp / "caches")}
         inputs = make_inputs(tmp)
         for path in inputs.values():  # caches first: the timing is of the scoring
-            subprocess.run([sys.executable, "-c", f"from protein_lm.cache import ensure_cache; "
+            subprocess.run([sys.executable, "-c", f"from protein_lm.data.cache import ensure_cache; "
                             f"ensure_cache({str(path)!r}, progress=False)"], env=env, check=True)
         results = {name: evaluate(path, env) for name, path in inputs.items()}
     report = {"machine": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),

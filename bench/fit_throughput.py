@@ -13,8 +13,8 @@ d_ff 1536, m 256), L 1024, 65,536-token batches. Runs are named ``ATTENTION-MODE
 ATTENTION ``exact`` or ``performer``, MODE ``padded`` (single mode, token-budget batches) or
 ``packed``.
 
-    python bench/fit_throughput.py --cache cache/swissprot2014 --out bench/results/fit_throughput.json
-    python bench/fit_throughput.py --cache DIR --runs exact-padded performer-padded --profile
+    python -m bench.fit_throughput --cache cache/swissprot2014 --out bench/results/fit_throughput.json
+    python -m bench.fit_throughput --cache DIR --runs exact-padded performer-padded --profile
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def command(run: str, cache: str, steps: int, tokens: int, workers: int, root: P
     if "compile" in extra:
         cmd += ["--model.compile", "default"]
     if profile:  # a steady-state torch.profiler window (StepProfiler), read back by main()
-        cmd += ["--trainer.callbacks+=fit_throughput.StepProfiler", "--trainer.callbacks.out",
+        cmd += ["--trainer.callbacks+=bench.fit_throughput.StepProfiler", "--trainer.callbacks.out",
                 str(root / run / "profile.json"), "--trainer.callbacks.start_step", str(min(100, steps // 2)),
                 "--trainer.callbacks.steps", "10"]
     return cmd
@@ -166,10 +166,9 @@ def read_throughput(run_dir: Path) -> dict:
 
 
 def child_env() -> dict[str, str]:
-    """The environment of a fit run: no wandb, unbuffered, and ``bench/`` importable (the run loads
-    :class:`StepProfiler` as ``fit_throughput.StepProfiler``)."""
-    path = os.pathsep.join(p for p in (str(REPO / "bench"), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    """The environment of a fit run: no wandb, unbuffered. The run starts in REPO, so it imports
+    :class:`StepProfiler` as ``bench.fit_throughput.StepProfiler`` from there."""
+    return dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
 
 
 def main(argv: list[str] | None = None) -> None:

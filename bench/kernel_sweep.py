@@ -1,11 +1,11 @@
-"""Launch-geometry sweep of the fused FAVOR+ Triton kernels (tuning tool for issue 8).
+"""Launch-geometry sweep of the fused FAVOR+ Triton kernels (a tuning tool).
 
 For each (kernel, causal) it times forward+backward of ``favor_attention_triton`` at one shape for
 every combination of tile rows, rows per walk program and warps, and records the compiler's
 register / spill report of each kernel. The fastest setting per case is printed last; defaults in
 ``favor_triton.py`` should follow it. Needs a CUDA GPU.
 
-    python bench/kernel_sweep.py --out sweep.json            # B*L = 65,536, H 8, d 64, m 256, bf16
+    python -m bench.kernel_sweep --out sweep.json            # B*L = 65,536, H 8, d 64, m 256, bf16
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.shapes import add_shape_args, compile_report  # noqa: E402
+from bench.shapes import add_shape_args, compile_report
 
 
 def main() -> int:

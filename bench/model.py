@@ -1,14 +1,14 @@
 """Model-level training throughput: tokens/s and peak memory of one optimiser step (fwd+bwd+AdamW).
 
-The issue-8 model (6 layers, d 512, 8 heads, d_ff 2048, bf16 autocast) built from
+The benchmark model (6 layers, d 512, 8 heads, d_ff 2048, bf16 autocast) built from
 ``protein_lm.model.ProteinLM``, Performer (FAVOR+ softmax, Triton backend) vs exact (SDPA with its
 default backend choice; the backend that ran is recorded as ``backend_ran``; ``exact-flex``: the
 model's packed-row path, FlexAttention, with one segment per row), at
 fixed shapes ``L x batch``; the longest lengths optionally with activation checkpointing (each
 block recomputed in backward). Needs a CUDA GPU.
 
-    python bench/model.py --out bench/results/model_h100.json
-    python bench/model.py --longest --out bench/results/model_longest_h100.json
+    python -m bench.model --out bench/results/model_h100.json
+    python -m bench.model --longest --out bench/results/model_longest_h100.json
 
 ``--longest`` searches, for each model and checkpointing choice, the longest batch-1 sequence that
 trains: it doubles L until a step runs out of GPU memory, or until a step's time, measured or
@@ -29,11 +29,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-import exact_baselines  # noqa: E402
+from bench import exact_baselines
 
 # (attention, L, batch, checkpointing)
 DEFAULT_RUNS = [

@@ -7,10 +7,10 @@ Measures, alternating the two so that load drift on a shared machine hits both a
 * the same for `zcat FILE > /dev/null` (the floor: decompressing with gzip's own tool);
 * one cache-hit run (inputs unchanged) at the end.
 
-Targets (issue 2): prepare wall <= 2x zcat wall; peak RSS < 1 GB.
+Targets: prepare wall <= 2x zcat wall; peak RSS < 1 GB.
 Writes bench/results/prepare.json and prints a table last.
 
-    python bench/prepare.py --fasta CORPUS/swissprot2014_goasp.fasta.gz --out CORPUS/cache_full [--repeats 5]
+    python -m bench.prepare --fasta CORPUS/swissprot2014_goasp.fasta.gz --out CORPUS/cache_full [--repeats 5]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def run_measured(cmd: list[str] | str, shell: bool = False, env: dict | None = N
 STAGES = """
 import json, sys, time
 from pathlib import Path
-from protein_lm import fasta
+from protein_lm.data import fasta
 path = Path(sys.argv[1])
 out = {}
 for name, it in (("inflate_only", lambda: fasta._Chunks(path)),
@@ -74,9 +74,8 @@ def cache_stats(out: Path) -> dict:
     """Statistics of the written cache (to compare with the corpus's published statistics, docs/data.md)."""
     import numpy as np
 
-    sys.path.insert(0, str(REPO))
-    from protein_lm.cache import TokenCache
-    from protein_lm.tokenizer import TOKEN_TO_ID
+    from protein_lm.data.readers import TokenCache
+    from protein_lm.data.tokenizer import TOKEN_TO_ID
 
     c = TokenCache(out)
     lengths = c.lengths
@@ -162,7 +161,7 @@ def main() -> None:
     )
     cpu_ratio = p["cpu_s_min"] / z["cpu_s_min"]
     result = {
-        "command": " ".join(["python", "bench/prepare.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", "bench.prepare", *sys.argv[1:]]),
         "input": {
             "path": str(args.fasta),
             "compressed_bytes": args.fasta.stat().st_size,

@@ -1,14 +1,14 @@
-"""Per-kernel time and compiler report of the fused FAVOR+ Triton kernels (tuning tool, issue 8).
+"""Per-kernel time and compiler report of the fused FAVOR+ Triton kernels (a tuning tool).
 
 Runs forward+backward of ``favor_attention_triton`` for each (kernel, causal) at one shape, times every
 GPU kernel it launches with ``torch.profiler`` (CUDA time per launch, averaged over ``--reps`` steps)
 and records each Triton kernel's registers / spilled values. Prints a table last, writes JSON.
 Needs a CUDA GPU.
 
-    python bench/profile_kernels.py --out prof.json               # B*L = 65,536, H 8, d 64, m 256, bf16
-    python bench/profile_kernels.py --cases softmax-bid --reps 3  # one case (e.g. under ncu)
-    python bench/profile_kernels.py --impl old_favor_triton.py    # another version of the module, side by side
-    python bench/profile_kernels.py --splits 256 512              # also with these rows per program
+    python -m bench.profile_kernels --out prof.json               # B*L = 65,536, H 8, d 64, m 256, bf16
+    python -m bench.profile_kernels --cases softmax-bid --reps 3  # one case (e.g. under ncu)
+    python -m bench.profile_kernels --impl old_favor_triton.py    # another version of the module, side by side
+    python -m bench.profile_kernels --splits 256 512              # also with these rows per program
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ import collections
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.shapes import add_shape_args, compile_report  # noqa: E402
+from bench.shapes import add_shape_args, compile_report
 
 CASES = ("softmax-bid", "relu-bid", "softmax-causal", "relu-causal")
 

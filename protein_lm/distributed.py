@@ -30,8 +30,6 @@ FSDP would get wrong: Muon, and learned adaptive spans (:func:`check_supported`)
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,6 +38,7 @@ from pytorch_lightning.strategies import FSDPStrategy
 from torch import nn
 
 from protein_lm.errors import UserError
+from protein_lm.io import remove_path, replace_dir
 
 _SHAPE_ATTR = "protein_lm_shape"  # set on each parameter before FSDP flattens it
 _REDUCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -141,25 +140,14 @@ class BlockFSDP(FSDPStrategy):
         path = Path(self.broadcast(str(filepath)))
         part, old = path.with_name(path.name + ".part"), path.with_name(path.name + ".old")
         if self.global_rank == 0:
-            _remove(part)  # debris of a save that was interrupted
+            remove_path(part)  # debris of a save that was interrupted
         self.barrier("sharded_checkpoint_start")
         super().save_checkpoint(checkpoint, part, storage_options)  # every rank writes its shard
         self.barrier("sharded_checkpoint_written")
         if self.global_rank == 0:  # a kill between the two renames leaves the previous one as .old
-            _remove(old)
-            if path.exists():
-                os.replace(path, old)
-            os.replace(part, path)
-            _remove(old)
+            replace_dir(part, path, aside=old)
         self.barrier("sharded_checkpoint_done")
         return None
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 def _full_state_dict_on_cpu(module: nn.Module) -> Any:

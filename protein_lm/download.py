@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protein_lm.errors import UserError
+from protein_lm.io import replace_file
 
 UNIPROT = "https://ftp.uniprot.org/pub/databases/uniprot"
 #: name -> URL of the current release file. The same directory holds RELEASE.metalink
@@ -252,5 +253,5 @@ def download(
             raise UserError(
                 f"{url}: MD5 mismatch (got {digest}, release says {md5}); removed {part}, try again"
             )
-    os.replace(part, dest)
+    replace_file(part, dest)  # flushed first: a crash right after never leaves a short FILE
     return DownloadResult(dest, size, digest, resumed_from)

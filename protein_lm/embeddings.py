@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from protein_lm.data.readers import Protein
 from protein_lm.errors import UserError
 from protein_lm.inference import (
-    Protein,
     autocast,
     frame,
     length_sorted_batches,

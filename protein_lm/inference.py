@@ -1,8 +1,9 @@
-"""Running a trained model over named proteins: records, windows, length-sorted padded batches.
+"""Running a trained model over named proteins: windows, length-sorted padded batches.
 
 Shared by ``embed``, ``score`` and ``probe``, which all ask the same thing of the model: run
 many short token rows (a protein, a window of a long one, or a masked copy of either) in
-batches, and read results back per protein.
+batches, and read results back per protein. Their records come from
+:func:`protein_lm.data.readers.read_proteins`.
 
 Windows: a model sees ``max_length`` tokens including ``<cls>`` and ``<eos>``, so at most
 ``max_length - 2`` residues. A longer protein is cut into windows of that many residues that
@@ -14,46 +15,15 @@ inputs, but they were trained on windows and are at their best inside one.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from protein_lm.data.tokenizer import CLS_ID, EOS_ID, PAD_ID
 from protein_lm.errors import UserError
-from protein_lm.fasta import read_fasta
-from protein_lm.tokenizer import CLS_ID, EOS_ID, PAD_ID
-
-
-@dataclass(frozen=True)
-class Protein:
-    """A FASTA record: its id (header up to the first whitespace) and residue ids (no specials)."""
-
-    id: str
-    tokens: np.ndarray  # (n,) uint8
-
-
-def read_proteins(path: str | os.PathLike, flag: str = "--fasta") -> list[Protein]:
-    """All records of a FASTA(.gz) file, in file order; ids must be unique (outputs are keyed by them).
-
-    Raises:
-        UserError: a missing file, a malformed record, or an id used twice (naming both lines).
-    """
-    if not Path(path).is_file():
-        raise UserError(f"{flag} {path}: no such file")
-    seen: dict[str, int] = {}
-    proteins = []
-    for rec in read_fasta(path):
-        if rec.id in seen:
-            raise UserError(f"{path}: record id {rec.id!r} on line {rec.line} was already used on line "
-                            f"{seen[rec.id]}; outputs are keyed by id, so ids must be unique")
-        seen[rec.id] = rec.line
-        proteins.append(Protein(rec.id, rec.tokens))
-    return proteins
 
 
 def residues_per_window(max_length: int) -> int:

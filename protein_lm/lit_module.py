@@ -3,7 +3,7 @@
 What it adds to the plain model — and nothing else:
 
 * the objective: ``mlm`` (bidirectional, BID in the Performer paper) or ``causal``
-  (unidirectional, UNI). Batches come from :class:`protein_lm.datamodule.ProteinDataModule`
+  (unidirectional, UNI). Batches come from :class:`protein_lm.data.datamodule.ProteinDataModule`
   as ``input_ids``, ``labels`` (-100 = no loss; causal labels already shifted) and
   ``padding_mask`` (True at padding), so both objectives use the same loss code; packed
   batches (``mode: packed``) add ``segment_ids`` and ``positions``, passed on to the model;

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from protein_lm.errors import UserError
+from protein_lm.io import remove_stale, replace_dir, scratch_dir, write_file
 
 
 def can_write_in(directory: str | os.PathLike) -> OSError | None:
@@ -45,24 +46,19 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None], flag: str = "output") -> Path:
-    """Call ``write(tmp)`` on a temporary sibling, then rename it to ``path``.
+    """Call ``write(tmp)`` on a temporary sibling, then rename it to ``path`` (:func:`protein_lm.io.write_file`).
 
-    The temporary file is removed if anything fails, so a crash or a bad path never leaves a
-    partial file behind; OS errors become one-line :class:`UserError` messages.
+    A crash or a bad path never leaves a partial file behind; OS errors become one-line
+    :class:`UserError` messages.
     """
     out = check_output_file(path, flag)
-    tmp = out.with_name(out.name + ".part")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, out)
+        write_file(out, write)
     except OSError as err:
         raise UserError(f"{flag} {out}: {err.strerror or err}") from None
     except RuntimeError as err:  # torch.save reports unwritable paths as RuntimeError
         raise UserError(f"{flag} {out}: {err}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 
@@ -75,20 +71,21 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
 
 
 def write_dir_atomically(path: str | os.PathLike, write: Callable[[Path], None], flag: str = "output") -> Path:
-    """Call ``write(tmp_dir)`` on a fresh sibling directory, then rename it to ``path`` (empty or absent)."""
+    """Call ``write(tmp_dir)`` on a fresh sibling directory, then rename it to ``path`` (empty or absent).
+
+    Scratch directories of earlier runs that were killed are removed first (:func:`protein_lm.io.remove_stale`).
+    """
     out = check_output_dir(path, flag)
-    tmp = out.with_name(out.name + ".part")
+    tmp = None
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # debris of an interrupted earlier run
-        tmp.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        tmp = scratch_dir(out)
         write(tmp)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except OSError as err:
         raise UserError(f"{flag} {out}: {err.strerror or err}") from None
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out

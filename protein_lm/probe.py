@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from protein_lm.data.tokenizer import VOCAB_SIZE, encode_residues
 from protein_lm.errors import UserError
-from protein_lm.tokenizer import VOCAB_SIZE, encode_residues
 
 STATES = "HEC"
 _FILES = ("sequences.fasta", "sampled.fasta", "mask.fasta")

@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from protein_lm.data.tokenizer import ALPHABET_VERSION, TOKENS
 from protein_lm.errors import UserError
 from protein_lm.outputs import write_dir_atomically
-from protein_lm.tokenizer import ALPHABET_VERSION, TOKENS
 
 DIR_FORMAT = "protein_lm.safetensors"
 DIR_VERSION = 1

@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from protein_lm.data.readers import Protein
+from protein_lm.data.tokenizer import MASK_ID, RESIDUES, TOKEN_TO_ID, TOKENS
 from protein_lm.errors import UserError
-from protein_lm.inference import Protein, autocast, frame, length_sorted_batches, padded_batch, window_starts
+from protein_lm.inference import autocast, frame, length_sorted_batches, padded_batch, window_starts
 from protein_lm.model import ProteinLM
-from protein_lm.tokenizer import MASK_ID, RESIDUES, TOKEN_TO_ID, TOKENS
 
 #: Queries gathered before sorting them by length and batching (bounds memory, keeps padding low).
 POOL = 512

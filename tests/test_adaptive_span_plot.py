@@ -61,7 +61,7 @@ def test_spans_command_writes_json_and_png(tmp_path, capsys):
 
     img = matplotlib.image.imread(png)
     assert img.shape[0] > 200 and img.shape[1] > 300 and img[..., :3].std() > 0.05
-    assert not list(tmp_path.rglob("*.part"))  # written atomically: no temporary files left
+    assert not list(tmp_path.rglob(".*.tmp-*"))  # written atomically: no temporary files left
     code, _ = _run(capsys, "--checkpoint", ckpt, "--out", tmp_path / "heat.svg", "--kind", "heatmap")
     assert code == 0 and (tmp_path / "heat.svg").read_text().lstrip().startswith("<?xml")
 

@@ -17,8 +17,8 @@ from protein_lm.analysis.attention_maps import (
 )
 from protein_lm.checkpoint import save_weights, weights_payload
 from protein_lm.cli import main
+from protein_lm.data.tokenizer import PAD_ID, STANDARD_AA, encode
 from protein_lm.model import ModelConfig, ProteinLM
-from protein_lm.tokenizer import PAD_ID, STANDARD_AA, encode
 
 KINDS = ("performer-softmax", "performer-relu", "exact")
 
@@ -272,9 +272,10 @@ def test_analyze_mass_and_correlation_match_a_direct_computation(tmp_path, tiny_
     (not the row-block path); the best head's Pearson equals numpy's on similarity.csv vs Biopython."""
     from Bio.Align import substitution_matrices
 
-    from protein_lm.cache import TokenCache, ensure_cache
     from protein_lm.checkpoint import load_model
-    from protein_lm.tokenizer import CLS_ID, EOS_ID, TOKENS
+    from protein_lm.data.cache import ensure_cache
+    from protein_lm.data.readers import TokenCache
+    from protein_lm.data.tokenizer import CLS_ID, EOS_ID, TOKENS
 
     out = tmp_path / "analysis"
     argv = ["analyze", "--checkpoint", str(tiny_checkpoint), "--fasta", str(sample_fasta), "--out", str(out),

@@ -1,4 +1,4 @@
-"""The GPU result drivers bench/fair_runs.py and bench/ddp_scaling.py, end to end on CPU (--smoke, --dry-run).
+"""The GPU result drivers bench/experiments/fair_runs.py and bench/ddp_scaling.py, end to end on CPU (--smoke, --dry-run).
 
 They are written to run on a GPU machine in one call each; these tests run the same code paths
 on tiny CPU shapes (a 300-protein cache, L = 64, a few steps) so a broken driver is found before
@@ -55,11 +55,10 @@ def tiny_data(tmp_path_factory, sample_fasta) -> tuple[Path, Path]:
     return root / "cache", root / "ood.fasta"
 
 
-def _run_driver(script: str, cache: Path, ood: Path, out: Path, steps: int) -> dict:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def _run_driver(module: str, cache: Path, ood: Path, out: Path, steps: int) -> dict:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, f"bench/{script}", "--smoke", "--steps", str(steps), "--cache",
+    proc = subprocess.run([sys.executable, "-m", module, "--smoke", "--steps", str(steps), "--cache",
                            str(cache), "--ood", str(ood), "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     logs = "".join(p.read_text()[-1500:] for p in sorted((out / "logs").glob("*.log"))) if (out / "logs").exists() else ""
@@ -93,7 +92,7 @@ def test_fair_runs_smoke_equal_settings_and_finite_results(tiny_data, tmp_path):
 
     cache, ood = tiny_data
     out = tmp_path / "fair"
-    summary = _run_driver("fair_runs.py", cache, ood, out, steps=4)
+    summary = _run_driver("bench.experiments.fair_runs", cache, ood, out, steps=4)
     runs = summary["runs"]
     assert set(runs) == {"performer", "performer_span", "performer_memory", "performer_pkm", "exact_span"}
     for name, e in runs.items():
@@ -154,7 +153,7 @@ def test_ddp_scaling_dry_run_counts_every_rank_and_fsdp_trains_like_ddp(tiny_dat
     out = tmp_path / "scaling"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, "bench/ddp_scaling.py", "--dry-run", "--cache", str(cache), "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "bench.ddp_scaling", "--dry-run", "--cache", str(cache), "--out", str(out),
                            "--settings", "l8192", "--steps", "5", "--warmup-steps", "2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

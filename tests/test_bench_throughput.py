@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
+from bench import exact_baselines, fit_throughput
 
-import exact_baselines  # noqa: E402
-import fit_throughput  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -76,5 +73,5 @@ def test_fit_commands_parse(tmp_path, run):
     proc = subprocess.run([*cmd, "--print_config"], capture_output=True, text=True, cwd=REPO, check=False,
                           env=fit_throughput.child_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ThroughputMonitor" in proc.stdout
+    assert "ThroughputMonitor" in proc.stdout and "bench.fit_throughput.StepProfiler" in proc.stdout
     assert ("mode: packed" if run.endswith("packed") else "mode: single") in proc.stdout

@@ -17,7 +17,7 @@ from protein_lm.analysis.blosum import (
     rankdata,
     spearman,
 )
-from protein_lm.tokenizer import STANDARD_AA
+from protein_lm.data.tokenizer import STANDARD_AA
 
 
 def test_selection_matches_biopython_letter_by_letter():

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protein_lm import cache as cache_mod
-from protein_lm.cache import TokenCache, ensure_cache, prepare, prepare_cache
+from protein_lm.data import cache as cache_mod
+from protein_lm.data.cache import ensure_cache, prepare, prepare_cache
+from protein_lm.data.fasta import read_fasta
+from protein_lm.data.readers import TokenCache
+from protein_lm.data.tokenizer import ALPHABET_VERSION, decode
 from protein_lm.errors import FastaFormatError, UserError
-from protein_lm.fasta import read_fasta
-from protein_lm.tokenizer import ALPHABET_VERSION, decode
 
 SMALL = ">a desc\nMKV\nLA\n>b\n\n>c\nacd*\n>d\nJJ\n"
 
@@ -209,7 +210,7 @@ def test_several_inputs_in_order_with_workers(tmp_path, sample_fasta):
 
 def test_constant_memory_blocks(tmp_path, monkeypatch):
     """Tiny blocks (records straddling many chunks) give the same cache as one block."""
-    from protein_lm import fasta
+    from protein_lm.data import fasta
 
     data = "".join(f">r{i}\n" + "ACDEFGHIKLMNPQRSTVWY"[: 1 + i % 20] * (1 + i % 7) + "\n" for i in range(300))
     fa = write(tmp_path, "m.fa", data)

@@ -7,8 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protein_lm.cache import TokenCache, prepare_cache
 from protein_lm.cli import main
+from protein_lm.data.cache import prepare_cache
+from protein_lm.data.readers import TokenCache
 
 PROTEINS = {"P1": "MKVLAEDFGYWRTSPQNHIC", "P2": "ACDEFGHIKLMNPQRSTVWY", "P3": "WWKKDDEEFFYYLLIIVV"}
 

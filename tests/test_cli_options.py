@@ -28,8 +28,8 @@ import torch
 
 from protein_lm.checkpoint import read_checkpoint, save_weights, weights_payload
 from protein_lm.cli import main
+from protein_lm.data.tokenizer import CLS_ID, EOS_ID, STANDARD_AA, TOKEN_TO_ID
 from protein_lm.model import ModelConfig, ProteinLM
-from protein_lm.tokenizer import CLS_ID, EOS_ID, STANDARD_AA, TOKEN_TO_ID
 
 _TINY = dict(dim=16, depth=2, heads=2, ff_dim=32, num_features=16, favor_backend="torch", feature_seed=0)
 # Record ids with characters a file name cannot hold; one X (not a standard residue) in the second.

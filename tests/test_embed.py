@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from protein_lm.cli import main
+from protein_lm.data.readers import Protein
+from protein_lm.data.tokenizer import encode_residues
 from protein_lm.embeddings import embed_proteins, read_embeddings
-from protein_lm.inference import Protein, frame, window_starts
-from protein_lm.tokenizer import encode_residues
+from protein_lm.inference import frame, window_starts
 from tests.conftest import REPO
 from tests.helpers.tiny_models import save_tiny, tiny_model
 
@@ -77,7 +78,7 @@ def test_cli_writes_ids_shards_and_index(tmp_path):
     index = json.loads((out / "index.json").read_text())
     assert list(index["records"]) == list(SEQS)  # ids kept, in file order
     assert index["layers"] == [0, 2] and len(index["shards"]) == 3
-    assert not (tmp_path / "emb.part").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["emb", "in.fasta", "tiny.pt"]  # no scratch left
     emb = read_embeddings(out)
     for pid, seq in SEQS.items():
         assert emb[pid]["per_tok"][2].shape == (len(seq), 32)
@@ -115,13 +116,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, case):
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("protein-lm embed: error:")
     assert {"duplicate": "on line 3 was already used on line 1", "out_not_empty": "not an empty directory",
             "bad_layer": "out of range"}[case] in err
-    assert not (tmp_path / "emb.part").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".emb.")]  # no scratch left
     if case != "out_not_empty":
         assert not out.exists()
 
 
 def test_shipped_model_on_the_shipped_sample(tmp_path, sample_fasta):
-    from protein_lm.fasta import read_fasta
+    from protein_lm.data.fasta import read_fasta
 
     records = []
     for rec in read_fasta(sample_fasta):
@@ -147,6 +148,6 @@ def test_shipped_model_on_the_shipped_sample(tmp_path, sample_fasta):
 
 
 def _letters(tokens) -> str:
-    from protein_lm.tokenizer import TOKENS
+    from protein_lm.data.tokenizer import TOKENS
 
     return "".join(TOKENS[int(t)] for t in tokens)

@@ -11,7 +11,7 @@ import torch
 
 from protein_lm.checkpoint import load_model, read_checkpoint
 from protein_lm.cli import main
-from protein_lm.datamodule import ProteinDataModule
+from protein_lm.data.datamodule import ProteinDataModule
 from protein_lm.errors import UserError
 from protein_lm.lit_module import ProteinLMModule
 from protein_lm.model import ModelConfig
@@ -84,7 +84,8 @@ def test_evaluate_causal_scores_every_real_position(checkpoints, sample_fasta, t
     result = evaluate(checkpoints["exact_causal"], sample_fasta, max_sequences=3, device="cpu", max_length=64)
     assert result["objective"] == "causal"
     # Per window: every residue plus <eos> is a next-token target (<cls> is only an input).
-    from protein_lm.cache import TokenCache, ensure_cache
+    from protein_lm.data.cache import ensure_cache
+    from protein_lm.data.readers import TokenCache
 
     cache = TokenCache(ensure_cache(sample_fasta))
     window = result["max_length"] - 2
@@ -149,9 +150,10 @@ def test_evaluate_causal_numbers_match_a_direct_computation(checkpoints, sample_
     """Token-weighted CE / accuracy from `evaluate` equal a plain loop over the proteins' logits."""
     import math
 
-    from protein_lm.cache import TokenCache, ensure_cache
     from protein_lm.commands.evaluate import evaluate
-    from protein_lm.tokenizer import CLS_ID, EOS_ID
+    from protein_lm.data.cache import ensure_cache
+    from protein_lm.data.readers import TokenCache
+    from protein_lm.data.tokenizer import CLS_ID, EOS_ID
 
     n = 4
     cache = TokenCache(ensure_cache(sample_fasta))

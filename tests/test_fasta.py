@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protein_lm import fasta
+from protein_lm.data import fasta
+from protein_lm.data.fasta import is_gzip, read_fasta, tokenize_fasta
+from protein_lm.data.tokenizer import decode, encode_residues
 from protein_lm.errors import FastaFormatError
-from protein_lm.fasta import is_gzip, read_fasta, tokenize_fasta
-from protein_lm.tokenizer import decode, encode_residues
 
 
 def write(tmp_path: Path, name: str, data: bytes | str) -> Path:

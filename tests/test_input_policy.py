@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from protein_lm.attention.favor import favor_bidirectional
-from protein_lm.cache import TokenCache, prepare_cache
 from protein_lm.checkpoint import save_weights, weights_payload
 from protein_lm.cli import main
-from protein_lm.datamodule import ProteinDataModule
+from protein_lm.data.cache import prepare_cache
+from protein_lm.data.datamodule import ProteinDataModule
+from protein_lm.data.readers import TokenCache
 from protein_lm.lit_module import token_statistics
 from protein_lm.model import ModelConfig, ProteinLM
 

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from protein_lm.datamodule import ProteinDataModule
+from protein_lm.data.datamodule import ProteinDataModule
 from protein_lm.lit_module import (
     NonFiniteLossError,
     ProteinLMModule,
@@ -157,7 +157,7 @@ def test_validation_logs_span_and_pkm_statistics(sample_fasta, tmp_path):
     """Models with adaptive span and PKM layers report span lengths and slot usage at validation."""
     import pytorch_lightning as pl
 
-    from protein_lm.datamodule import ProteinDataModule
+    from protein_lm.data.datamodule import ProteinDataModule
     from protein_lm.lit_module import ProteinLMModule
     from protein_lm.model import ModelConfig
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from protein_lm.data.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AA_IDS
 from protein_lm.lit_module import token_statistics
 from protein_lm.model import ModelConfig, ProteinLM
-from protein_lm.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AA_IDS
 
 ATTENTIONS = ["exact", "performer-softmax", "performer-relu"]
 

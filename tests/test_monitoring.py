@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from protein_lm.datamodule import ProteinDataModule
+from protein_lm.data.datamodule import ProteinDataModule
 from protein_lm.lit_module import ProteinLMModule
 from protein_lm.model import ModelConfig
 from protein_lm.monitoring import ThroughputMonitor

@@ -20,11 +20,11 @@ from protein_lm.attention.exact_segments import (
     segment_attention,
     segment_mask,
 )
-from protein_lm.datamodule import DataConfigError, ProteinDataModule
+from protein_lm.data.datamodule import DataConfigError, ProteinDataModule
+from protein_lm.data.packing import PackedPlan, pack_rows
+from protein_lm.data.tokenizer import EOS_ID, PAD_ID
 from protein_lm.lit_module import ProteinLMModule, token_statistics
 from protein_lm.model import ModelConfig, ProteinLM
-from protein_lm.packing import PackedPlan, pack_rows
-from protein_lm.tokenizer import EOS_ID, PAD_ID
 from tests.helpers.resume import fit_recording
 from tests.test_datamodule import make_dm, random_seqs, same_batches, write_fasta
 from tests.test_resume import fit, step_losses, val_losses
@@ -211,7 +211,7 @@ def test_evaluation_dataloader_packs_every_window_of_a_file(short_fasta, tmp_pat
 
 
 def test_ddp_ranks_get_disjoint_packed_batches(short_fasta, tmp_path):
-    from protein_lm.datamodule import ShardedBatchSampler
+    from protein_lm.data.sampler import ShardedBatchSampler
 
     dm = make_dm(short_fasta, tmp_path, mode="packed", max_length=L, batch_size=2)
     ds, plan = dm.dataset("train"), dm._plan("train")

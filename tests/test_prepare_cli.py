@@ -87,7 +87,7 @@ def test_prepare_does_not_import_torch(tmp_path):
     fa = write(tmp_path, "s.fa", ">a\nMKV\n")
     code = (
         "import sys\n"
-        "import protein_lm.commands.prepare, protein_lm.cache, protein_lm.fasta\n"
+        "import protein_lm.commands.prepare, protein_lm.data.cache, protein_lm.data.readers, protein_lm.data.fasta\n"
         "from protein_lm.cli import main\n"
         f"assert main(['prepare', {str(fa)!r}, '--out', {str(tmp_path / 'c')!r}, '-q']) == 0\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'pytorch_lightning', 'lightning'))\n"
@@ -97,10 +97,10 @@ def test_prepare_does_not_import_torch(tmp_path):
 
 
 def test_progress_goes_to_stderr(tmp_path, monkeypatch, capsys, sample_fasta):
-    from protein_lm import cache as cache_mod
+    from protein_lm.data.progress import ReadProgress
 
-    monkeypatch.setattr(cache_mod._Progress, "DELAY", 0.0)
-    monkeypatch.setattr(cache_mod._Progress, "INTERVAL_LOG", 0.0)
+    monkeypatch.setattr(ReadProgress, "DELAY", 0.0)
+    monkeypatch.setattr(ReadProgress, "INTERVAL_LOG", 0.0)
     assert main(["prepare", str(sample_fasta), "--out", str(tmp_path / "c")]) == 0
     captured = capsys.readouterr()
     assert "prepare: swissprot_sample.fasta.gz:" in captured.err and "MB read" in captured.err

@@ -130,7 +130,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_cache(tmp_path, workers):
 
 
 def test_no_space_left_while_writing_the_offsets(tmp_path, capsys, monkeypatch):
-    import protein_lm.cache as cache
+    import protein_lm.data.cache as cache
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from protein_lm.checkpoint import load_model
 from protein_lm.cli import main
-from protein_lm.tokenizer import TOKENS
+from protein_lm.data.tokenizer import TOKENS
 from tests.helpers.tiny_models import save_tiny
 
 
@@ -45,7 +45,8 @@ def test_refusals_are_one_line(tmp_path, capsys):
     (out / "keep.txt").write_text("x")
     assert main(["export", "--checkpoint", str(src), "--out", str(out), "--format", "safetensors"]) == 2
     assert "not an empty directory" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and not (tmp_path / "exported.part").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "tiny.pt"]  # no scratch left
     fresh = tmp_path / "fresh"
     assert main(["export", "--checkpoint", str(src), "--out", str(fresh), "--format", "safetensors"]) == 0
     config = json.loads((fresh / "config.json").read_text())

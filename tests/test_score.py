@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from protein_lm.cli import main
-from protein_lm.inference import Protein, frame, window_starts
+from protein_lm.data.readers import Protein
+from protein_lm.data.tokenizer import MASK_ID, TOKEN_TO_ID, encode_residues
+from protein_lm.inference import frame, window_starts
 from protein_lm.scoring import read_mutations, score_mutations, score_sequences
-from protein_lm.tokenizer import MASK_ID, TOKEN_TO_ID, encode_residues
 from tests.conftest import REPO
 from tests.helpers.tiny_models import save_tiny, tiny_model
 
@@ -162,8 +163,8 @@ def test_bad_mutation_rows_are_one_line_errors_naming_the_line(tmp_path, capsys,
 
 
 def test_shipped_model_scores_short_sample_proteins_and_variants(tmp_path, sample_fasta):
-    from protein_lm.fasta import read_fasta
-    from protein_lm.tokenizer import TOKENS
+    from protein_lm.data.fasta import read_fasta
+    from protein_lm.data.tokenizer import TOKENS
 
     short = []
     for rec in read_fasta(sample_fasta):

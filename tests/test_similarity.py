@@ -15,7 +15,7 @@ from protein_lm.analysis.similarity import (
     type_mass,
     uniform_mass,
 )
-from protein_lm.tokenizer import STANDARD_AA, encode
+from protein_lm.data.tokenizer import STANDARD_AA, encode
 
 IDX = STANDARD_AA.index
 

@@ -1,4 +1,4 @@
-"""bench/speedrun.py and bench/speedrun_campaign.py: time-to-quality runs, their summary, the time schedules."""
+"""bench/experiments/speedrun.py and speedrun_campaign.py: time-to-quality runs, their summary, the time schedules."""
 
 from __future__ import annotations
 
@@ -14,17 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from protein_lm.datamodule import ProteinDataModule
+from bench.experiments import speedrun, speedrun_campaign
+from protein_lm.data.datamodule import ProteinDataModule
 from protein_lm.errors import UserError
 from protein_lm.lit_module import ProteinLMModule
 from protein_lm.model import ModelConfig
 from protein_lm.schedules import TrainClock, time_warmup_decay, warmup_decay
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import speedrun  # noqa: E402
-import speedrun_campaign  # noqa: E402
 
 TINY = ["--config", "configs/debug.yaml", "--model.config.depth", "1", "--model.config.dim", "32",
         "--model.config.heads", "2", "--model.config.ff_dim", "64", "--model.config.num_features", "16",
@@ -203,20 +200,20 @@ def test_campaign_starts_detached_runs_and_reports_them(tmp_path, ood_fasta):
                          "b": {"config": ["configs/debug.yaml"], "overrides": ["--model.lr", "1e-3"]}}}
     spec = tmp_path / "campaign.yaml"
     spec.write_text(json.dumps(campaign))
-    launcher = [sys.executable, str(REPO / "bench" / "speedrun_campaign.py")]
+    launcher = [sys.executable, "-m", "bench.experiments.speedrun_campaign"]
     try:
         started = subprocess.run([*launcher, str(spec), "--out", str(out)], capture_output=True, text=True,
                                  timeout=60, check=True, cwd=REPO).stdout  # the configs' relative paths
         assert "started a" in started and "started b" in started
         report = {e["run"]: e for e in speedrun_campaign.status(out)}
         assert set(report) == {"a", "b"} and all(e["alive"] for e in report.values())  # returned at once
-        again = subprocess.run([*launcher, str(spec), "--out", str(out)], capture_output=True, text=True)
+        again = subprocess.run([*launcher, str(spec), "--out", str(out)], capture_output=True, text=True, cwd=REPO)
         assert again.returncode == 2 and "already running" in again.stderr
         deadline = time.monotonic() + 240
         while any(e["alive"] for e in speedrun_campaign.status(out)) and time.monotonic() < deadline:
             time.sleep(1)
         text = subprocess.run([*launcher, "--out", str(out), "--status"], capture_output=True, text=True,
-                              check=True).stdout
+                              check=True, cwd=REPO).stdout
         report = {e["run"]: e for e in speedrun_campaign.status(out)}
         for name in ("a", "b"):
             assert not report[name]["alive"], (out / f"{name}.log").read_text()[-2000:]

@@ -1,7 +1,7 @@
 """Split hashes stored with the token cache (hashes.npy + hashes.json): made once, never stale.
 
 The reference is computed here independently (``hashlib.blake2b`` per sequence with the documented
-key), not with ``protein_lm.splits.content_hashes``, so a change to the stored or the computed
+key), not with ``protein_lm.data.splits.content_hashes``, so a change to the stored or the computed
 hashes cannot hide behind the code under test.
 """
 
@@ -13,15 +13,17 @@ import json
 import multiprocessing
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from protein_lm import cache as cache_mod
-from protein_lm.cache import HASHES_FILE, HASHES_META_FILE, TokenCache, prepare_cache
-from protein_lm.datamodule import ProteinDataModule
-from protein_lm.splits import TEST, TRAIN, VAL, assign_splits
+from protein_lm.data import readers
+from protein_lm.data.cache import prepare_cache
+from protein_lm.data.datamodule import ProteinDataModule
+from protein_lm.data.readers import HASHES_FILE, HASHES_META_FILE, TokenCache
+from protein_lm.data.splits import TEST, TRAIN, VAL, assign_splits
 
 KEY = b"protein_lm.split.v1"  # the documented split key: changing it would change every split
 
@@ -68,12 +70,12 @@ def assert_stored(d: Path, ref: np.ndarray) -> None:
 
 
 class CountingHashes:
-    """Wraps cache.content_hashes to count the sequences it hashes (full pass vs spot checks)."""
+    """Wraps readers.content_hashes to count the sequences it hashes (full pass vs spot checks)."""
 
     def __init__(self, monkeypatch):
         self.sequences = 0
-        self._real = cache_mod.content_hashes
-        monkeypatch.setattr(cache_mod, "content_hashes", self)
+        self._real = readers.content_hashes
+        monkeypatch.setattr(readers, "content_hashes", self)
 
     def __call__(self, tokens, offsets):
         self.sequences += len(offsets) - 1
@@ -122,7 +124,7 @@ def test_old_cache_gets_hashes_on_first_setup_then_reuses_them(cache_copy, monke
     assert_stored(d, ref)
     counter.sequences = 0
     ProteinDataModule(str(d)).setup("fit")  # a second run (another rank, a resume)
-    assert 0 < counter.sequences <= cache_mod._HASH_SPOT_CHECKS  # only the spot checks
+    assert 0 < counter.sequences <= readers._HASH_SPOT_CHECKS  # only the spot checks
 
 
 def test_prepare_can_rebuild_a_cache_holding_hashes_and_temp_leftovers(sample_fasta, cache_copy):
@@ -138,7 +140,7 @@ def test_prepare_can_rebuild_a_cache_holding_hashes_and_temp_leftovers(sample_fa
 def _truncate(d: Path, ref: np.ndarray, manifest: dict) -> None:
     short = ref[:-1]  # consistent metadata, wrong length: only the length check catches it
     np.save(d / HASHES_FILE, short)
-    (d / HASHES_META_FILE).write_text(json.dumps(cache_mod._hashes_meta(manifest, short)))
+    (d / HASHES_META_FILE).write_text(json.dumps(readers.hashes_meta(manifest, short)))
 
 
 def _garbage(d: Path, ref: np.ndarray, manifest: dict) -> None:
@@ -156,12 +158,12 @@ def _other_cache(d: Path, ref: np.ndarray, manifest: dict) -> None:
     # copied over from it: the manifest fingerprint catches it
     other = {**manifest, "created": "1999-01-01T00:00:00+00:00"}
     np.save(d / HASHES_FILE, ref[::-1].copy())
-    (d / HASHES_META_FILE).write_text(json.dumps(cache_mod._hashes_meta(other, ref[::-1].copy())))
+    (d / HASHES_META_FILE).write_text(json.dumps(readers.hashes_meta(other, ref[::-1].copy())))
 
 
 def _old_scheme(d: Path, ref: np.ndarray, manifest: dict) -> None:
     wrong = ref ^ np.uint64(12345)  # "made by another hash function"
-    meta = {**cache_mod._hashes_meta(manifest, wrong), "scheme": "blake2b-64/protein_lm.split.v0"}
+    meta = {**readers.hashes_meta(manifest, wrong), "scheme": "blake2b-64/protein_lm.split.v0"}
     np.save(d / HASHES_FILE, wrong)
     (d / HASHES_META_FILE).write_text(json.dumps(meta))
 
@@ -175,7 +177,7 @@ def _consistent_but_wrong(d: Path, ref: np.ndarray, manifest: dict) -> None:
     # every recorded property matches (a cache whose tokens were replaced by hand): spot checks only
     wrong = np.roll(ref, 1)
     np.save(d / HASHES_FILE, wrong)
-    (d / HASHES_META_FILE).write_text(json.dumps(cache_mod._hashes_meta(manifest, wrong)))
+    (d / HASHES_META_FILE).write_text(json.dumps(readers.hashes_meta(manifest, wrong)))
 
 
 @pytest.mark.parametrize(
@@ -194,7 +196,7 @@ def _consistent_but_wrong(d: Path, ref: np.ndarray, manifest: dict) -> None:
 def test_stale_or_corrupt_hashes_are_recomputed(cache_copy, monkeypatch, damage, spot_checks):
     d, ref = cache_copy
     if not spot_checks:  # isolate the check under test from the spot checks
-        monkeypatch.setattr(cache_mod, "_HASH_SPOT_CHECKS", 0)
+        monkeypatch.setattr(readers, "_HASH_SPOT_CHECKS", 0)
     damage(d, ref, TokenCache(d).manifest)
     assert np.array_equal(TokenCache(d).content_hashes(), ref)
     assert_stored(d, ref)  # and repaired on disk
@@ -221,7 +223,7 @@ def test_unwritable_cache_falls_back_to_memory(cache_copy, monkeypatch, where, e
     d, ref = cache_copy
     drop_hashes(d)
     before = sorted(p.name for p in d.iterdir())
-    target = cache_mod.tempfile if where == "mkstemp" else cache_mod.os
+    target = tempfile if where == "mkstemp" else os
     monkeypatch.setattr(target, where, _fail(err))
     with pytest.warns(UserWarning, match="cannot save the sequence hashes"):
         dm = ProteinDataModule(str(d), val_fraction=0.1, test_fraction=0.1)

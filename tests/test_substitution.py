@@ -20,8 +20,8 @@ from protein_lm.analysis.substitution import (
 from protein_lm.analysis.vig import VigAccumulator
 from protein_lm.checkpoint import save_weights, weights_payload
 from protein_lm.cli import main
+from protein_lm.data.tokenizer import MASK_ID, STANDARD_AA_IDS, VOCAB_SIZE
 from protein_lm.model import ModelConfig, ProteinLM
-from protein_lm.tokenizer import MASK_ID, STANDARD_AA_IDS, VOCAB_SIZE
 
 
 class OracleModel(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protein_lm import tokenizer as T
+from protein_lm.data import tokenizer as T
 
 # ESM-2's vocabulary in id order, written out from the ESM alphabet specification
 # (prepend <cls> <pad> <eos> <unk>, 25 residue letters + '.', '-', then <null_1>, <mask>).

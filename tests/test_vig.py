@@ -16,8 +16,8 @@ from protein_lm.analysis.vig import (
     head_features,
     key_type_sums,
 )
+from protein_lm.data.tokenizer import CLS_ID, EOS_ID, PAD_ID, STANDARD_AA, STANDARD_AA_IDS, TOKENS
 from protein_lm.model import ModelConfig, ProteinLM
-from protein_lm.tokenizer import CLS_ID, EOS_ID, PAD_ID, STANDARD_AA, STANDARD_AA_IDS, TOKENS
 
 
 def _protein_with_every_type(repeats: int = 2) -> torch.Tensor:

@@ -32,9 +32,9 @@ from torch import Tensor
 from protein_lm.analysis.similarity import SimilarityAccumulator
 from protein_lm.analysis.substitution import SubstitutionAccumulator, score_batch
 from protein_lm.analysis.vig import VigAccumulator
+from protein_lm.data.tokenizer import PAD_ID, STANDARD_AA_IDS
 from protein_lm.inference import frame as frame_residues
 from protein_lm.inference import padded_batch
-from protein_lm.tokenizer import PAD_ID, STANDARD_AA_IDS
 
 RESIDUE_IDS = tuple(range(4, 31))  # every residue token (standard and X/B/U/Z/O/./-), no specials
 DEFAULT_BLOCK_ELEMENTS = 1 << 24  # 16 M numbers = 64 MB of float32 per block

@@ -2,7 +2,7 @@
 
 Biopython's BLOSUM62 has 24 letters (``ARNDCQEGHILKMFPSTWYVBZX*``). We select the 20 standard residues
 *by letter* (never by position, never letters BLOSUM lacks such as U or O), so the result is in
-:data:`protein_lm.tokenizer.STANDARD_AA` order whatever order Biopython stores.
+:data:`protein_lm.data.tokenizer.STANDARD_AA` order whatever order Biopython stores.
 
 BLOSUM62 scores are ``round(2 * log2(q_ab / (p_a p_b)))`` (half-bit units). :func:`blosum62_log2_odds`
 divides by two so that the matrix is in the same units (log2 odds) as
@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from protein_lm.tokenizer import STANDARD_AA
+from protein_lm.data.tokenizer import STANDARD_AA
 
 NUM_AA = len(STANDARD_AA)  # 20
 # Indices of the 190 unordered off-diagonal pairs (a < b) in STANDARD_AA order.

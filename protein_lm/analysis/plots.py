@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from protein_lm.analysis.blosum import blosum62_log2_odds, off_diagonal, pair_labels  # noqa: E402
-from protein_lm.tokenizer import STANDARD_AA  # noqa: E402
+from protein_lm.data.tokenizer import STANDARD_AA  # noqa: E402
 
 DIVERGING = "RdBu_r"
 

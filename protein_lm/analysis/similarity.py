@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protein_lm.analysis.blosum import NUM_AA, compare_with_blosum62, pair_rank
-from protein_lm.tokenizer import STANDARD_AA, STANDARD_AA_IDS, VOCAB_SIZE
+from protein_lm.data.tokenizer import STANDARD_AA, STANDARD_AA_IDS, VOCAB_SIZE
 
 # token id -> 0..19 for standard residues, -1 for everything else (specials, X, B, Z, U, O, '.', '-').
 TOKEN_TO_AA_INDEX = np.full(VOCAB_SIZE, -1, dtype=np.int64)
@@ -178,7 +178,7 @@ def uniform_mass(input_ids, causal: bool = False, exclude_self: bool = True, pad
     """
     import torch
 
-    from protein_lm.tokenizer import PAD_ID
+    from protein_lm.data.tokenizer import PAD_ID
 
     ids = torch.as_tensor(input_ids).cpu()
     if padding_mask is None:

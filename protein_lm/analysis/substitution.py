@@ -101,7 +101,7 @@ def score_batch(model, input_ids, padding_mask, accumulator: SubstitutionAccumul
     import torch
 
     from protein_lm.analysis.similarity import residue_types
-    from protein_lm.tokenizer import MASK_ID, STANDARD_AA_IDS
+    from protein_lm.data.tokenizer import MASK_ID, STANDARD_AA_IDS
 
     types = residue_types(input_ids)  # (B, L) 0..19 or -1
     standard = torch.as_tensor(STANDARD_AA_IDS, device=input_ids.device)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protein_lm.analysis.blosum import NUM_AA, compare_with_blosum62, pair_rank
-from protein_lm.tokenizer import RESIDUES, TOKENS
+from protein_lm.data.tokenizer import RESIDUES, TOKENS
 
 EXACT_THRESHOLD = 0.3  # Vig et al.'s --min-attn
 MIN_TOTAL = 100.0  # their min_total: heads with less kept attention weight are dropped

@@ -23,20 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from protein_lm.analysis.vig import EXACT_THRESHOLD, MIN_TOTAL, VARIANTS
+from protein_lm.data.readers import read_sequences
 from protein_lm.devices import resolve_device
 from protein_lm.errors import UserError
+from protein_lm.io import remove_stale, replace_dir, scratch_dir
 
 DEFAULT_BATCH_TOKENS = 8192  # as attention_maps' (not imported here: it would load torch for --help)
 MAP_MAX_RESIDUES = 128  # per-protein figure: longer proteins are cropped for legibility
@@ -120,23 +118,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def read_sequences(
-    path: Path, limit: int | None, on_invalid: str = "error"
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``(record id, residue token ids)`` of the first ``limit`` records of a FASTA(.gz) file.
-
-    The one place this command reads FASTA (through :mod:`protein_lm.fasta`, which names the file, record
-    and line in its errors).
-    """
-    from protein_lm.fasta import read_fasta
-
-    counts: Counter = Counter()
-    for n, record in enumerate(read_fasta(path, on_invalid=on_invalid, counts=counts)):
-        if limit is not None and n >= limit:
-            return
-        yield record.id, record.tokens
-
-
 def _find_protein(path: Path, protein_id: str, on_invalid: str) -> np.ndarray:
     for rid, tokens in read_sequences(path, None, on_invalid):
         if rid == protein_id:
@@ -145,7 +126,7 @@ def _find_protein(path: Path, protein_id: str, on_invalid: str) -> np.ndarray:
 
 
 def _write_matrix_csv(path: Path, matrix: np.ndarray) -> None:
-    from protein_lm.tokenizer import STANDARD_AA
+    from protein_lm.data.tokenizer import STANDARD_AA
 
     lines = ["," + ",".join(STANDARD_AA)]
     for a, row in zip(STANDARD_AA, matrix, strict=True):
@@ -196,26 +177,6 @@ def _check_writable(directory: Path) -> None:
     err = can_write_in(directory)
     if err is not None:
         raise UserError(f"--out: cannot write to {directory} ({err.strerror or err}); choose another directory")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out``; an existing ``out`` is replaced only once ``tmp`` is complete."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the usual permissions of a new directory
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            os.replace(old / out.name, out)  # keep the earlier output where it was
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -353,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if not sequences:
         raise UserError(f"{fasta}: no sequences to analyse")
-    from protein_lm.tokenizer import STANDARD_AA_IDS
+    from protein_lm.data.tokenizer import STANDARD_AA_IDS
 
     if not any(np.isin(np.asarray(t), STANDARD_AA_IDS).any() for _, t in sequences):
         raise UserError(f"{fasta}: no standard amino acids in the analysed records (only X, B, Z, U, O or gaps)")
@@ -383,10 +344,11 @@ def run(args: argparse.Namespace) -> int:
     maps = attention_map(model, frame(protein).to(device))
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale(out)  # scratch directories of analyses that were killed
+    tmp = scratch_dir(out)
     try:
         from protein_lm.analysis.blosum import compare_with_blosum62
-        from protein_lm.tokenizer import TOKENS
+        from protein_lm.data.tokenizer import TOKENS
 
         heads_total = cfg.depth * cfg.heads
         for v in VARIANTS:
@@ -486,7 +448,7 @@ def run(args: argparse.Namespace) -> int:
             }
         )
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)  # an earlier output is replaced only now that this one is complete
     except OSError as e:  # e.g. the disk filled up while writing: nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"--out {out}: could not write the analysis ({e.strerror or e})") from None

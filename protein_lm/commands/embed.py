@@ -34,10 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from protein_lm.checkpoint import load_model
+    from protein_lm.data.readers import read_proteins
     from protein_lm.devices import resolve_device
     from protein_lm.embeddings import EmbeddingWriter, embed_proteins
     from protein_lm.errors import UserError
-    from protein_lm.inference import progress, read_proteins, residues_per_window, window_starts
+    from protein_lm.inference import progress, residues_per_window, window_starts
     from protein_lm.outputs import check_output_dir, write_dir_atomically
 
     if args.shard_size < 1:

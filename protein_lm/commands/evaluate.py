@@ -60,7 +60,7 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score ``fasta`` with ``checkpoint``; returns the JSON-able result dict."""
-    from protein_lm.datamodule import ProteinDataModule
+    from protein_lm.data.datamodule import ProteinDataModule
 
     if max_sequences is not None and max_sequences < 1:
         raise UserError(f"--max-sequences must be >= 1, got {max_sequences}")

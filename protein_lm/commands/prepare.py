@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from protein_lm.cache import prepare
+from protein_lm.data.cache import prepare
+from protein_lm.data.fasta import ON_INVALID
 from protein_lm.errors import UserError
-from protein_lm.fasta import ON_INVALID
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

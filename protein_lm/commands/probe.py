@@ -40,10 +40,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from protein_lm.checkpoint import load_model
+    from protein_lm.data.readers import Protein
     from protein_lm.devices import resolve_device
     from protein_lm.embeddings import embed_proteins
     from protein_lm.errors import UserError
-    from protein_lm.inference import Protein, progress, residues_per_window
+    from protein_lm.inference import progress, residues_per_window
     from protein_lm.model import ModelConfig, ProteinLM
     from protein_lm.outputs import check_output_file, write_atomically
     from protein_lm.probe import load_flip_secondary_structure, onehot_features, probe_features, subsample

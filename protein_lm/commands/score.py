@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from protein_lm.checkpoint import load_model
+    from protein_lm.data.readers import read_proteins
     from protein_lm.devices import resolve_device
-    from protein_lm.inference import progress, read_proteins, residues_per_window, window_starts
+    from protein_lm.inference import progress, residues_per_window, window_starts
     from protein_lm.outputs import check_output_file, write_atomically
     from protein_lm.scoring import (
         count_mutation_queries,

@@ -48,7 +48,7 @@ def _batches(args: argparse.Namespace, device, max_residues: int):
     """``(input_ids, padding_mask)`` batches of the first records of ``--fasta``, each cropped to
     ``max_residues``."""
     from protein_lm.analysis.spans import batch_sequences
-    from protein_lm.commands.analyze import read_sequences
+    from protein_lm.data.readers import read_sequences
 
     fasta = Path(args.fasta)
     if not fasta.is_file():

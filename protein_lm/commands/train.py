@@ -52,7 +52,7 @@ from protein_lm.commands.train_checks import (
     checkpoint_hparams,
 )
 from protein_lm.commands.train_parser import ProteinLMArgumentParser, check_config_files, option_names
-from protein_lm.datamodule import ProteinDataModule
+from protein_lm.data.datamodule import ProteinDataModule
 from protein_lm.distributed import names_fsdp
 from protein_lm.errors import UserError
 from protein_lm.finetune import apply_init_weights

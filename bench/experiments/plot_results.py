@@ -1,6 +1,6 @@
-"""Figures for docs/results.md from the CSV logs that bench/swissprot_runs.py brought back.
+"""Figures for docs/results.md from the CSV logs that bench/experiments/swissprot_runs.py brought back.
 
-    python bench/plot_results.py [--results bench/results/swissprot_h100] [--out docs/results]
+    python -m bench.experiments.plot_results [--results bench/results/swissprot_h100] [--out docs/results]
 
 Writes ``learning_curves.png`` (validation perplexity vs step, one panel per setting, one line per
 attention type) and ``transfer.png`` (exact -> Performer weight transfer: accuracy while fine-tuning).

@@ -1,4 +1,4 @@
-"""GPU results on Swiss-Prot (issue 6): equal-budget runs of Performer-softmax, Performer-ReLU and
+"""GPU results on Swiss-Prot: equal-budget runs of Performer-softmax, Performer-ReLU and
 exact attention, evaluated on the test split and the CATH out-of-distribution set.
 
 All nine runs (3 settings x 3 attention types) train concurrently on one GPU: small models do
@@ -8,8 +8,8 @@ tokens/s they log are therefore shared-GPU numbers; clean single-run throughput 
 with the same optimiser, batch tokens (32,768 per step) and step budget; ``--minutes`` is only a
 safety net (a run stopped by it reports its real step count).
 
-    python bench/swissprot_runs.py --phase train --cache CACHE --ood CATH.fasta.gz --out DIR
-    python bench/swissprot_runs.py --phase eval  --cache CACHE --ood CATH.fasta.gz --out DIR
+    python -m bench.experiments.swissprot_runs --phase train --cache CACHE --ood CATH.fasta.gz --out DIR
+    python -m bench.experiments.swissprot_runs --phase eval  --cache CACHE --ood CATH.fasta.gz --out DIR
 
 Settings: ``bid`` (masked LM) and ``uni`` (causal LM) on single proteins, L = 1024, batch 32;
 ``concat``: masked LM on proteins concatenated into 8192-token windows, batch 4.
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from bench.machine import check_triton_backend
 
 ATTENTIONS = ("performer-softmax", "performer-relu", "exact")
 # Model size shared by every run: small enough that a run is a few GPU-minutes (and the shipped
@@ -118,8 +118,8 @@ def best_checkpoint(run_dir: Path) -> Path:
 
 def write_test_fasta(cache: str, out: Path, max_sequences: int) -> Path:
     """The test split of the data module (content-hash split) as FASTA, for evaluate/analyze."""
-    from protein_lm.datamodule import ProteinDataModule
-    from protein_lm.tokenizer import TOKENS
+    from protein_lm.data.datamodule import ProteinDataModule
+    from protein_lm.data.tokenizer import TOKENS
 
     dm = ProteinDataModule(cache, mode="single", max_length=1024)
     dm.setup("test")
@@ -130,40 +130,6 @@ def write_test_fasta(cache: str, out: Path, max_sequences: int) -> Path:
         for i in idx:
             f.write(f">{tc.record_id(int(i))}\n{''.join(TOKENS[t] for t in tc.sequence(int(i)))}\n")
     return path
-
-
-def check_triton_backend() -> dict[str, str]:
-    """Pick the FAVOR+ backend per (kernel, causal): Triton if it agrees with the PyTorch path on a
-    random batch (forward and input gradients within 5%; "auto" then picks it on CUDA), else the
-    PyTorch path. Cheap insurance
-    against spending a GPU call on a broken fast path."""
-    import torch
-
-    from protein_lm.attention import FavorAttention
-
-    choice = {}
-    for kernel in ("softmax", "relu"):
-        for causal in (False, True):
-            key = f"{kernel}-{'causal' if causal else 'bid'}"
-            try:
-                torch.manual_seed(0)
-                q, k, v = (torch.randn(2, 4, 777, 64, device="cuda", requires_grad=True) for _ in range(3))
-                mask = torch.zeros(2, 777, dtype=torch.bool, device="cuda")
-                mask[1, 700:] = True
-                outs = {}
-                for backend in ("torch", "triton"):
-                    attn = FavorAttention(64, 256, kernel=kernel, causal=causal, backend=backend, seed=1).cuda()
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
-                        out = attn(q, k, v, key_padding_mask=mask)
-                    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
-                    outs[backend] = (out.float(), *grads)
-                err = max(((a - b).norm() / b.norm()).item() for a, b in zip(outs["triton"], outs["torch"], strict=True))
-                choice[key] = "auto" if err < 0.05 else "torch"  # auto = Triton on CUDA
-                print(f"[runs] backend check {key}: max rel err {err:.4f} -> {choice[key]}", flush=True)
-            except Exception as exc:  # any failure of the fast path: use the reference path
-                choice[key] = "torch"
-                print(f"[runs] backend check {key}: {type(exc).__name__}: {exc} -> torch", flush=True)
-    return choice
 
 
 def train_phase(args: argparse.Namespace, out: Path, runs: dict[str, tuple[str, str]]) -> None:
@@ -271,13 +237,6 @@ def last_metrics_series(run_dir: Path, keys: tuple[str, ...]) -> list[dict]:
                 if any(row.get(k) for k in keys):
                     rows.append({"step": int(float(row["step"])), **{k: float(row[k]) for k in keys if row.get(k)}})
     return rows
-
-
-def fmt_number(value: object, spec: str) -> str:
-    """``format(value, spec)`` for finite numbers, ``-`` for anything else (missing, NaN, failed runs)."""
-    import math
-
-    return format(value, spec) if isinstance(value, int | float) and math.isfinite(value) else "-"
 
 
 def print_table(summary: dict) -> None:

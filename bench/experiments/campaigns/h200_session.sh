@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device-side steps of the H200 recipe campaign (bench/campaigns/h200_recipes.yaml), one phase per
+# Device-side steps of the H200 recipe campaign (bench/experiments/campaigns/h200_recipes.yaml), one phase per
 # device call, so the 30-minute lease is spent training rather than waiting:
 #   setup    wheels, first half of the corpus, a GPU smoke run of the speedrun, analyze on CUDA
 #   launch   second half of the corpus, `protein-lm prepare`, start the campaign (detached)
@@ -18,7 +18,7 @@ setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   mv .gpu/part_aa /root/gd/ && cp .gpu/cath_s40_lt50id.fasta.gz /root/gd/
   nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
-  timeout 240 python3 bench/speedrun.py --config configs/protein_bid_performer_softmax.yaml --minutes 0.3 \
+  timeout 240 python3 -m bench.experiments.speedrun --config configs/protein_bid_performer_softmax.yaml --minutes 0.3 \
     --eval-every 40 --ood .gpu/cath_s40_lt50id.fasta.gz --json "$OUT/smoke.json" --test-sequences 100 \
     --ood-sequences 200 --data.data_dir data/swissprot_sample.fasta.gz --model.config.depth 2 \
     --model.config.dim 128 --model.config.heads 2 --data.num_workers 2 --data.tokens_per_batch 16384 \
@@ -32,20 +32,20 @@ launch)
   sha256sum /root/gd/sp.fasta.xz
   xz -d -T8 -c /root/gd/sp.fasta.xz > /root/gd/sp.fasta || exit 1
   time python3 -m protein_lm prepare /root/gd/sp.fasta --out .gpu/cache -q || exit 1
-  python3 bench/speedrun_campaign.py bench/campaigns/h200_recipes.yaml --out "$CAMP"
+  python3 -m bench.experiments.speedrun_campaign bench/experiments/campaigns/h200_recipes.yaml --out "$CAMP"
   sleep 75
-  python3 bench/speedrun_campaign.py --out "$CAMP" --status
+  python3 -m bench.experiments.speedrun_campaign --out "$CAMP" --status
   for f in "$CAMP"/*.log; do echo "== $f"; tail -3 "$f"; done
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
   ;;
 status)
   sleep "${2:-0}"
-  python3 bench/speedrun_campaign.py --out "$CAMP" --status
+  python3 -m bench.experiments.speedrun_campaign --out "$CAMP" --status
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
   ;;
 collect)
-  python3 bench/speedrun_campaign.py --out "$CAMP" --status
-  python3 bench/speedrun.py --plot "$CAMP"/*.json --png "$CAMP/curves.png" > "$CAMP/table.md"; cat "$CAMP/table.md"
+  python3 -m bench.experiments.speedrun_campaign --out "$CAMP" --status
+  python3 -m bench.experiments.speedrun --plot "$CAMP"/*.json --png "$CAMP/curves.png" > "$CAMP/table.md"; cat "$CAMP/table.md"
   best=$(python3 - <<'EOF'
 import json, pathlib
 runs = {p.stem: json.loads(p.read_text()) for p in pathlib.Path(".gpu/campaign").glob("*.json")}

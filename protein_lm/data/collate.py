@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from protein_lm.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AA_IDS
+from protein_lm.data.tokenizer import CLS_ID, EOS_ID, MASK_ID, PAD_ID, STANDARD_AA_IDS
 
 IGNORE_INDEX = -100
 # Residue token ids are the contiguous block 4..30 (`LAGVSERTIDPKQNFYMHWCXBUZO.-`); everything

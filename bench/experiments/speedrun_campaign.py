@@ -1,4 +1,4 @@
-"""Start a campaign of ``bench/speedrun.py`` runs as detached processes, and report on them.
+"""Start a campaign of ``bench/experiments/speedrun.py`` runs as detached processes, and report on them.
 
 Why detached: a device call is limited in time but a process in its own session keeps running
 between calls while the machine is held, so this script starts every run and returns at once;
@@ -17,9 +17,9 @@ The campaign file (YAML or JSON)::
       exact:
         config: [configs/protein_bid_exact.yaml]
 
-    python bench/speedrun_campaign.py CAMPAIGN.yaml --out DIR [--only performer,exact]
-    python bench/speedrun_campaign.py --out DIR --status
-    python bench/speedrun_campaign.py --out DIR --stop [--only NAME]
+    python -m bench.experiments.speedrun_campaign CAMPAIGN.yaml --out DIR [--only performer,exact]
+    python -m bench.experiments.speedrun_campaign --out DIR --status
+    python -m bench.experiments.speedrun_campaign --out DIR --stop [--only NAME]
 
 Per run ``NAME`` in ``DIR``: ``NAME.json`` (the rows), ``NAME.log`` (stdout + stderr), ``NAME.pid``
 (the process id, which is also its session and process-group id) and ``NAME_run/`` (checkpoints,
@@ -38,13 +38,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from protein_lm.errors import UserError
+from protein_lm.io import write_text
 
-from protein_lm.errors import UserError  # noqa: E402
-
-PROG = "bench/speedrun_campaign.py"
-REPO = Path(__file__).resolve().parents[1]
-SPEEDRUN = REPO / "bench" / "speedrun.py"
+PROG = "python -m bench.experiments.speedrun_campaign"
+REPO = Path(__file__).resolve().parents[2]
+SPEEDRUN = "bench.experiments.speedrun"
 
 
 def load_campaign(path: str) -> dict[str, Any]:
@@ -72,7 +71,7 @@ def load_campaign(path: str) -> dict[str, Any]:
 def run_command(name: str, spec: dict[str, Any], campaign: dict[str, Any], out: Path) -> list[str]:
     """The speedrun.py command line of one run."""
     configs = spec["config"] if isinstance(spec["config"], list) else [spec["config"]]
-    cmd = [sys.executable, str(SPEEDRUN)]
+    cmd = [sys.executable, "-m", SPEEDRUN]
     for config in configs:
         cmd += ["--config", str(config)]
     cmd += ["--minutes", str(spec.get("minutes", campaign.get("minutes"))),
@@ -80,6 +79,14 @@ def run_command(name: str, spec: dict[str, Any], campaign: dict[str, Any], out: 
             "--eval-every", str(spec.get("eval_every", campaign.get("eval_every", 200))),
             "--json", str(out / f"{name}.json")]
     return [*cmd, *map(str, campaign.get("args") or []), *map(str, spec.get("overrides") or [])]
+
+
+def _child_env() -> dict[str, str]:
+    """This environment with the checkout first on PYTHONPATH: runs start in the caller's directory
+    (relative configs and outputs keep their meaning) and still import ``bench`` and this
+    checkout's ``protein_lm``."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def alive(pid: int) -> bool:
@@ -119,12 +126,9 @@ def start(campaign: dict[str, Any], out: Path, only: list[str] | None) -> list[t
         cmd = run_command(name, campaign["runs"][name], campaign, out)
         (out / f"{name}.cmd.json").write_text(json.dumps(cmd) + "\n")
         with open(out / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        pid_file = out / f"{name}.pid"
-        tmp = pid_file.with_name(pid_file.name + ".part")
-        tmp.write_text(f"{proc.pid}\n")
-        os.replace(tmp, pid_file)
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=_child_env())
+        write_text(out / f"{name}.pid", f"{proc.pid}\n")
         started.append((name, proc.pid))
     return started
 

@@ -27,9 +27,9 @@ Unless overridden, the run uses ``--model.schedule time_cosine`` (warm-up over
 budget); ``--model.budget_minutes`` is always ``--minutes``. Lightning's own validation is off
 (the rows replace it); ``last.ckpt`` is written to ``<output dir>/checkpoints`` at the end.
 
-    python bench/speedrun.py --config configs/protein_bid_performer_softmax.yaml --minutes 25 \\
+    python -m bench.experiments.speedrun --config configs/protein_bid_performer_softmax.yaml --minutes 25 \\
         --ood CATH.fasta.gz --json runs/speedrun/perf.json --data.data_dir CACHE --model.lr 1e-3
-    python bench/speedrun.py --plot runs/speedrun/*.json --png runs/speedrun/curves.png
+    python -m bench.experiments.speedrun --plot runs/speedrun/*.json --png runs/speedrun/curves.png
 
 Options this script does not know (``--model.lr 1e-3``, ``--data.tokens_per_batch 65536``, ...)
 are passed to the fit CLI as overrides, after the configs. Single device only.
@@ -47,16 +47,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+import pytorch_lightning as pl
+import torch
 
-import pytorch_lightning as pl  # noqa: E402
-import torch  # noqa: E402
+from protein_lm.errors import UserError
+from protein_lm.lit_module import IGNORE_INDEX, token_statistics
+from protein_lm.outputs import check_output_file, write_atomically
 
-from protein_lm.errors import UserError  # noqa: E402
-from protein_lm.lit_module import IGNORE_INDEX, token_statistics  # noqa: E402
-from protein_lm.outputs import check_output_file, write_atomically  # noqa: E402
-
-PROG = "bench/speedrun.py"
+PROG = "python -m bench.experiments.speedrun"
 EVAL_SETS = ("test", "ood")
 
 
@@ -260,7 +258,7 @@ def fit_argv(args: argparse.Namespace, overrides: list[str], output_dir: Path) -
 
 def build_eval_sets(datamodule, ood: str, args: argparse.Namespace, model_max_length: int) -> dict[str, list]:
     """The fixed evaluation batches (CPU tensors): test-split subset and OOD subset, seeded masks."""
-    from protein_lm.datamodule import ProteinDataModule
+    from protein_lm.data.datamodule import ProteinDataModule
 
     length = args.eval_max_length or int(datamodule.max_length)
     if not 3 <= length <= model_max_length:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from protein_lm.tokenizer import BYTE_TO_ID
+from protein_lm.data.tokenizer import BYTE_TO_ID
 
 MIN_NUCLEOTIDE_LENGTH = 20
 _NUCLEOTIDE = np.zeros(256, dtype=bool)
@@ -25,7 +25,7 @@ _NUCLEOTIDE[[int(BYTE_TO_ID[ord(c)]) for c in "ACGTUN"]] = True
 
 
 class RecordAudit:
-    """Counts over the :class:`protein_lm.fasta.TokenBlock` s of one file, fed in order."""
+    """Counts over the :class:`protein_lm.data.fasta.TokenBlock` s of one file, fed in order."""
 
     def __init__(self) -> None:
         self.nucleotide = 0

@@ -4,7 +4,7 @@
 ``substitution_counts.npy``), so a statistic can be recomputed — e.g. after a formula changes, or
 with another ``--vig-min-total`` — from an analysis run elsewhere:
 
-    python bench/readout_from_saved.py bench/results/h200_recipes/analysis_cath1000_exact [--json OUT]
+    python -m bench.experiments.readout_from_saved bench/results/h200_recipes/analysis_cath1000_exact [--json OUT]
 
 Prints (and optionally writes) Pearson r with BLOSUM62 and the permutation p-value of each readout.
 Chance levels (random weights) need the model and are not recomputed here.
@@ -14,17 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-
-from protein_lm.analysis.blosum import pair_rank  # noqa: E402
-from protein_lm.analysis.permutation import blosum_permutation_test  # noqa: E402
-from protein_lm.analysis.substitution import substitution_log_odds  # noqa: E402
-from protein_lm.analysis.vig import MIN_TOTAL, VigResult  # noqa: E402
+from protein_lm.analysis.blosum import pair_rank
+from protein_lm.analysis.permutation import blosum_permutation_test
+from protein_lm.analysis.substitution import substitution_log_odds
+from protein_lm.analysis.vig import MIN_TOTAL, VigResult
 
 
 def recompute(folder: Path, permutations: int, min_total: float) -> dict:

@@ -33,14 +33,14 @@ import bisect
 import numpy as np
 import torch
 
-from protein_lm.collate import (
+from protein_lm.data.collate import (
     STREAM_ORDER,
     STREAM_TIEBREAK,
     causal_labels,
     hash_u32_at,
     mlm_mask_hashed,
 )
-from protein_lm.tokenizer import CLS_ID, EOS_ID, PAD_ID
+from protein_lm.data.tokenizer import CLS_ID, EOS_ID, PAD_ID
 
 _EMPTY = -1  # fills a batch's (rows, examples per row) index array
 
@@ -215,7 +215,7 @@ def make_packed_batch(
     key: int,
     mask_prob: float,
 ) -> dict[str, torch.Tensor]:
-    """The batch dict of packed rows (see :func:`protein_lm.collate.make_batch` for the shared keys).
+    """The batch dict of packed rows (see :func:`protein_lm.data.collate.make_batch` for the shared keys).
 
     Args:
         tokens: the flat ``uint8`` residue array of a token cache.

@@ -1,14 +1,14 @@
-"""FAIR mechanisms vs the plain Performer on Swiss-Prot at an equal budget (issue 7).
+"""FAIR mechanisms vs the plain Performer on Swiss-Prot at an equal budget.
 
-BID masked LM on single proteins, L = 1024, the model of ``bench/swissprot_runs.py`` (6 layers,
+BID masked LM on single proteins, L = 1024, the model of ``bench/experiments/swissprot_runs.py`` (6 layers,
 d 256, 4 heads, d_ff 1024, m = 256), the same optimiser, batch (32 proteins) and number of steps
 for every run. The runs train **at the same time on one GPU** (small models do not fill an
 H100), so their tokens/s are shared-GPU numbers, not a speed comparison; peak memory is per
 process and clean. Then each run is scored on the test split (``protein-lm test``) and on the
 CATH out-of-distribution set (``protein-lm evaluate``).
 
-    python bench/fair_runs.py --cache .gpu/sp45m --ood .gpu/cath_s40_lt50id.fasta.gz --out DIR
-    python bench/fair_runs.py --cache CACHE --ood OOD.fasta --out DIR --smoke   # CPU pipeline check
+    python -m bench.experiments.fair_runs --cache .gpu/sp45m --ood .gpu/cath_s40_lt50id.fasta.gz --out DIR
+    python -m bench.experiments.fair_runs --cache CACHE --ood OOD.fasta --out DIR --smoke   # CPU pipeline check
 
 Runs (``--runs``): ``performer`` (plain, configs/protein_bid_performer_softmax.yaml) and the
 mechanisms from their shipped configs: ``performer_span`` (performer_adaptive_span.yaml),
@@ -41,18 +41,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
-
-from bench.swissprot_runs import (  # noqa: E402
+from bench.experiments.swissprot_runs import (
     MODEL,
     best_checkpoint,
-    check_triton_backend,
     fit_command,
-    fmt_number,
     last_metrics,
     last_metrics_series,
     run_parallel,
 )
+from bench.machine import check_triton_backend
+from bench.tables import fmt_number
 
 PLAIN_CONFIG = "configs/protein_bid_performer_softmax.yaml"
 # run name -> (FAIR config inserted before the plain one, or None; attention kind)

@@ -5,7 +5,7 @@ call carries at most 64 MiB:
 
     # /data/swissprot2014_goasp.fasta.gz: 516,371 entries (docs/data.md, "The benchmark corpus")
     protein-lm prepare /data/swissprot2014_goasp.fasta.gz --out /data/cache_full
-    python bench/make_subset.py /data/cache_full /data/subset45M.fasta.gz --residues 45000000 --seed 2014
+    python -m bench.experiments.make_subset /data/cache_full /data/subset45M.fasta.gz --residues 45000000 --seed 2014
     protein-lm prepare /data/subset45M.fasta.gz --out .gpu/sp45m     # 124,428 sequences, 44,999,047 residues
 
 Sequences are taken in a random order (numpy ``default_rng(seed).permutation``) until the residue
@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from protein_lm.cache import TokenCache  # noqa: E402
-from protein_lm.tokenizer import TOKENS  # noqa: E402
+from protein_lm.data.readers import TokenCache
+from protein_lm.data.tokenizer import TOKENS
 
 
 def main() -> None:

@@ -18,11 +18,11 @@ setup)
   fi
   ;;
 attention)
-  python3 bench/attention.py --only "${2:-sdpa,flex,ours_triton_softmax/,ours_triton_relu}" \
+  python3 -m bench.attention --only "${2:-sdpa,flex,ours_triton_softmax/,ours_triton_relu}" \
     --lengths 1024 8192 65536 --warmup 10 --rep 40 --out "$OUT/attention_h200.json" 2>&1 | grep -v '^{'
   ;;
 fit)
-  python3 bench/fit_throughput.py --cache .gpu/cache --runs ${RUNS:-exact-padded performer-padded exact-packed performer-packed} \
+  python3 -m bench.fit_throughput --cache .gpu/cache --runs ${RUNS:-exact-padded performer-padded exact-packed performer-packed} \
     --steps "${STEPS:-300}" ${PROFILE:+--profile} --out "$OUT/fit_throughput_h200.json"
   ;;
 esac

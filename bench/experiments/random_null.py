@@ -1,6 +1,6 @@
 """How much BLOSUM62 'agreement' does an UNTRAINED model show? (the control for docs/analysis.md)
 
-    python bench/random_null.py [--sequences 60] [--seed 0]
+    python -m bench.experiments.random_null [--sequences 60] [--seed 0]
 
 Builds a random-weights Performer-softmax model (4 layers x 4 heads, d 128, m 64 — the quickstart
 shape), runs ``protein-lm analyze`` on the first proteins of the shipped sample under both nulls
@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
+from protein_lm.checkpoint import save_weights, weights_payload
+from protein_lm.cli import main as cli
+from protein_lm.model import ModelConfig, ProteinLM
 
-from protein_lm.checkpoint import save_weights, weights_payload  # noqa: E402
-from protein_lm.cli import main as cli  # noqa: E402
-from protein_lm.model import ModelConfig, ProteinLM  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 KEYS = ("blosum62_pearson", "aggregated_blosum62_pearson", "blosum62_spearman", "rank_DE", "rank_FY")
 

@@ -17,7 +17,7 @@ three errors are recorded against exact softmax attention with scale 1/sqrt(d):
 Feature counts are matched: "m" is the feature dimension, so trigonometric features use m/2
 frequencies (sin and cos of each), positive features m projections.
 
-    python bench/approximation.py            # ~1 minute on 2 CPU cores
+    python -m bench.experiments.approximation            # ~1 minute on 2 CPU cores
 
 Writes bench/results/approximation.json and bench/results/approximation.png; prints a table last.
 """
@@ -28,17 +28,14 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from protein_lm.attention import draw_projection, softmax_features
 
-from protein_lm.attention import draw_projection, softmax_features  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 DIMS = (16, 64)
 SIGMAS = (0.5, 1.0)
 FEATURES = (16, 32, 64, 128, 256, 512)
@@ -193,7 +190,7 @@ def main() -> None:
         "dtype": "float64",
         "length": LENGTH,
         "seeds": SEEDS,
-        "command": "python bench/approximation.py",
+        "command": "python -m bench.experiments.approximation",
         "seconds": round(time.perf_counter() - t0, 1),
     }
     (RESULTS / "approximation.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))

@@ -4,7 +4,7 @@ Two paths produce identical results:
 
 * the **reference path** (:func:`read_fasta`, :func:`parse_block`) runs Biopython's
   ``SimpleFastaParser`` over a thin line-counting wrapper and encodes each record with
-  :func:`protein_lm.tokenizer.encode_residues`. It knows the line of every record and of
+  :func:`protein_lm.data.tokenizer.encode_residues`. It knows the line of every record and of
   every bad character, so it writes the error messages;
 * the **fast path** (:func:`tokenize_fasta`) tokenises whole record-aligned blocks of
   several MB at a time with bytes/numpy operations (no per-line Python). It only accepts
@@ -39,8 +39,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from protein_lm.data.tokenizer import BYTE_TO_ID, InvalidSequenceError, encode_residues
 from protein_lm.errors import FastaFormatError
-from protein_lm.tokenizer import BYTE_TO_ID, InvalidSequenceError, encode_residues
 
 GZIP_MAGIC = b"\x1f\x8b"
 ON_INVALID = ("error", "skip")

@@ -8,7 +8,7 @@ a sequence does not depend on the seed, the file order or which other sequences 
 
 Hashing costs about 1 µs per sequence (Swiss-Prot 2014, 0.5 M sequences: ~0.5-1 s; UniRef50: about a
 minute), so it is done once: ``prepare`` stores the hashes next to the token cache (``hashes.npy``) and
-:meth:`protein_lm.cache.TokenCache.content_hashes` reads them back (see ``cache.py``). Changing the hash
+:meth:`protein_lm.data.readers.TokenCache.content_hashes` reads them back. Changing the hash
 function or key changes every split and invalidates those files: bump :data:`HASH_SCHEME` with it.
 """
 
@@ -19,6 +19,7 @@ import hashlib
 import numpy as np
 
 TRAIN, VAL, TEST = 0, 1, 2
+EXCLUDED = -1  # in no split: its content is in an explicit evaluation set
 SPLIT_NAMES = ("train", "val", "test")
 _HASH_KEY = b"protein_lm.split.v1"
 # Names the hash function + key; stored with persisted hashes so a change is never mixed with old files.
@@ -59,3 +60,53 @@ def assign_splits(hashes: np.ndarray, val_fraction: float, test_fraction: float)
     split[u < val_fraction + test_fraction] = TEST
     split[u < val_fraction] = VAL
     return split
+
+
+def assign_with_explicit_sets(
+    hashes: np.ndarray,
+    val_fraction: float,
+    test_fraction: float,
+    val_hashes: np.ndarray | None = None,
+    test_hashes: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Splits when explicit validation / test sets (other files) replace the hashed shares.
+
+    An explicit set takes the place of its hashed share (those sequences train instead), and no
+    sequence of the corpus whose content is in an explicit set is trained or evaluated on
+    (:data:`EXCLUDED`). A test sequence whose content is also in the explicit validation set is
+    dropped from the test set (it stays in validation only).
+
+    Args:
+        hashes: ``(N,)`` content hashes of the corpus.
+        val_hashes, test_hashes: ``(V,)`` / ``(T,)`` content hashes of the explicit sets, or None.
+
+    Returns:
+        ``(codes, keep)``: ``(N,)`` int8 split code per corpus sequence (``EXCLUDED`` included), and
+        ``{VAL: indices, TEST: indices}`` of the explicit sets' sequences kept (only those given).
+    """
+    codes = assign_splits(hashes, val_fraction, test_fraction)
+    explicit: list[np.ndarray] = []
+    keep: dict[int, np.ndarray] = {}
+    for code, h in ((VAL, val_hashes), (TEST, test_hashes)):
+        if h is None:
+            continue
+        kept = np.arange(len(h))
+        if explicit:  # the explicit validation set, given before
+            kept = kept[~np.isin(h, explicit[0])]
+        keep[code] = kept
+        codes[codes == code] = TRAIN
+        explicit.append(h)
+    if explicit:
+        codes[np.isin(hashes, np.concatenate(explicit))] = EXCLUDED
+    return codes, keep
+
+
+def sample_by_hash(ids: np.ndarray, hashes: np.ndarray, cap: int | None) -> np.ndarray:
+    """At most ``cap`` of ``ids``: those with the smallest content hash, in index order.
+
+    A sample uniform in content and the same in every run, whatever the seed (``hashes`` is indexed
+    by the values of ``ids``).
+    """
+    if cap is None or len(ids) <= cap:
+        return ids
+    return np.sort(ids[np.argsort(hashes[ids], kind="stable")[:cap]])
