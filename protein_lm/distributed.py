@@ -30,6 +30,7 @@ FSDP would get wrong: Muon, and learned adaptive spans (:func:`check_supported`)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,6 +142,7 @@ class BlockFSDP(FSDPStrategy):
         part, old = path.with_name(path.name + ".part"), path.with_name(path.name + ".old")
         if self.global_rank == 0:
             remove_path(part)  # debris of a save that was interrupted
+            restore_interrupted_saves(path.parent)
         self.barrier("sharded_checkpoint_start")
         super().save_checkpoint(checkpoint, part, storage_options)  # every rank writes its shard
         self.barrier("sharded_checkpoint_written")
@@ -148,6 +150,22 @@ class BlockFSDP(FSDPStrategy):
             replace_dir(part, path, aside=old)
         self.barrier("sharded_checkpoint_done")
         return None
+
+
+def restore_interrupted_saves(dirpath: str | os.PathLike) -> list[Path]:
+    """Put back every ``NAME.old`` whose ``NAME`` is missing in ``dirpath``: a sharded save killed
+    between moving the previous checkpoint aside and moving the new one in leaves only the ``.old``,
+    which ``--ckpt_path last`` would not find (it would silently start over). Returns what it restored."""
+    restored = []
+    root = Path(dirpath)
+    if not root.is_dir():
+        return restored
+    for held in sorted(root.glob("*.old")):
+        target = held.with_name(held.name[: -len(".old")])
+        if not target.exists():
+            os.replace(held, target)
+            restored.append(target)
+    return restored
 
 
 def _full_state_dict_on_cpu(module: nn.Module) -> Any:

@@ -244,6 +244,18 @@ def test_sharded_reader_refuses_pickled_entries_whatever_their_key(tmp_path):
     assert not marker.exists()
 
 
+def test_a_save_killed_mid_swap_is_restored_before_resuming(tmp_path):
+    from protein_lm.distributed import restore_interrupted_saves
+
+    (tmp_path / "last.ckpt.old").mkdir()  # the previous checkpoint, moved aside; the new one never came
+    (tmp_path / "last.ckpt.old" / "meta.pt").write_bytes(b"x")
+    (tmp_path / "best.ckpt").mkdir()
+    (tmp_path / "best.ckpt.old").mkdir()  # both present: the swap finished its move, keep the new one
+    assert restore_interrupted_saves(tmp_path) == [tmp_path / "last.ckpt"]
+    assert (tmp_path / "last.ckpt" / "meta.pt").read_bytes() == b"x"
+    assert (tmp_path / "best.ckpt.old").exists() and not (tmp_path / "last.ckpt.old").exists()
+
+
 def test_incomplete_sharded_checkpoint_is_a_one_line_error(tmp_path):
     from protein_lm.sharded_checkpoint import read_sharded_checkpoint
 

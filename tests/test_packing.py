@@ -126,6 +126,8 @@ def test_rows_per_batch_from_the_token_budget(short_fasta, tmp_path):
         ProteinDataModule(str(short_fasta), mode="packed", max_length=L, tokens_per_batch=L - 1)
     with pytest.raises(DataConfigError, match="applies to mode='single' or 'packed' only"):
         ProteinDataModule(str(short_fasta), mode="concat", max_length=L, tokens_per_batch=4 * L)
+    with pytest.raises(DataConfigError, match="holds no packed row"):  # an evaluation budget below one row
+        dm.evaluation_dataloader(str(short_fasta), tokens_per_batch=L - 1)
 
 
 @pytest.mark.parametrize("max_length, slack_rows", [(1024, 1), (256, 0.04)])

@@ -187,6 +187,9 @@ class ProteinLMCLI(LightningCLI):
                                 "first, or pass --output_dir / a checkpoint path)")
             return str(best)
         if ckpt == "last":
+            from protein_lm.distributed import restore_interrupted_saves
+
+            restore_interrupted_saves(dirpath)  # a sharded save killed mid-swap left only last.ckpt.old
             lasts = sorted(dirpath.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
             if lasts:
                 return str(lasts[-1])

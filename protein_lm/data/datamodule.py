@@ -368,6 +368,9 @@ class ProteinDataModule(pl.LightningDataModule):
         """The batches of ``ds``: packed rows, token-budget batches (single mode) or ``batch_size`` ones."""
         if isinstance(ds, PackedProteinDataset):
             rows = tokens_per_batch // self.max_length if tokens_per_batch else self.batch_size
+            if rows < 1:
+                raise DataConfigError(f"tokens_per_batch={tokens_per_batch} holds no packed row of max_length="
+                                      f"{self.max_length}: give at least {self.max_length}")
             return PackedPlan(
                 ds.token_lengths(), max_length=self.max_length, rows_per_batch=min(rows, max_rows or rows),
                 shuffle=shuffle, seed=self.seed,
