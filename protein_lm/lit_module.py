@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from protein_lm import distributed
-from protein_lm.attention.adaptive_span import span_statistics
+from protein_lm.attention.modules.span import span_statistics
 from protein_lm.errors import UserError
 from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
 from protein_lm.model import ModelConfig, ProteinLM

@@ -57,15 +57,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protein_lm.attention.exact import exact_attention
-from protein_lm.attention.exact_segments import (
+from protein_lm.attention.ops.exact import exact_attention
+from protein_lm.attention.ops.exact_segments import (
     SegmentMask,
     positions_from_segments,
     segment_attention,
     segment_mask,
 )
-from protein_lm.attention.favor import FavorAttention
-from protein_lm.attention.implied import implied_attention
+from protein_lm.attention.ops.favor import FavorAttention
+from protein_lm.attention.ops.implied import implied_attention
 from protein_lm.tokenizer import PAD_ID, VOCAB_SIZE
 
 AttentionKind = Literal["performer-softmax", "performer-relu", "exact"]
@@ -283,7 +283,7 @@ def _fused_rotary_split(qkv: Tensor, head_dim: int):
     if not qkv.is_cuda:
         return None
     try:
-        from protein_lm.attention.kernels.rotary_triton import rotary_split, rotary_split_supported
+        from protein_lm.attention.ops.rotary_triton import rotary_split, rotary_split_supported
     except Exception:  # no (working) Triton
         return None
     return rotary_split if rotary_split_supported(qkv, head_dim) else None
@@ -416,8 +416,8 @@ class SelfAttention(nn.Module):
 
 def build_fair_kernel(base: nn.Module, config: ModelConfig) -> nn.Module:
     """Wrap ``base`` with an adaptive span and/or persistent memory (docs/fair_mechanisms.md)."""
-    from protein_lm.attention.adaptive_span import AdaptiveSpan, AdaptiveSpanKernel
-    from protein_lm.attention.persistent import PersistentMemory, PersistentMemoryKernel
+    from protein_lm.attention.modules.span import AdaptiveSpan, AdaptiveSpanKernel
+    from protein_lm.attention.modules.memory import PersistentMemory, PersistentMemoryKernel
 
     memory = None
     if config.persistent_memory:
@@ -725,7 +725,7 @@ class ProteinLM(nn.Module):
         break. The compiled callable shares this module's parameters.
         """
         if any(module.backend != "torch" for module in self.favor_modules()):
-            from protein_lm.attention.favor import _triton_fn
+            from protein_lm.attention.ops.favor import _triton_fn
 
             _triton_fn()  # import (and register) the kernels now, outside the traced code
         return torch.compile(self, mode=mode)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from protein_lm.attention.adaptive_span import (
+from protein_lm.attention.modules.span import (
     AdaptiveSpan,
     adaptive_span_exact_attention,
     adaptive_span_linear_attention,
@@ -216,8 +216,8 @@ def test_linear_span_ignores_bf16_autocast():
 def _kernel(backend: str, causal: bool, memory_slots: int = 0):
     """An :class:`AdaptiveSpanKernel` as the model builds it (span 16 + ramp 16 = reach 32 < 100 pads)."""
     from protein_lm.attention import FavorAttention
-    from protein_lm.attention.adaptive_span import AdaptiveSpanKernel
-    from protein_lm.attention.persistent import PersistentMemory
+    from protein_lm.attention.modules.span import AdaptiveSpanKernel
+    from protein_lm.attention.modules.memory import PersistentMemory
 
     span = AdaptiveSpan(num_heads=2, max_span=128, ramp=16, init_span=16)
     favor = None

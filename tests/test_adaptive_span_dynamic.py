@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from protein_lm.attention.adaptive_span import (
+from protein_lm.attention.modules.span import (
     AdaptiveSpan,
     AdaptiveSpanKernel,
     adaptive_span_linear_attention,
@@ -189,7 +189,7 @@ def test_span_predictor_gradient(causal):
 
 def _dynamic_kernel(backend: str, causal: bool, memory_slots: int = 0, dim: int = 16):
     from protein_lm.attention import FavorAttention
-    from protein_lm.attention.persistent import PersistentMemory
+    from protein_lm.attention.modules.memory import PersistentMemory
 
     span = AdaptiveSpan(num_heads=2, max_span=24, ramp=8, init_span=6, dynamic=True, dim=dim)
     with torch.no_grad():

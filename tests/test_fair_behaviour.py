@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protein_lm.attention.adaptive_span import AdaptiveSpan, adaptive_span_exact_attention
+from protein_lm.attention.modules.span import AdaptiveSpan, adaptive_span_exact_attention
 from protein_lm.layers.pkm import ProductKeyMemory, pkm_value_parameters
 
 NUM_AA = 20
@@ -209,7 +209,7 @@ def test_full_span_equals_base_model(attention, causal):
 
 
 def test_model_aux_loss_param_groups_and_statistics():
-    from protein_lm.attention.adaptive_span import no_weight_decay_names, span_statistics
+    from protein_lm.attention.modules.span import no_weight_decay_names, span_statistics
     from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
     from protein_lm.model import ModelConfig, ProteinLM
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from protein_lm.attention import FavorAttention, exact_attention, implied_attention
-from protein_lm.attention import favor as favor_mod
+from protein_lm.attention.ops import favor as favor_mod
 from tests.helpers.references import allowed_pairs
 
 

@@ -49,7 +49,7 @@ def frame(tokens: np.ndarray | Iterable[int]) -> Tensor:
 def _chunkable(model) -> bool:
     """True when every attention sublayer is the standard one whose math we reproduce block-wise."""
     try:
-        from protein_lm.attention.favor import FavorAttention
+        from protein_lm.attention.ops.favor import FavorAttention
         from protein_lm.model import ExactKernel, SelfAttention
     except ImportError:  # pragma: no cover
         return False
@@ -86,7 +86,7 @@ def _allowed(
 
 def _layer_blocks(attn_module, q: Tensor, k: Tensor, mask: Tensor | None, rows_per_block: int):
     """Row blocks of one standard ``SelfAttention`` layer's attention."""
-    from protein_lm.attention.favor import favor_features
+    from protein_lm.attention.ops.favor import favor_features
     from protein_lm.model import ExactKernel
 
     kernel = attn_module.kernel

@@ -4,11 +4,11 @@ All tensors are ``(B, H, L, D)``; ``key_padding_mask`` is bool ``(B, L)``, True 
 See docs/architecture.md (contract) and docs/attention.md (math, numerics, measurements).
 """
 
-from .causal import causal_linear_attention
-from .exact import exact_attention
-from .favor import FavorAttention, favor_bidirectional, favor_causal, favor_features
-from .features import draw_projection, relu_features, softmax_features
-from .implied import implied_attention
+from .ops.causal import causal_linear_attention
+from .ops.exact import exact_attention
+from .ops.favor import FavorAttention, favor_bidirectional, favor_causal, favor_features
+from .ops.features import draw_projection, relu_features, softmax_features
+from .ops.implied import implied_attention
 
 __all__ = [
     "FavorAttention",

@@ -701,7 +701,7 @@ class AdaptiveSpanKernel(nn.Module):
 
     def _features(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, mem_k: Tensor | None):
         """Features with one key stabiliser over context and memory keys."""
-        from protein_lm.attention.favor import favor_features
+        from protein_lm.attention.ops.favor import favor_features
 
         assert self.favor is not None
         # Padded queries zeroed before the feature map (favor_features only does this when queries

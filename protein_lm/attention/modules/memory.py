@@ -126,7 +126,7 @@ def persistent_exact_attention(
     Returns:
         ``(B, H, L, D)``.
     """
-    from protein_lm.attention.exact import exact_attention
+    from protein_lm.attention.ops.exact import exact_attention
 
     n = mem_k.shape[1]
     if n == 0:
@@ -226,7 +226,7 @@ class PersistentMemoryKernel(nn.Module):
         mk, _ = self.memory()
         if not self.favor:
             return persistent_attention_probs(q, k, mk, self.causal, key_padding_mask)[..., n:]
-        from protein_lm.attention.implied import implied_attention
+        from protein_lm.attention.ops.implied import implied_attention
 
         q2, k2, _, kpm = prepend_memory(q, k, k, mk, mk, key_padding_mask)
         probs = implied_attention(
