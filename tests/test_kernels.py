@@ -432,27 +432,36 @@ def test_gpu_large_norm_and_long(causal):
         assert torch.isfinite(t).all()
 
 
-def test_unsupported_shapes_fall_back_to_reference(monkeypatch):
-    """Extra keys (persistent memory) or odd M: the PyTorch path, without touching Triton kernels."""
-    from protein_lm.attention.ops.features import softmax_features
+def test_unsupported_inputs_are_refused_not_rerouted(monkeypatch):
+    """Extra keys (persistent memory), odd D or M, CPU tensors: a one-line ``ValueError`` naming the
+    reason, before any kernel launch (the fused op never falls back by itself)."""
     from protein_lm.attention.ops import favor_triton
 
     def no_kernels(*args, **kwargs):
-        raise AssertionError("a Triton kernel was launched for an unsupported shape")
+        raise AssertionError("a Triton kernel was launched for unsupported inputs")
 
     monkeypatch.setattr(favor_triton, "_forward", no_kernels)
-    q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
-    k, v = torch.randn(1, 2, 12, 16, dtype=torch.float64), torch.randn(1, 2, 12, 16, dtype=torch.float64)
-    proj = torch.randn(24, 16, dtype=torch.float64)
-    out = favor_triton.favor_attention_triton(q, k, v, proj, "softmax", False, None, EPS)
-    # explicit quadratic form D^-1 (phi(Q) phi(K)^T) V, not the linear-attention code under test
-    a = softmax_features(q, proj, is_query=True) @ softmax_features(k, proj, is_query=False).transpose(-1, -2)
-    torch.testing.assert_close(out, (a @ v) / a.sum(-1, keepdim=True), rtol=1e-10, atol=1e-12)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the device is not the first reason
+    x16, x12 = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 12)
+    cases = [
+        ((x16, torch.zeros(1, 2, 12, 16), torch.zeros(1, 2, 12, 16), torch.zeros(32, 16)), "q, k, v shapes differ"),
+        ((x12, x12, x12, torch.zeros(32, 12)), "head dim D=12 is not a power of two >= 16"),
+        ((x16, x16, x16, torch.zeros(24, 16)), "num_features M=24: no slice width"),
+    ]
+    for (q, k, v, proj), reason in cases:
+        assert favor_triton.why_unsupported(q, k, v, proj).startswith(reason)
+        assert not favor_triton.supported(q, k, v, proj)
+        with pytest.raises(ValueError, match=r"^favor_attention_triton: " + reason) as err:
+            favor_triton.favor_attention_triton(q, k, v, proj, "softmax", False, None, EPS)
+        assert "\n" not in str(err.value)
+    assert favor_triton.supported(x16, x16, x16, torch.zeros(32, 16))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert favor_triton.why_unsupported(x16, x16, x16, torch.zeros(32, 16)) == "tensors on cpu, not CUDA"
 
 
 @pytest.mark.gpu
 def test_gpu_favor_module_dispatches_to_triton():
-    from protein_lm.attention.ops.favor import FavorAttention
+    from protein_lm.attention.modules.favor import FavorAttention
     from protein_lm.attention.ops import favor_triton
 
     launched = []

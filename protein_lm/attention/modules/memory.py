@@ -33,6 +33,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from protein_lm.attention.ops.exact import exact_attention
+from protein_lm.attention.ops.implied import implied_attention
+from protein_lm.attention.ops.masks import allowed_keys
+
 __all__ = [
     "PersistentMemory",
     "persistent_exact_attention",
@@ -126,8 +130,6 @@ def persistent_exact_attention(
     Returns:
         ``(B, H, L, D)``.
     """
-    from protein_lm.attention.ops.exact import exact_attention
-
     n = mem_k.shape[1]
     if n == 0:
         return exact_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
@@ -183,13 +185,9 @@ def persistent_attention_probs(
     ct = torch.promote_types(q.dtype, torch.float32)
     s_ctx = (q @ k.transpose(-1, -2)).to(ct) * d**-0.5  # (B,H,L,L)
     s_mem = torch.einsum("bhld,hnd->bhln", q, mem_k.to(q.dtype)).to(ct) * d**-0.5  # (B,H,L,N)
-    allowed = torch.ones(length, length, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril()
-    allowed = allowed[None, None].expand(b, 1, length, length)
-    if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask.to(torch.bool)[:, None, None, :]
-    s_ctx = s_ctx.masked_fill(~allowed, -math.inf)
+    allowed = allowed_keys(length, length, causal, key_padding_mask, q.device)
+    if allowed is not None:
+        s_ctx = s_ctx.masked_fill(~allowed, -math.inf)
     scores = torch.cat([s_mem, s_ctx], dim=-1)
     if n == 0:
         scores = torch.nan_to_num(scores, neginf=-1e30)
@@ -220,14 +218,16 @@ class PersistentMemoryKernel(nn.Module):
         return persistent_exact_attention(q, k, v, mk, mv, self.causal, key_padding_mask)
 
     @torch.no_grad()
-    def attention_probs(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Attention over the context ``(B, H, L, L)``; rows sum to 1 minus the memory's share."""
+    def attention_probs(
+        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None, rows: range | None = None
+    ) -> Tensor:
+        """Attention over the context ``(B, H, R, L)``; rows sum to 1 minus the memory's share."""
         n = self.memory.num_slots
         mk, _ = self.memory()
+        rows = range(q.shape[-2]) if rows is None else rows
         if not self.favor:
-            return persistent_attention_probs(q, k, mk, self.causal, key_padding_mask)[..., n:]
-        from protein_lm.attention.ops.implied import implied_attention
-
+            probs = persistent_attention_probs(q, k, mk, self.causal, key_padding_mask)[..., n:]
+            return probs[:, :, rows.start : rows.stop]
         q2, k2, _, kpm = prepend_memory(q, k, k, mk, mk, key_padding_mask)
         probs = implied_attention(
             q2,
@@ -237,5 +237,6 @@ class PersistentMemoryKernel(nn.Module):
             causal=self.causal,
             key_padding_mask=kpm,
             eps=self.base.eps,
+            rows=range(n + rows.start, n + rows.stop),
         )
-        return probs[:, :, n:, n:]
+        return probs[:, :, :, n:]

@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from protein_lm.attention.ops.masks import allowed_keys
+
 __all__ = [
     "AdaptiveSpan",
     "SpanPredictor",
@@ -743,10 +745,12 @@ class AdaptiveSpanKernel(nn.Module):
         )
 
     @torch.no_grad()
+    @torch.no_grad()
     def attention_probs(
-        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None, x: Tensor | None = None
+        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None, rows: range | None = None,
+        x: Tensor | None = None,
     ) -> Tensor:
-        """Attention over the context ``(B, H, L, L)`` with the span mask (O(L^2); for analysis).
+        """Attention over the context ``(B, H, R, L)`` with the span mask (O(L^2); for analysis).
 
         Rows sum to 1 minus the mass on persistent-memory slots (if any). Dynamic spans need ``x``
         (and are not recorded: analysis does not change the logged spans or the aux loss).
@@ -757,13 +761,9 @@ class AdaptiveSpanKernel(nn.Module):
         z = self._spans(x, key_padding_mask, record=False).detach().float()
         zq = z[..., None] if z.dim() == 3 else z[None, :, None, None]  # (B|1,H,L|1,1)
         m = span_mask(dist, zq, self.span.ramp)  # (B|1,H,L,L)
-        allowed = torch.ones(length, length, dtype=torch.bool, device=q.device)
-        if self.causal:
-            allowed = allowed.tril()
-        allowed = allowed[None, None]
-        if key_padding_mask is not None:
-            allowed = allowed & ~key_padding_mask.to(torch.bool)[:, None, None, :]
-        m = m * allowed
+        allowed = allowed_keys(length, length, self.causal, key_padding_mask, q.device)
+        if allowed is not None:
+            m = m * allowed
         mem_k, _ = self._memory()
         if self.favor is None:
             s = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -786,4 +786,5 @@ class AdaptiveSpanKernel(nn.Module):
             den = a.sum(-1, keepdim=True) + (
                 0 if phi_m is None else (phi_q @ phi_m.transpose(-1, -2)).sum(-1, keepdim=True)
             )
-        return a / den.clamp_min(1e-30)
+        probs = a / den.clamp_min(1e-30)
+        return probs if rows is None else probs[:, :, rows.start : rows.stop]

@@ -1,33 +1,29 @@
-"""FAVOR+ attention (Performer): linear-time softmax / ReLU attention through random features.
+"""FAVOR+ attention (Performer), the PyTorch reference: linear-time softmax / ReLU attention
+through random features (the module is :class:`protein_lm.attention.modules.favor.FavorAttention`).
 
 ``out = D^-1 phi(Q) (phi(K)^T V)`` with ``D = diag(phi(Q) phi(K)^T 1)`` (bidirectional) or its
-prefix-sum version (causal, see :mod:`protein_lm.attention.causal`). The L x L matrix is never
+prefix-sum version (causal, see :mod:`protein_lm.attention.ops.causal`). The L x L matrix is never
 formed. The normaliser is ``max(D, eps)`` with a tiny ``eps`` (1e-30): for any normaliser above
 ``eps`` the output is exactly the ratio (no bias), and one that underflowed cannot give 0/0 = NaN.
-Packed rows (``segment_ids``) keep attention inside each segment (:mod:`protein_lm.attention.segments`).
+Packed rows (``segment_ids``) keep attention inside each segment (:mod:`protein_lm.attention.ops.segments`).
 """
 
 from __future__ import annotations
 
-import importlib
-import warnings
-from collections.abc import Callable
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .causal import DEFAULT_CHUNK, causal_linear_attention
-from .features import RELU_EPS, draw_projection, relu_features, softmax_features
+from .features import RELU_EPS, relu_features, softmax_features
 from .segments import segment_labels, segmented_linear_attention
 
-__all__ = ["FavorAttention", "favor_bidirectional", "favor_causal", "favor_features", "DEFAULT_EPS"]
+__all__ = ["favor_bidirectional", "favor_causal", "favor_features", "DEFAULT_EPS", "KERNELS"]
 
 # The normaliser floor only guards against 0/0: under the global key shift an early causal position can
 # have a normaliser of 1e-12 or less (unit-variance q, k at D=64), which must not be floored (1e-6 made
 # the first outputs ~0). Division backward stays finite down to 1e-30 (|grad| <= |out| / den <= 1e30).
 DEFAULT_EPS = 1e-30
 KERNELS = ("softmax", "relu")
-BACKENDS = ("auto", "torch", "triton")
 
 
 def _zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
@@ -170,150 +166,3 @@ def _segmented(phi_q, phi_k, v, segment_ids, window: str, eps: float, chunk_size
     )
     num, den = nd[..., :-1], nd[..., -1:]
     return num / den.clamp_min(eps)
-
-
-_TRITON_FN: Callable | None | bool = False  # False: not looked up yet; None: unavailable
-
-
-def _triton_fn() -> Callable | None:
-    """``favor_attention_triton`` from helper G's module, or None (import guarded, looked up once)."""
-    global _TRITON_FN
-    if _TRITON_FN is False:
-        try:
-            mod = importlib.import_module("protein_lm.attention.ops.favor_triton")
-            _TRITON_FN = getattr(mod, "favor_attention_triton", None)
-        except Exception:  # ImportError, missing triton, broken module: fall back to torch
-            _TRITON_FN = None
-    return _TRITON_FN  # type: ignore[return-value]
-
-
-class FavorAttention(nn.Module):
-    """FAVOR+ attention over ``(B, H, L, D)`` tensors (no input/output projections).
-
-    Args:
-        dim_head: D.
-        num_features: M, random features per head (shared by all heads of the layer).
-        kernel: ``"softmax"`` (positive random features) or ``"relu"`` (Performer-ReLU).
-        causal: unidirectional (prefix-sum) attention.
-        orthogonal: orthogonal random features; ``False`` for iid Gaussian rows.
-        backend: ``"auto"`` (Triton on CUDA when ``kernels.favor_triton`` is available and accepts the
-            shapes -- a ``ValueError`` from it means "unsupported" and falls back, with one warning --
-            else torch), ``"torch"`` or ``"triton"`` (error if unavailable or unsupported).
-        seed: seed of the projection draws. With a seed, the n-th draw (``redraw_count``) is a pure
-            function of ``(seed, n)``, so resumed runs redraw the same matrices. Give each layer its
-            own seed. ``None``: draws from the global RNG.
-        eps: floor of the normaliser.
-        chunk_size: causal chunk length (torch backend).
-
-    Buffers (saved in the state dict): ``projection (M, D)`` float32, ``redraw_count`` int64 scalar.
-    """
-
-    projection: Tensor
-    redraw_count: Tensor
-
-    def __init__(
-        self,
-        dim_head: int,
-        num_features: int = 256,
-        kernel: str = "softmax",
-        causal: bool = False,
-        orthogonal: bool = True,
-        backend: str = "auto",
-        seed: int | None = None,
-        eps: float = DEFAULT_EPS,
-        chunk_size: int = DEFAULT_CHUNK,
-    ) -> None:
-        super().__init__()
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.dim_head = dim_head
-        self.num_features = num_features
-        self.kernel = kernel
-        self.causal = causal
-        self.orthogonal = orthogonal
-        self.backend = backend
-        self.seed = seed
-        self.eps = eps
-        self.chunk_size = chunk_size
-        self._warned_fallback = False
-        self.register_buffer("projection", torch.zeros(num_features, dim_head))
-        self.register_buffer("redraw_count", torch.zeros((), dtype=torch.int64))
-        self.redraw_projection()
-
-    def extra_repr(self) -> str:
-        return (
-            f"dim_head={self.dim_head}, num_features={self.num_features}, kernel={self.kernel!r}, "
-            f"causal={self.causal}, orthogonal={self.orthogonal}, backend={self.backend!r}"
-        )
-
-    @torch.no_grad()
-    def redraw_projection(self, generator: torch.Generator | None = None) -> None:
-        """Draw a new projection in place (device and dtype kept).
-
-        Without ``generator``: seeded modules use a generator seeded from ``(seed, redraw_count)``;
-        unseeded ones use the global RNG. ``redraw_count`` is incremented either way.
-        """
-        if generator is None and self.seed is not None:
-            generator = torch.Generator().manual_seed(
-                int(self.seed) * 1_000_003 + int(self.redraw_count.item())
-            )
-        w = draw_projection(self.num_features, self.dim_head, self.orthogonal, generator=generator)
-        self.projection.copy_(w.to(self.projection.dtype))
-        self.redraw_count += 1
-
-    def _use_triton(self, q: Tensor) -> Callable | None:
-        if self.backend == "torch":
-            return None
-        if self.backend == "triton":
-            if not q.is_cuda:
-                raise RuntimeError(
-                    "FavorAttention(backend='triton') needs CUDA tensors; use 'auto' or 'torch'"
-                )
-            fn = _triton_fn()
-            if fn is None:
-                raise RuntimeError(
-                    "FavorAttention(backend='triton'): protein_lm.attention.ops.favor_triton."
-                    "favor_attention_triton is not importable (is triton installed?)"
-                )
-            return fn
-        return _triton_fn() if q.is_cuda else None
-
-    def forward(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        key_padding_mask: Tensor | None = None,
-        segment_ids: Tensor | None = None,
-    ) -> Tensor:
-        """``(B, H, L, D) x3 -> (B, H, L, D)``, in ``v``'s dtype; ``key_padding_mask`` bool ``(B, L)``,
-        True at padding; ``segment_ids`` integer ``(B, L)`` for packed rows: attention stays inside
-        each maximal run of equal ids (both backends)."""
-        if q.shape[-1] != self.dim_head or k.shape[-1] != self.dim_head:
-            raise ValueError(f"expected head dim {self.dim_head}, got q {tuple(q.shape)}, k {tuple(k.shape)}")
-        if self.causal and q.shape[-2] != k.shape[-2]:
-            raise ValueError("causal attention needs queries and keys of the same length")
-        fn = self._use_triton(q)
-        if fn is not None:
-            try:
-                args = (q, k, v, self.projection, self.kernel, self.causal, key_padding_mask, self.eps)
-                return fn(*args, segment_ids)
-            except ValueError as err:  # the kernel's way of saying "shape / config not supported"
-                if self.backend == "triton":
-                    raise
-                if not self._warned_fallback:
-                    warnings.warn(
-                        f"FavorAttention: Triton kernel declined ({err}); using the PyTorch path",
-                        stacklevel=2,
-                    )
-                    self._warned_fallback = True
-        phi_q, phi_k = favor_features(q, k, self.projection, self.kernel, key_padding_mask, segment_ids)
-        if self.causal:
-            out = favor_causal(phi_q, phi_k, v, key_padding_mask, self.eps, self.chunk_size, segment_ids)
-        else:
-            out = favor_bidirectional(
-                phi_q, phi_k, v, key_padding_mask, self.eps, segment_ids, self.chunk_size
-            )
-        return out.to(v.dtype)

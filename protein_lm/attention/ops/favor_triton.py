@@ -1,6 +1,6 @@
 """Fused Triton kernels for FAVOR+ attention (bidirectional and causal, softmax and ReLU features).
 
-Same API and numerics as the PyTorch reference (:mod:`protein_lm.attention.favor`,
+Same API and numerics as the PyTorch reference (:mod:`protein_lm.attention.ops.favor`,
 docs/architecture.md "Softmax-kernel numerics"), but the ``(B, H, L, M)`` feature tensors are never
 written to memory: every kernel recomputes the features of the rows it touches from ``q``/``k``
 and the projection (one ``(T, D) x (D, BM)`` product per tile and feature slice), applies the
@@ -92,7 +92,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 
 import torch
 import triton
@@ -100,14 +99,13 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["favor_attention_triton", "DEFAULT_BLOCK", "LOGIT_PRECISIONS"]
+__all__ = ["favor_attention_triton", "supported", "why_unsupported", "DEFAULT_BLOCK", "LOGIT_PRECISIONS"]
 
 RELU_EPS = 1e-3
 DEFAULT_BLOCK = 64
 LOGIT_PRECISIONS = ("split", "bf16", "tf32")
 _NEG = -1.0e30
 _LOG2E = 1.4426950408889634
-LAST_LAUNCH: dict = {}  # kernel name -> last compiled kernel (register / spill report for tuning)
 _NEG_K = tl.constexpr(-1.0e30)  # the same, usable inside kernels
 _RELU_EPS_K = tl.constexpr(RELU_EPS)
 
@@ -1647,7 +1645,7 @@ def _check_options(
     m: int, tile: int, state_split: int | None, walk_split: int | None, slice_m: int | None
 ) -> int:
     """The slice width, or ``ValueError`` for options the kernels cannot run (no shape needed: the
-    wrapper checks them before torch.compile traces the op, so that the caller can fall back)."""
+    wrapper checks them before torch.compile traces the op, so the error is not buried in a trace)."""
     bm = _slice_width(m, slice_m)
     if bm is None:
         raise ValueError(f"num_features M={m}: no slice width in 16, 32, 64 divides it (slice_m={slice_m})")
@@ -1776,7 +1774,8 @@ def _exclusive_scan(x: Tensor, reverse: bool = False, lab: Tensor | None = None,
 
 
 def _launch(name: str, kernel, grid: int, *args, **kwargs) -> None:
-    LAST_LAUNCH[name] = kernel[(grid,)](*args, **kwargs)
+    """One launch of ``kernel`` on a 1-D grid (``name`` labels the call site in tracebacks)."""
+    kernel[(grid,)](*args, **kwargs)
 
 
 def _scratch(out: Tensor, p: _Plan) -> Tensor:
@@ -2015,7 +2014,7 @@ def _backward(q, k, v, o, do, den, rowc, pad, whi, wlo, wg, split_w, s0, z0, gk,
 # entry points with autograd: an autograd.Function (eager), two registered ops (torch.compile)
 # --------------------------------------------------------------------------------------------- #
 _NS = "protein_lm"
-_OP = re.sub(r"\W", "_", __name__.rsplit(".", 1)[-1])
+_OP = "favor_triton"  # ops protein_lm::favor_triton_fwd / _bwd (names seen in compiled graphs and profiles)
 _OPTS = "str kernel, bool causal, float eps, int tile, int? state_split, int? walk_split, int? slice_m, "
 _OPTS += "str? logit_precision, bool deterministic"
 
@@ -2069,8 +2068,7 @@ class _FavorEager(torch.autograd.Function):
 
 
 # Under torch.compile the same kernels are two registered ops, opaque to Dynamo and Inductor, so a
-# model compiles to one graph around them. A copy of this file loaded under another module name
-# (bench/profile_kernels.py --impl) registers its own ops instead of clashing with these.
+# model compiles to one graph around them.
 @torch.library.custom_op(
     f"{_NS}::{_OP}_fwd",
     mutates_args=(),
@@ -2182,13 +2180,30 @@ def _blind_queries(pad: Tensor, causal: bool) -> Tensor:
     return visible == 0
 
 
-def _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps, segment_ids=None):
-    from protein_lm.attention.ops.favor import favor_bidirectional, favor_causal, favor_features
+def why_unsupported(
+    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, slice_m: int | None = None
+) -> str | None:
+    """Why the fused kernels cannot run these inputs (one line), or None when they can.
 
-    phi_q, phi_k = favor_features(q, k, projection, kernel, key_padding_mask, segment_ids)
-    if causal:
-        return favor_causal(phi_q, phi_k, v, key_padding_mask, eps, segment_ids=segment_ids).to(v.dtype)
-    return favor_bidirectional(phi_q, phi_k, v, key_padding_mask, eps, segment_ids).to(v.dtype)
+    The kernels cover self-attention (``q``, ``k``, ``v`` of one shape ``(B, H, L, D)``: no extra
+    persistent-memory keys) with D a power of two >= 16 and M features in slices of 16, 32 or 64, on
+    CUDA tensors (any device under ``TRITON_INTERPRET=1``, Triton's CPU interpreter).
+    """
+    d, m = q.shape[-1], projection.shape[0]
+    if not q.shape == k.shape == v.shape:
+        return f"q, k, v shapes differ ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})"
+    if d < 16 or d & (d - 1):
+        return f"head dim D={d} is not a power of two >= 16"
+    if _slice_width(m, slice_m) is None:
+        return f"num_features M={m}: no slice width in 16, 32, 64 divides it (slice_m={slice_m})"
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return f"tensors on {q.device.type}, not CUDA"
+    return None
+
+
+def supported(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, slice_m: int | None = None) -> bool:
+    """Whether :func:`favor_attention_triton` runs these inputs (see :func:`why_unsupported`)."""
+    return why_unsupported(q, k, v, projection, slice_m) is None
 
 
 def favor_attention_triton(
@@ -2216,11 +2231,10 @@ def favor_attention_triton(
     (the projection is a buffer and gets no gradient).
 
     Args:
-        q, k, v: ``(B, H, L, D)``, bf16, fp16 or fp32, on CUDA (or CPU under ``TRITON_INTERPRET=1``).
-            The kernels cover self-attention (equal shapes) with D a power of two >= 16; other
-            shapes (e.g. extra persistent-memory keys) fall back to the PyTorch path.
-        projection: ``(M, D)`` random projection; kernels need M to be a multiple of 16 (slices of
-            16, 32 or 64 features, the widest that divides M), else the PyTorch path is used.
+        q, k, v: ``(B, H, L, D)``, bf16, fp16 or fp32, on CUDA (or CPU under ``TRITON_INTERPRET=1``),
+            one shape (self-attention), D a power of two >= 16.
+        projection: ``(M, D)`` random projection; M a multiple of 16 (slices of 16, 32 or 64
+            features, the widest that divides M).
         kernel: ``"softmax"`` or ``"relu"``.
         causal: prefix (unidirectional) attention.
         key_padding_mask: bool ``(B, L)``, True at padding.
@@ -2242,21 +2256,19 @@ def favor_attention_triton(
 
     Returns:
         ``(B, H, L, D)`` in ``v``'s dtype.
+
+    Raises:
+        ValueError: inputs or options the kernels do not cover (:func:`why_unsupported`); there is
+            no silent fallback, the caller (``FavorAttention``) picks the PyTorch path instead.
     """
     if kernel not in ("softmax", "relu"):
         raise ValueError(f"kernel must be 'softmax' or 'relu', got {kernel!r}")
     if logit_precision is not None and logit_precision not in LOGIT_PRECISIONS:
         raise ValueError(f"logit_precision must be one of {LOGIT_PRECISIONS}, got {logit_precision!r}")
-    d = q.shape[-1]
+    reason = why_unsupported(q, k, v, projection, slice_m)
+    if reason is not None:
+        raise ValueError(f"favor_attention_triton: {reason}")
     m = projection.shape[0]
-    supported = (
-        q.shape == k.shape == v.shape  # self-attention (no extra persistent-memory keys)
-        and d >= 16
-        and not d & (d - 1)
-        and _slice_width(m, slice_m) is not None
-    )
-    if not supported:  # shapes the kernels do not cover: the reference path, same numerics
-        return _torch_fallback(q, k, v, projection, kernel, causal, key_padding_mask, eps, segment_ids)
     dtype = v.dtype
     cdt = torch.float32 if dtype == torch.float16 else dtype  # fp16 lacks exp range for features
     q, k, v = (t.to(cdt).contiguous() for t in (q, k, v))
@@ -2265,7 +2277,7 @@ def favor_attention_triton(
         if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (q.shape[0], q.shape[2]):
             raise ValueError("key_padding_mask must be bool (B, L), True at padding")
         pad = key_padding_mask.contiguous()
-    _check_options(m, tile, state_split, walk_split, slice_m)  # before tracing: callers may fall back
+    _check_options(m, tile, state_split, walk_split, slice_m)  # before tracing: one clear error
     if segment_ids is not None:
         shape = (q.shape[0], q.shape[2])
         if (
