@@ -201,6 +201,34 @@ class ModelConfig:
         return cls(**data)
 
 
+def collect_statistics(root: nn.Module) -> dict[str, float]:
+    """``{group}/{i}/{key}`` for every submodule with ``statistics() -> dict`` and a
+    ``statistics_group`` (``i``: its index within the group, in module order), plus ``{group}/mean``
+    and ``{group}/max`` over the group's modules for the keys ``mean`` and ``max`` (e.g. adaptive
+    spans: ``span/0/mean`` ... ``span/max``; product-key memory: ``pkm/0/used`` ...).
+
+    The training loop logs these without knowing which layers keep statistics.
+    """
+    out: dict[str, float] = {}
+    index: dict[str, int] = {}
+    summary: dict[str, dict[str, list[float]]] = {}
+    for module in root.modules():
+        group = getattr(module, "statistics_group", None)
+        if group is None or not callable(getattr(module, "statistics", None)):
+            continue
+        i = index[group] = index.get(group, -1) + 1
+        for key, value in module.statistics().items():
+            out[f"{group}/{i}/{key}"] = float(value)
+            if key in ("mean", "max"):
+                summary.setdefault(group, {}).setdefault(key, []).append(float(value))
+    for group, keys in summary.items():
+        if "mean" in keys:
+            out[f"{group}/mean"] = sum(keys["mean"]) / len(keys["mean"])
+        if "max" in keys:
+            out[f"{group}/max"] = max(keys["max"])
+    return out
+
+
 class ModelOutput(NamedTuple):
     """What :meth:`ProteinLM.forward` returns."""
 
@@ -593,6 +621,16 @@ class ProteinLM(nn.Module):
                 raise IndexError(f"layer {given} out of range for a {depth}-layer model (0..{depth}, or negative)")
             out[given] = given % (depth + 1)
         return out
+
+    def statistics(self) -> dict[str, float]:
+        """Logged statistics of the submodules that keep any (:func:`collect_statistics`)."""
+        return collect_statistics(self)
+
+    def reset_statistics(self) -> None:
+        """Start the submodules' statistics afresh (``reset_statistics()`` of each that has one)."""
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset_statistics", None)):
+                module.reset_statistics()
 
     def aux_loss(self, device: torch.device | None = None) -> Tensor:
         """Sum of ``aux_loss()`` over submodules that define it (0 when none do)."""

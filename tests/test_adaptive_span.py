@@ -7,14 +7,9 @@ import math
 import pytest
 import torch
 
-from protein_lm.attention.modules.span import (
-    AdaptiveSpan,
-    adaptive_span_exact_attention,
-    adaptive_span_linear_attention,
-    no_weight_decay_names,
-    span_mask,
-    span_statistics,
-)
+from protein_lm.attention.modules.span import AdaptiveSpan
+from protein_lm.attention.ops.span import adaptive_span_exact_attention, adaptive_span_linear_attention, span_mask
+from protein_lm.model import collect_statistics
 
 
 def _dist(length: int) -> torch.Tensor:
@@ -181,9 +176,10 @@ def test_module_clamp_loss_and_no_decay():
     torch.testing.assert_close(z, torch.tensor([0.0, 10.0, 50.0, 100.0]))
     torch.testing.assert_close(span.aux_loss(), torch.tensor(0.01 * 160.0))
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), span)
-    assert no_weight_decay_names(model) == {"1.span_fraction"}
-    stats = span_statistics(model)
-    assert stats["span/0/max"] == 100.0 and stats["span/0/mean"] == 40.0
+    no_decay = {n for n, p in model.named_parameters() if getattr(p, "optim_overrides", {}).get("weight_decay") == 0}
+    assert no_decay == {"1.span_fraction"}
+    stats = collect_statistics(model)
+    assert stats == {"span/0/mean": 40.0, "span/0/max": 100.0, "span/mean": 40.0, "span/max": 100.0}
 
 
 def test_dynamic_module():

@@ -14,11 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from protein_lm.attention.modules.span import (
-    AdaptiveSpan,
-    AdaptiveSpanKernel,
-    adaptive_span_linear_attention,
-)
+from protein_lm.attention.modules.span import AdaptiveSpan, AdaptiveSpanKernel
+from protein_lm.attention.ops.span import adaptive_span_linear_attention
 
 
 def _ref_mask(length: int, z: torch.Tensor, ramp: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from protein_lm.attention import FavorAttention, exact_attention, softmax_features
-from protein_lm.attention.modules.span import adaptive_span_exact_attention, adaptive_span_linear_attention
+from protein_lm.attention.ops.span import adaptive_span_exact_attention, adaptive_span_linear_attention
 from protein_lm.attention.modules.memory import (
     PersistentMemory,
     persistent_attention_probs,
