@@ -8,7 +8,11 @@ import pytest
 import torch
 
 from protein_lm.attention.modules.span import AdaptiveSpan
-from protein_lm.attention.ops.span import adaptive_span_exact_attention, adaptive_span_linear_attention, span_mask
+from protein_lm.attention.ops.span import (
+    adaptive_span_exact_attention,
+    adaptive_span_linear_attention,
+    span_mask,
+)
 from protein_lm.model import collect_statistics
 
 
@@ -212,8 +216,8 @@ def test_linear_span_ignores_bf16_autocast():
 def _kernel(backend: str, causal: bool, memory_slots: int = 0):
     """An :class:`AdaptiveSpanKernel` as the model builds it (span 16 + ramp 16 = reach 32 < 100 pads)."""
     from protein_lm.attention import FavorAttention
-    from protein_lm.attention.modules.span import AdaptiveSpanKernel
     from protein_lm.attention.modules.memory import PersistentMemory
+    from protein_lm.attention.modules.span import AdaptiveSpanKernel
 
     span = AdaptiveSpan(num_heads=2, max_span=128, ramp=16, init_span=16)
     favor = None

@@ -16,8 +16,8 @@ import torch
 
 from protein_lm.attention import FavorAttention
 from protein_lm.attention.modules.span import AdaptiveSpan, AdaptiveSpanKernel
-from protein_lm.attention.ops.span import adaptive_span_linear_attention, span_mask
 from protein_lm.attention.ops.features import draw_projection, softmax_features
+from protein_lm.attention.ops.span import adaptive_span_linear_attention, span_mask
 
 
 def _reference(pq, pk, v, z, ramp, causal, kpm=None):

@@ -52,8 +52,8 @@ def _rel(a, b):
 
 
 def _run_case(kernel, causal, use_pad, dtype, b, h, length, d, m, device, reference_projection=None, **kw):
-    from protein_lm.attention.ops.features import draw_projection
     from protein_lm.attention.ops.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.features import draw_projection
 
     g = torch.Generator().manual_seed(zlib.crc32(f"{kernel}{causal}{use_pad}{length}".encode()))
     q, k, v = (torch.randn(b, h, length, d, generator=g, dtype=torch.float64) for _ in range(3))
@@ -376,8 +376,8 @@ def test_gpu_bf16_matches_reference(case, length):
 def test_gpu_deterministic_mode_is_bitwise_reproducible(causal):
     """Deterministic mode (torch's switch or deterministic=True; no atomics): two runs give identical
     bits for out and every gradient, and agree with the default atomic path (4 slices, many splits)."""
-    from protein_lm.attention.ops.features import draw_projection
     from protein_lm.attention.ops.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.features import draw_projection
 
     g = torch.Generator(device="cuda").manual_seed(3)
     q, k, v, do = (
@@ -418,8 +418,8 @@ def test_gpu_float32_inputs(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_large_norm_and_long(causal):
     """No NaN/inf for large-norm q/k at L=65,536 (the key shift is one max over 65k keys)."""
-    from protein_lm.attention.ops.features import draw_projection
     from protein_lm.attention.ops.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.features import draw_projection
 
     q, k, v = (torch.randn(1, 2, 65536, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     q, k = q * 6, k * 6

@@ -18,7 +18,13 @@ import torch
 from torch import Tensor, nn
 
 from protein_lm.attention.ops.causal import DEFAULT_CHUNK
-from protein_lm.attention.ops.favor import DEFAULT_EPS, KERNELS, favor_bidirectional, favor_causal, favor_features
+from protein_lm.attention.ops.favor import (
+    DEFAULT_EPS,
+    KERNELS,
+    favor_bidirectional,
+    favor_causal,
+    favor_features,
+)
 from protein_lm.attention.ops.features import draw_projection
 from protein_lm.attention.ops.implied import implied_attention
 

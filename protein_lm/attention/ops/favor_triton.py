@@ -13,8 +13,8 @@ Softmax features in log2 units: the host folds ``d^-1/4 * log2(e)`` into the pro
 feature is ``exp2(u - shift_row)`` with ``u = x W'^T`` and one per-row shift that also holds the
 key term ``|k|^2 / 2`` and the ``1/sqrt(M)`` factor: one subtraction and one ``exp2`` per element.
 The query term ``-|q|^2 / 2`` is a per-row constant; like the per-row max it cancels in the ratio,
-so it is not computed at all, and neither is its gradient (exactly zero, but a sum that cancels
-badly in floating point: it was the source of a 2-4 % dq error in earlier versions).
+so it is not computed at all, and neither is its gradient (exactly zero, but computed it is a sum
+that cancels badly in floating point: a 2-4 % error in dq).
 
 Shared by both modes:
 
@@ -61,7 +61,7 @@ sum in PyTorch (bidirectional) or ``_exclusive_scan_kernel``'s prefix / suffix s
 recomputes everything from ``q, k, v, out`` and the per-row normaliser and shift.
 
 Packed rows (``segment_ids``; every branch behind the ``HAS_SEG`` constexpr or in kernels of their
-own, so without segments the kernels compile to the code they had before):
+own, so that without segments the kernels compile to code with no segment logic at all):
 
 * ``_segment_layout_kernel``: labels (runs of equal ids) and, per 64-row tile, the first / last row
   of its first and last segment. ``_rowmax_kernel`` (KEYS) + ``_segment_max_kernel``: one key shift
