@@ -350,7 +350,7 @@ class SelfAttention(nn.Module):
         # The fused kernel reads one (L, D/2) table for all rows; per-token positions take the torch path.
         fused = self.rotary is not None and positions is None
         split = _fused_rotary_split(qkv, self.head_dim) if fused else None
-        if split is not None:  # CUDA, eager: one Triton pass (kernels/rotary_triton.py), same numbers
+        if split is not None:  # CUDA, eager: one Triton pass (attention/ops/rotary_triton.py), same numbers
             return split(qkv, *self.rotary.tables(length, x.device), self.heads)
         qkv = qkv.view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, D) each

@@ -13,7 +13,7 @@ Two implementations of one mask, ``allowed[b, t, s] = seg[b, t] == seg[b, s] and
 
 The mask is built once per forward pass (:func:`segment_mask`) and shared by every layer.
 A query with no allowed key at all (a padded position whose segment holds only padding) gets output 0
-in both, as :func:`protein_lm.attention.exact.exact_attention` gives a fully padded row.
+in both, as :func:`protein_lm.attention.ops.exact.exact_attention` gives a fully padded row.
 """
 
 from __future__ import annotations
