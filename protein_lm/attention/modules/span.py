@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protein_lm.attention.ops.masks import allowed_keys
+from protein_lm.attention.ops.masks import allowed_keys, zero_padded
 from protein_lm.attention.ops.span import (
     DEFAULT_RAMP,
-    _zero_padded,
     adaptive_span_exact_attention,
     adaptive_span_linear_attention,
     span_mask,
@@ -219,7 +218,7 @@ class AdaptiveSpanKernel(nn.Module):
         # Padded queries zeroed before the feature map (favor_features only does this when queries
         # and keys share L, not for the memory-prepended keys below): huge values there would give
         # inf features, and an inf/NaN backward through the map even where the output is masked.
-        q = _zero_padded(q, key_padding_mask)
+        q = zero_padded(q, key_padding_mask)
         if mem_k is None:
             phi_q, phi_k = favor_features(q, k, self.favor.projection, self.favor.kernel, key_padding_mask)
             return phi_q, phi_k, None

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .causal import DEFAULT_CHUNK, causal_linear_attention
 from .features import RELU_EPS, relu_features, softmax_features
+from .masks import zero_padded
 from .segments import segment_labels, segmented_linear_attention
 
 __all__ = ["favor_bidirectional", "favor_causal", "favor_features", "DEFAULT_EPS", "KERNELS"]
@@ -24,13 +25,6 @@ __all__ = ["favor_bidirectional", "favor_causal", "favor_features", "DEFAULT_EPS
 # the first outputs ~0). Division backward stays finite down to 1e-30 (|grad| <= |out| / den <= 1e30).
 DEFAULT_EPS = 1e-30
 KERNELS = ("softmax", "relu")
-
-
-def _zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-    """Zero padded positions of ``(B, H, L, *)`` so inf/NaN there cannot reach real outputs."""
-    if key_padding_mask is None:
-        return x
-    return x.masked_fill(key_padding_mask[:, None, :, None], 0.0)
 
 
 def favor_features(
@@ -52,7 +46,7 @@ def favor_features(
     if segment_ids is not None and q.shape[-2] != k.shape[-2]:
         raise ValueError("segment_ids need queries and keys of the same length")
     q_mask = key_padding_mask if key_padding_mask is not None and q.shape[-2] == k.shape[-2] else None
-    q = _zero_padded(q, q_mask)
+    q = zero_padded(q, q_mask)
     if kernel == "softmax":
         phi_q = softmax_features(q, projection, is_query=True)
         phi_k = softmax_features(
@@ -91,8 +85,8 @@ def favor_bidirectional(
     dt = phi_q.dtype
     lq, lk, m, d = phi_q.shape[-2], phi_k.shape[-2], phi_k.shape[-1], v.shape[-1]
     with torch.autocast(device_type=phi_q.device.type, enabled=False):
-        phi_k = _zero_padded(phi_k, key_padding_mask)
-        v = _zero_padded(v.to(dt), key_padding_mask)
+        phi_k = zero_padded(phi_k, key_padding_mask)
+        v = zero_padded(v.to(dt), key_padding_mask)
         if segment_ids is not None:
             if lq != lk:
                 raise ValueError("segment_ids need queries and keys of the same length")
@@ -138,8 +132,8 @@ def favor_causal(
     """
     dt = phi_q.dtype
     with torch.autocast(device_type=phi_q.device.type, enabled=False):
-        phi_k = _zero_padded(phi_k, key_padding_mask)
-        v = _zero_padded(v.to(dt), key_padding_mask)
+        phi_k = zero_padded(phi_k, key_padding_mask)
+        v = zero_padded(v.to(dt), key_padding_mask)
         if segment_ids is not None:
             return _segmented(phi_q, phi_k, v, segment_ids, "causal", eps, chunk_size)
         ones = torch.ones(*v.shape[:-1], 1, dtype=dt, device=v.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["allowed_keys"]
+__all__ = ["allowed_keys", "zero_padded"]
 
 
 def allowed_keys(
@@ -35,3 +35,12 @@ def allowed_keys(
         keys = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
         allowed = keys if allowed is None else allowed & keys
     return allowed
+
+
+def zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    """``x (B, H, L, *)`` with padded positions zeroed (``masked_fill``: also replaces inf/NaN there,
+    so they cannot reach real outputs, and its backward gives padded inputs a zero gradient instead
+    of ``0 * inf``)."""
+    if key_padding_mask is None:
+        return x
+    return x.masked_fill(key_padding_mask.to(torch.bool)[:, None, :, None], 0.0)

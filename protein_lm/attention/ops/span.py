@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .masks import zero_padded
+
 __all__ = ["span_mask", "adaptive_span_exact_attention", "adaptive_span_linear_attention", "DEFAULT_RAMP"]
 
 DEFAULT_RAMP = 32
@@ -144,7 +146,7 @@ def adaptive_span_exact_attention(
     if key_padding_mask is not None:
         # Zero padded q/k/v first: masking scores alone leaves 0 * inf = NaN in the value product
         # and in the backward of ``q @ k^T`` (grad_q = grad_s @ k), which would reach real rows.
-        q, k, v = (_zero_padded(x, key_padding_mask) for x in (q, k, v))
+        q, k, v = (zero_padded(x, key_padding_mask) for x in (q, k, v))
     band = _Band.make(length, _reach(spans, ramp, length), causal, block_size)
     bq, nb, tail = band.bq, band.nb, band.tail
     windows = band.windows
@@ -185,14 +187,6 @@ def adaptive_span_exact_attention(
         denom = e_ctx.sum(-1, keepdim=True).clamp_min(1e-30)  # rows with no key (padded query) -> 0
         out = (e_ctx / denom).to(v.dtype) @ windows(v).transpose(-1, -2)
     return out.reshape(b, h, nb * bq, d)[:, :, :length]
-
-
-def _zero_padded(x: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-    """Zero padded positions of ``x (B, H, L, *)`` (``masked_fill``: also replaces inf/NaN there,
-    and its backward gives padded inputs a zero gradient instead of ``0 * inf``)."""
-    if key_padding_mask is None:
-        return x
-    return x.masked_fill(key_padding_mask.to(torch.bool)[:, None, :, None], 0.0)
 
 
 def _span_numerator(
@@ -418,9 +412,9 @@ def _span_linear(phi_q, phi_k, v, spans, ramp, causal, key_padding_mask, memory_
     # their values / normaliser column. Otherwise one inf/NaN value at a padded key turns into
     # 0 * inf = NaN in a shared chunk state and poisons the real queries that see it. Padded queries
     # are zeroed too: they then see nothing and get output 0 below (not 0 / eps).
-    phi_q = _zero_padded(phi_q.to(dt), key_padding_mask)
-    phi_k = _zero_padded(phi_k.to(dt), key_padding_mask)
-    u = _zero_padded(u, key_padding_mask)
+    phi_q = zero_padded(phi_q.to(dt), key_padding_mask)
+    phi_k = zero_padded(phi_k.to(dt), key_padding_mask)
+    u = zero_padded(u, key_padding_mask)
     num = _span_numerator(phi_q, phi_k, u, spans, ramp, causal, chunk)
     return _finish(num, phi_q, memory_phi_k, memory_v, eps).to(v.dtype)
 
@@ -445,9 +439,9 @@ def _span_linear_dynamic(
     """
     dt = torch.promote_types(phi_q.dtype, torch.float32)
     b, h, length, _ = phi_q.shape
-    phi_q = _zero_padded(phi_q.to(dt), key_padding_mask)
-    phi_k = _zero_padded(phi_k.to(dt), key_padding_mask)
-    u = _zero_padded(_with_ones(v, dt), key_padding_mask)  # (B,H,L,D+1)
+    phi_q = zero_padded(phi_q.to(dt), key_padding_mask)
+    phi_k = zero_padded(phi_k.to(dt), key_padding_mask)
+    u = zero_padded(_with_ones(v, dt), key_padding_mask)  # (B,H,L,D+1)
     spans = spans.to(dt)
     if key_padding_mask is not None:  # padded queries output 0 anyway: keep them from widening the band
         spans = spans.masked_fill(key_padding_mask.to(torch.bool)[:, None, :], 0.0)
