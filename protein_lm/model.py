@@ -62,6 +62,9 @@ from protein_lm.attention.ops.exact_segments import SegmentMask, positions_from_
 from protein_lm.tokenizer import PAD_ID, VOCAB_SIZE
 
 ATTENTION_KINDS: tuple[str, ...] = tuple(registry.KINDS)  # the built-in kinds (attention/registry.py)
+# The command-line parser checks the choice (and lists it in --help) from this type: it holds the
+# kinds registered when this module is imported; ModelConfig itself accepts any registered kind.
+AttentionKind = Literal[ATTENTION_KINDS]  # type: ignore[valid-type]
 POSITION_KINDS: tuple[str, ...] = ("rotary", "learned", "none")
 
 
@@ -115,7 +118,7 @@ class ModelConfig:
     depth: int = 6
     heads: int = 8
     ff_dim: int = 2048
-    attention: str = "performer-softmax"
+    attention: AttentionKind = "performer-softmax"
     num_features: int = 256
     causal: bool = False
     dropout: float = 0.0

@@ -55,7 +55,8 @@ def kind(name: str) -> AttentionKind:
     try:
         return KINDS[name]
     except KeyError:
-        raise ValueError(f"attention must be one of {tuple(KINDS)}, got {name!r}") from None
+        names = ", ".join(repr(k) for k in KINDS)
+        raise ValueError(f"attention must be one of {names}, got {name!r}") from None
 
 
 def build_attention(config: ModelConfig, layer_index: int) -> nn.Module:
