@@ -53,9 +53,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from protein_lm import distributed
-from protein_lm.attention.adaptive_span import span_statistics
 from protein_lm.errors import UserError
-from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
 from protein_lm.model import ModelConfig, ProteinLM
 from protein_lm.optimizers import MuonAdamW, split_for_muon
 from protein_lm.schedules import SCHEDULES, TrainClock, time_warmup_decay, warmup_decay
@@ -405,13 +403,13 @@ class ProteinLMModule(pl.LightningModule):
         self.train_clock.resume()
 
     def on_validation_epoch_start(self) -> None:
-        reset_pkm_usage(self.model)  # PKM slot usage is measured over the validation set only
+        self.model.reset_statistics()  # e.g. PKM slot usage: measured over the validation set only
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch(self.val_metrics, "val")
         # Adaptive-span lengths and PKM slot usage (empty for models without those layers).
         # Usage is counted on each rank's share of the data; rank 0's is logged.
-        extra = {**span_statistics(self.model), **pkm_usage_statistics(self.model)}
+        extra = self.model.statistics()
         if extra:
             self.log_dict({f"val/{k}": float(v) for k, v in extra.items()}, rank_zero_only=True)
 

@@ -57,19 +57,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from protein_lm.attention.exact import exact_attention
-from protein_lm.attention.exact_segments import (
-    SegmentMask,
-    positions_from_segments,
-    segment_attention,
-    segment_mask,
-)
-from protein_lm.attention.favor import FavorAttention
-from protein_lm.attention.implied import implied_attention
-from protein_lm.tokenizer import PAD_ID, VOCAB_SIZE
+from protein_lm.attention import registry
+from protein_lm.attention.ops.exact_segments import SegmentMask, positions_from_segments, segment_mask
+from protein_lm.data.tokenizer import PAD_ID, VOCAB_SIZE
 
-AttentionKind = Literal["performer-softmax", "performer-relu", "exact"]
-ATTENTION_KINDS: tuple[str, ...] = ("performer-softmax", "performer-relu", "exact")
+ATTENTION_KINDS: tuple[str, ...] = tuple(registry.KINDS)  # the built-in kinds (attention/registry.py)
+# The command-line parser checks the choice (and lists it in --help) from this type: it holds the
+# kinds registered when this module is imported; ModelConfig itself accepts any registered kind.
+AttentionKind = Literal[ATTENTION_KINDS]  # type: ignore[valid-type]
 POSITION_KINDS: tuple[str, ...] = ("rotary", "learned", "none")
 
 
@@ -83,7 +78,8 @@ class ModelConfig:
         depth: number of Transformer blocks.
         heads: attention heads; ``dim`` must be divisible by ``heads``.
         ff_dim: hidden width of the feed-forward sublayer.
-        attention: ``performer-softmax``, ``performer-relu`` or ``exact``.
+        attention: a kind of :mod:`protein_lm.attention.registry`: ``performer-softmax``,
+            ``performer-relu`` or ``exact``.
         num_features: random features M per head (Performer only).
         causal: unidirectional (causal LM) when True, bidirectional (masked LM) when False.
             The LightningModule sets it from its ``objective``.
@@ -165,8 +161,7 @@ class ModelConfig:
         for name in ("rotary_base", "layer_norm_eps", "init_std", "span_ramp"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        registry.kind(self.attention)  # a one-line error naming the registered kinds
         if self.position not in POSITION_KINDS:
             raise ValueError(f"position must be one of {POSITION_KINDS}, got {self.position!r}")
         if self.dim % self.heads:
@@ -192,7 +187,8 @@ class ModelConfig:
 
     @property
     def is_performer(self) -> bool:
-        return self.attention.startswith("performer")
+        """Random-feature attention (projections to redraw; estimated, not exact, attention)."""
+        return registry.kind(self.attention).random_features
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-python dict (JSON / ``torch.load(weights_only=True)`` safe)."""
@@ -206,6 +202,34 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {unknown}")
         return cls(**data)
+
+
+def collect_statistics(root: nn.Module) -> dict[str, float]:
+    """``{group}/{i}/{key}`` for every submodule with ``statistics() -> dict`` and a
+    ``statistics_group`` (``i``: its index within the group, in module order), plus ``{group}/mean``
+    and ``{group}/max`` over the group's modules for the keys ``mean`` and ``max`` (e.g. adaptive
+    spans: ``span/0/mean`` ... ``span/max``; product-key memory: ``pkm/0/used`` ...).
+
+    The training loop logs these without knowing which layers keep statistics.
+    """
+    out: dict[str, float] = {}
+    index: dict[str, int] = {}
+    summary: dict[str, dict[str, list[float]]] = {}
+    for module in root.modules():
+        group = getattr(module, "statistics_group", None)
+        if group is None or not callable(getattr(module, "statistics", None)):
+            continue
+        i = index[group] = index.get(group, -1) + 1
+        for key, value in module.statistics().items():
+            out[f"{group}/{i}/{key}"] = float(value)
+            if key in ("mean", "max"):
+                summary.setdefault(group, {}).setdefault(key, []).append(float(value))
+    for group, keys in summary.items():
+        if "mean" in keys:
+            out[f"{group}/mean"] = sum(keys["mean"]) / len(keys["mean"])
+        if "max" in keys:
+            out[f"{group}/max"] = max(keys["max"])
+    return out
 
 
 class ModelOutput(NamedTuple):
@@ -283,7 +307,7 @@ def _fused_rotary_split(qkv: Tensor, head_dim: int):
     if not qkv.is_cuda:
         return None
     try:
-        from protein_lm.attention.kernels.rotary_triton import rotary_split, rotary_split_supported
+        from protein_lm.attention.ops.rotary_triton import rotary_split, rotary_split_supported
     except Exception:  # no (working) Triton
         return None
     return rotary_split if rotary_split_supported(qkv, head_dim) else None
@@ -296,35 +320,6 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- attention
-
-
-class ExactKernel(nn.Module):
-    """Softmax attention through SDPA; same call signature as ``FavorAttention``."""
-
-    def __init__(self, causal: bool):
-        super().__init__()
-        self.causal = causal
-
-    def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
-        segment_mask: SegmentMask | None = None,
-    ) -> Tensor:
-        """``segment_mask`` (packed rows; built once per pass by :meth:`ProteinLM.segments`) holds the
-        padding and causal masks: ``key_padding_mask`` is then not read."""
-        if segment_mask is not None:
-            return segment_attention(q, k, v, segment_mask)
-        return exact_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
-
-    def attention_probs(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Explicit softmax probabilities ``(B, H, L, L)`` (for analysis; O(L^2) memory)."""
-        scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        if key_padding_mask is not None:
-            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        if self.causal:
-            length = q.shape[-2]
-            future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-            scores = scores.masked_fill(future, float("-inf"))
-        return scores.softmax(dim=-1)
 
 
 class SelfAttention(nn.Module):
@@ -346,26 +341,9 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def build_kernel(self, config: ModelConfig) -> nn.Module:
-        """The attention kernel: ``forward(q, k, v, key_padding_mask) -> (B, H, L, D)``."""
-        base = self.build_base_kernel(config)
-        if config.adaptive_span or config.persistent_memory:
-            return build_fair_kernel(base, config)
-        return base
-
-    def build_base_kernel(self, config: ModelConfig) -> nn.Module:
-        """Exact or FAVOR+ kernel without the FAIR options."""
-        if config.attention == "exact":
-            return ExactKernel(causal=config.causal)
-        seed = None if config.feature_seed is None else config.feature_seed + 1000 * self.layer_index
-        return FavorAttention(
-            dim_head=self.head_dim,
-            num_features=config.num_features,
-            kernel="softmax" if config.attention == "performer-softmax" else "relu",
-            causal=config.causal,
-            orthogonal=config.orthogonal_features,
-            backend=config.favor_backend,
-            seed=seed,
-        )
+        """The attention kernel ``forward(q, k, v, key_padding_mask) -> (B, H, L, D)``, from the
+        registry (:func:`protein_lm.attention.registry.build_attention`)."""
+        return registry.build_attention(config, self.layer_index)
 
     def project(self, x: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L, dim) -> q, k, v each (B, H, L, D), rotary applied to q and k (at ``positions``
@@ -375,7 +353,7 @@ class SelfAttention(nn.Module):
         # The fused kernel reads one (L, D/2) table for all rows; per-token positions take the torch path.
         fused = self.rotary is not None and positions is None
         split = _fused_rotary_split(qkv, self.head_dim) if fused else None
-        if split is not None:  # CUDA, eager: one Triton pass (kernels/rotary_triton.py), same numbers
+        if split is not None:  # CUDA, eager: one Triton pass (attention/ops/rotary_triton.py), same numbers
             return split(qkv, *self.rotary.tables(length, x.device), self.heads)
         qkv = qkv.view(b, length, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, L, D) each
@@ -387,9 +365,9 @@ class SelfAttention(nn.Module):
         # x: (B, L, dim); padding_mask: (B, L) True at padding; segments: packed rows (or None)
         b, length, _ = x.shape
         q, k, v = self.project(x, None if segments is None else segments.positions)
-        extra: dict[str, Any] = {"x": x} if getattr(self.kernel, "needs_layer_input", False) else {}  # dyn. spans
+        extra = self.kernel_inputs(x)
         if segments is not None:
-            if isinstance(self.kernel, ExactKernel):
+            if getattr(self.kernel, "takes_segment_mask", False):  # exact: one mask for all layers
                 extra["segment_mask"] = segments.mask
             else:  # FAVOR: prefix / key sums per segment
                 extra["segment_ids"] = segments.segment_ids
@@ -397,45 +375,27 @@ class SelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, length, self.heads * self.head_dim)
         return self.dropout(self.out(y))
 
-    def attention_probs(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """Attention weights ``(B, H, L, L)`` for analysis (implied attention for Performer)."""
+    def kernel_inputs(self, x: Tensor) -> dict[str, Any]:
+        """Keyword inputs the kernel takes besides q, k, v: the layer input for dynamic spans."""
+        return {"x": x} if getattr(self.kernel, "needs_layer_input", False) else {}
+
+    def attention_probs(self, x: Tensor, padding_mask: Tensor | None = None, rows: range | None = None) -> Tensor:
+        """Attention weights ``(B, H, R, L)`` of query rows ``rows`` (default all) for analysis
+        (implied attention for Performer; :func:`protein_lm.attention.registry.attention_probs`)."""
         q, k, _ = self.project(x)
-        if callable(getattr(self.kernel, "attention_probs", None)):  # exact, span, memory kernels
-            extra = {"x": x} if getattr(self.kernel, "needs_layer_input", False) else {}
-            return self.kernel.attention_probs(q, k, key_padding_mask=padding_mask, **extra)
-        return implied_attention(
-            q,
-            k,
-            self.kernel.projection,
-            self.kernel.kernel,
-            causal=self.config.causal,
-            key_padding_mask=padding_mask,
-            eps=self.kernel.eps,
-        )
+        return registry.attention_probs(self.kernel, q, k, padding_mask, rows, **self.kernel_inputs(x))
 
-
-def build_fair_kernel(base: nn.Module, config: ModelConfig) -> nn.Module:
-    """Wrap ``base`` with an adaptive span and/or persistent memory (docs/fair_mechanisms.md)."""
-    from protein_lm.attention.adaptive_span import AdaptiveSpan, AdaptiveSpanKernel
-    from protein_lm.attention.persistent import PersistentMemory, PersistentMemoryKernel
-
-    memory = None
-    if config.persistent_memory:
-        memory = PersistentMemory(config.heads, config.head_dim, config.persistent_memory)
-    if config.adaptive_span:
-        span = AdaptiveSpan(
-            config.heads,
-            config.span_max,
-            config.span_ramp,
-            config.span_init,
-            config.span_loss_coef,
-            dynamic=config.span_dynamic,
-            dim=config.dim,
-        )
-        favor = None if config.attention == "exact" else base
-        return AdaptiveSpanKernel(span, config.causal, favor=favor, memory=memory)
-    assert memory is not None
-    return PersistentMemoryKernel(base, memory, config.causal, favor=config.attention != "exact")
+    def attention_blocks(
+        self, x: Tensor, padding_mask: Tensor | None, rows_per_block: int
+    ) -> Iterator[tuple[int, Tensor]]:
+        """``(row_start, attention (B, H, rows, L))`` over consecutive row blocks covering ``0 .. L-1``,
+        with q and k projected once (analysis of long sequences: one block in memory at a time)."""
+        q, k, _ = self.project(x)
+        extra = self.kernel_inputs(x)
+        length = q.shape[-2]
+        for start in range(0, length, rows_per_block):
+            rows = range(start, min(length, start + rows_per_block))
+            yield start, registry.attention_probs(self.kernel, q, k, padding_mask, rows, **extra)
 
 
 class FeedForward(nn.Module):
@@ -591,7 +551,8 @@ class ProteinLM(nn.Module):
         if positions is None:
             positions = positions_from_segments(segment_ids)
         mask = None
-        if self.config.attention == "exact":
+        kernels = (getattr(getattr(block, "attn", None), "kernel", None) for block in self.blocks)
+        if any(getattr(kernel, "takes_segment_mask", False) for kernel in kernels):
             mask = segment_mask(segment_ids, padding_mask, self.config.causal, backend)
         return Segments(segment_ids, positions, mask)
 
@@ -664,6 +625,16 @@ class ProteinLM(nn.Module):
             out[given] = given % (depth + 1)
         return out
 
+    def statistics(self) -> dict[str, float]:
+        """Logged statistics of the submodules that keep any (:func:`collect_statistics`)."""
+        return collect_statistics(self)
+
+    def reset_statistics(self) -> None:
+        """Start the submodules' statistics afresh (``reset_statistics()`` of each that has one)."""
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "reset_statistics", None)):
+                module.reset_statistics()
+
     def aux_loss(self, device: torch.device | None = None) -> Tensor:
         """Sum of ``aux_loss()`` over submodules that define it (0 when none do)."""
         total = torch.zeros((), device=device if device is not None else self.head_bias.device)
@@ -720,14 +691,14 @@ class ProteinLM(nn.Module):
         """``torch.compile(self, mode=mode)``: one graph per pass, the fused Triton FAVOR+ kernels
         included (``mode`` e.g. ``"reduce-overhead"``: CUDA graphs, for fixed batch shapes).
 
-        The kernels are registered torch ops (``kernels/favor_triton.py``), opaque to Inductor, which
+        The kernels are registered torch ops (``attention/ops/favor_triton.py``), opaque to Inductor, which
         fuses everything around them (projections, norms, MLPs, rotary, loss inputs) without a graph
         break. The compiled callable shares this module's parameters.
         """
-        if any(module.backend != "torch" for module in self.favor_modules()):
-            from protein_lm.attention.favor import _triton_fn
+        if any(getattr(module, "backend", "torch") != "torch" for module in self.favor_modules()):
+            from protein_lm.attention.modules.favor import fused_kernels
 
-            _triton_fn()  # import (and register) the kernels now, outside the traced code
+            fused_kernels()  # import (and register) the kernels now, outside the traced code
         return torch.compile(self, mode=mode)
 
     # -- Performer projections -------------------------------------------------

@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
-from protein_lm.attention.adaptive_span import (
-    AdaptiveSpan,
+from protein_lm.attention.modules.span import AdaptiveSpan
+from protein_lm.attention.ops.span import (
     adaptive_span_exact_attention,
     adaptive_span_linear_attention,
-    no_weight_decay_names,
     span_mask,
-    span_statistics,
 )
+from protein_lm.model import collect_statistics
 
 
 def _dist(length: int) -> torch.Tensor:
@@ -181,9 +180,10 @@ def test_module_clamp_loss_and_no_decay():
     torch.testing.assert_close(z, torch.tensor([0.0, 10.0, 50.0, 100.0]))
     torch.testing.assert_close(span.aux_loss(), torch.tensor(0.01 * 160.0))
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), span)
-    assert no_weight_decay_names(model) == {"1.span_fraction"}
-    stats = span_statistics(model)
-    assert stats["span/0/max"] == 100.0 and stats["span/0/mean"] == 40.0
+    no_decay = {n for n, p in model.named_parameters() if getattr(p, "optim_overrides", {}).get("weight_decay") == 0}
+    assert no_decay == {"1.span_fraction"}
+    stats = collect_statistics(model)
+    assert stats == {"span/0/mean": 40.0, "span/0/max": 100.0, "span/mean": 40.0, "span/max": 100.0}
 
 
 def test_dynamic_module():
@@ -216,8 +216,8 @@ def test_linear_span_ignores_bf16_autocast():
 def _kernel(backend: str, causal: bool, memory_slots: int = 0):
     """An :class:`AdaptiveSpanKernel` as the model builds it (span 16 + ramp 16 = reach 32 < 100 pads)."""
     from protein_lm.attention import FavorAttention
-    from protein_lm.attention.adaptive_span import AdaptiveSpanKernel
-    from protein_lm.attention.persistent import PersistentMemory
+    from protein_lm.attention.modules.memory import PersistentMemory
+    from protein_lm.attention.modules.span import AdaptiveSpanKernel
 
     span = AdaptiveSpan(num_heads=2, max_span=128, ramp=16, init_span=16)
     favor = None

@@ -14,11 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from protein_lm.attention.adaptive_span import (
-    AdaptiveSpan,
-    AdaptiveSpanKernel,
-    adaptive_span_linear_attention,
-)
+from protein_lm.attention.modules.span import AdaptiveSpan, AdaptiveSpanKernel
+from protein_lm.attention.ops.span import adaptive_span_linear_attention
 
 
 def _ref_mask(length: int, z: torch.Tensor, ramp: float) -> torch.Tensor:
@@ -189,7 +186,7 @@ def test_span_predictor_gradient(causal):
 
 def _dynamic_kernel(backend: str, causal: bool, memory_slots: int = 0, dim: int = 16):
     from protein_lm.attention import FavorAttention
-    from protein_lm.attention.persistent import PersistentMemory
+    from protein_lm.attention.modules.memory import PersistentMemory
 
     span = AdaptiveSpan(num_heads=2, max_span=24, ramp=8, init_span=6, dynamic=True, dim=dim)
     with torch.no_grad():

@@ -15,13 +15,9 @@ import pytest
 import torch
 
 from protein_lm.attention import FavorAttention
-from protein_lm.attention.adaptive_span import (
-    AdaptiveSpan,
-    AdaptiveSpanKernel,
-    adaptive_span_linear_attention,
-    span_mask,
-)
-from protein_lm.attention.features import draw_projection, softmax_features
+from protein_lm.attention.modules.span import AdaptiveSpan, AdaptiveSpanKernel
+from protein_lm.attention.ops.features import draw_projection, softmax_features
+from protein_lm.attention.ops.span import adaptive_span_linear_attention, span_mask
 
 
 def _reference(pq, pk, v, z, ramp, causal, kpm=None):

@@ -262,7 +262,7 @@ def test_fallback_for_nonstandard_attention_gives_the_same_blocks(monkeypatch):
     model = tiny_model("performer-relu", causal=True)
     ids, mask = padded_batch()
     chunked = assemble(model, ids, mask, max_block_elements=2 * 2 * ids.shape[1] * 6)
-    monkeypatch.setattr(am, "_chunkable", lambda model: False)
+    monkeypatch.setattr(am, "_blockwise", lambda model: False)
     fallback = assemble(model, ids, mask, max_block_elements=2 * 2 * ids.shape[1] * 6)
     torch.testing.assert_close(chunked, fallback, rtol=1e-5, atol=1e-6)
 
@@ -305,3 +305,53 @@ def test_analyze_mass_and_correlation_match_a_direct_computation(tmp_path, tiny_
     ref = np.array([[blosum[a][b] for b in STANDARD_AA] for a in STANDARD_AA], dtype=float)
     upper = np.triu_indices(20, k=1)
     assert summary["blosum62_pearson"] == pytest.approx(np.corrcoef(sim[upper], ref[upper])[0, 1], abs=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_exact_row_blocks_are_the_softmax_of_an_explicit_loop(causal):
+    """Exact layers' row blocks equal a float64 softmax over the allowed keys, written as a loop
+    from the layer's own q and k (padded keys and, when causal, future keys excluded)."""
+    model = tiny_model("exact", causal)
+    ids, mask = padded_batch()
+    blocks = assemble(model, ids, mask, max_block_elements=2 * 2 * ids.shape[1] * 3)
+    with torch.no_grad():
+        x = model.embed_tokens(ids)
+        q, k, _ = model.blocks[0].attn.project(model.blocks[0].norm1(x))
+    q, k = q.double(), k.double()
+    b, h, length, d = q.shape
+    for i in range(b):
+        for head in range(h):
+            for t in range(length):
+                keys = [s for s in range(length) if not mask[i, s] and (not causal or s <= t)]
+                want = torch.zeros(length, dtype=torch.float64)
+                if keys:
+                    scores = torch.stack([q[i, head, t] @ k[i, head, s] / d**0.5 for s in keys])
+                    want[keys] = scores.softmax(0)
+                torch.testing.assert_close(blocks[0, i, head, t].double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(adaptive_span=True, span_max=8, span_init=4.0), dict(persistent_memory=3),
+     dict(adaptive_span=True, span_dynamic=True, span_max=8)],
+    ids=["span", "memory", "dynamic-span"],
+)
+@pytest.mark.parametrize("attention", KINDS)
+def test_wrapped_kinds_give_row_blocks_through_the_registry(attention, options):
+    """Span and memory layers take the row-block path too: blocks equal the full maps, padded and
+    future keys get 0, rows sum to 1 (at most 1 with memory slots, which take the rest)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=16, depth=2, heads=2, ff_dim=32, attention=attention, num_features=32, causal=True,
+                      favor_backend="torch", feature_seed=0, **options)
+    model = ProteinLM(cfg).eval()
+    ids, mask = padded_batch()
+    blocks = assemble(model, ids, mask, max_block_elements=2 * 2 * ids.shape[1] * 4)
+    for layer, full in model.attention_maps(ids, mask):
+        torch.testing.assert_close(blocks[layer], full.float(), rtol=1e-5, atol=1e-6)
+    assert torch.all(blocks[:, 1, :, :, mask[1]] == 0)
+    future = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).triu(1)
+    assert torch.all(blocks[..., future] == 0)
+    sums = blocks.sum(-1)[:, 0]  # (layers, H, L) of the unpadded protein
+    assert torch.all(sums <= 1 + 1e-5)
+    if "persistent_memory" not in options:
+        torch.testing.assert_close(sums, torch.ones_like(sums), rtol=1e-5, atol=1e-5)

@@ -87,7 +87,7 @@ PATHS = {"output_dir", "trainer.default_root_dir", "checkpoint.dirpath"}
 def test_fair_runs_smoke_equal_settings_and_finite_results(tiny_data, tmp_path):
     import torch
 
-    from protein_lm.attention.adaptive_span import adaptive_span_modules
+    from protein_lm.attention.modules.span import adaptive_span_modules
     from protein_lm.checkpoint import load_model
 
     cache, ood = tiny_data

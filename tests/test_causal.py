@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from protein_lm.attention import FavorAttention
-from protein_lm.attention.causal import causal_linear_attention, causal_linear_reference
+from protein_lm.attention.ops.causal import causal_linear_attention, causal_linear_reference
 
 
 def _rand(*shape, seed=0, dtype=torch.float64):
@@ -132,8 +132,8 @@ def test_leading_padding_gradients_match_explicit_quadratic(kernel):
     once came from ``inclusive - own chunk``, which cancelled catastrophically (20-50% error in
     dK, dV of the first chunk). Checked against the explicit masked quadratic formula in float64
     with several chunks, so the carried states are exercised."""
-    from protein_lm.attention.favor import favor_causal, favor_features
-    from protein_lm.attention.features import draw_projection
+    from protein_lm.attention.ops.favor import favor_causal, favor_features
+    from protein_lm.attention.ops.features import draw_projection
 
     g = torch.Generator().manual_seed(3)
     b, h, length, d, m = 2, 2, 70, 8, 16

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protein_lm.attention.adaptive_span import AdaptiveSpan, adaptive_span_exact_attention
+from protein_lm.attention.modules.span import AdaptiveSpan
+from protein_lm.attention.ops.span import adaptive_span_exact_attention
 from protein_lm.layers.pkm import ProductKeyMemory, pkm_value_parameters
 
 NUM_AA = 20
@@ -209,8 +210,6 @@ def test_full_span_equals_base_model(attention, causal):
 
 
 def test_model_aux_loss_param_groups_and_statistics():
-    from protein_lm.attention.adaptive_span import no_weight_decay_names, span_statistics
-    from protein_lm.layers.pkm import pkm_usage_statistics, reset_pkm_usage
     from protein_lm.model import ModelConfig, ProteinLM
 
     cfg = ModelConfig(
@@ -226,7 +225,7 @@ def test_model_aux_loss_param_groups_and_statistics():
     x = torch.randint(4, 24, (3, 20))
     out = model(x)
     torch.testing.assert_close(out.aux_loss, torch.tensor(1e-3 * 10 * 4 * 2))  # lambda * z * heads * layers
-    names = no_weight_decay_names(model)
+    names = {n for n, p in model.named_parameters() if getattr(p, "optim_overrides", {}).get("weight_decay") == 0}
     assert sum("span_fraction" in n for n in names) == 2 and sum("values.weight" in n for n in names) == 1
     for name, p in model.named_parameters():
         if "span_fraction" in name:
@@ -237,14 +236,16 @@ def test_model_aux_loss_param_groups_and_statistics():
                 "weight_decay": 0.0,
                 "lr_schedule": "constant",
             }
-    stats = span_statistics(model)
+    stats = model.statistics()
     assert stats["span/0/mean"] == pytest.approx(10.0) and stats["span/max"] == pytest.approx(10.0)
-    reset_pkm_usage(model)
+    assert not any(k.startswith("pkm/") for k in stats)  # no usage counted before a reset
+    model.reset_statistics()
     model.eval()
     with torch.no_grad():
         model(x)
-    usage = pkm_usage_statistics(model)
+    usage = model.statistics()
     assert 0 < usage["pkm/0/used"] <= 1 and usage["pkm/0/top99"] >= usage["pkm/0/top50"] >= 1
+    assert "pkm/mean" not in usage and "pkm/max" not in usage
 
 
 _CONFIGS = [

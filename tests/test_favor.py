@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from protein_lm.attention import FavorAttention, exact_attention, implied_attention
-from protein_lm.attention import favor as favor_mod
+from protein_lm.attention.modules import favor as favor_mod
 from tests.helpers.references import allowed_pairs
 
 
@@ -151,23 +152,65 @@ def test_projection_buffer_state_dict_and_reproducible_redraw():
 
 
 def test_backend_selection_on_cpu(monkeypatch):
-    q, k, v = _qkv(b=1, h=1, length=4, d=8, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="CUDA"):
-        FavorAttention(8, 8, backend="triton")(q, k, v)
+    q, k, v = _qkv(b=1, h=1, length=4, d=16, dtype=torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match=r"^FavorAttention\(backend='triton'\): tensors on cpu, not CUDA; use") as err:
+        FavorAttention(16, 16, backend="triton")(q, k, v)
+    assert "\n" not in str(err.value)
     called = []
-    monkeypatch.setattr(favor_mod, "_TRITON_FN", lambda *a: called.append(a))
-    out = FavorAttention(8, 8, backend="auto", seed=0)(q, k, v)  # CPU inputs never go to Triton
+    monkeypatch.setattr(favor_mod, "fused_kernels", lambda: called.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # CPU tensors take the PyTorch path without a warning
+        out = FavorAttention(16, 16, backend="auto", seed=0)(q, k, v)
     assert not called and out.shape == q.shape
     with pytest.raises(ValueError):
         FavorAttention(8, 8, kernel="cosine")
 
 
-def test_missing_triton_module_falls_back(monkeypatch):
-    monkeypatch.setattr(favor_mod, "_TRITON_FN", False)
-    monkeypatch.setattr(
-        favor_mod.importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name))
-    )
-    assert favor_mod._triton_fn() is None
+class _NoKernels:
+    """Stands in for the fused kernels module: declines everything, and must never be launched."""
+
+    @staticmethod
+    def why_unsupported(q, k, v, projection):
+        return "head dim D=12 is not a power of two >= 16"
+
+    @staticmethod
+    def favor_attention_triton(*args, **kwargs):
+        raise AssertionError("the fused kernels ran on inputs they declined")
+
+
+def test_auto_backend_on_cuda_falls_back_with_one_warning(monkeypatch):
+    """``auto`` with CUDA inputs the kernels decline: the PyTorch path (same numbers as backend
+    'torch'), one warning per module naming the reason; ``triton`` raises it as a one-line error."""
+    q, k, v = _qkv(b=1, h=2, length=6, d=12, dtype=torch.float64)
+    monkeypatch.setattr(favor_mod, "fused_kernels", lambda: _NoKernels)
+    auto = FavorAttention(12, 16, backend="auto", seed=3)
+    ref = FavorAttention(12, 16, backend="torch", seed=3)(q, k, v)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # no GPU here
+    with pytest.warns(UserWarning, match="using the PyTorch path: head dim D=12") as record:
+        first = auto(q, k, v)
+        second = auto(q, k, v)
+    assert len(record) == 1
+    torch.testing.assert_close(first, ref, rtol=0, atol=0)
+    torch.testing.assert_close(second, ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"backend='triton'\): head dim D=12 is not a power of two"):
+        FavorAttention(12, 16, backend="triton", seed=3)(q, k, v)
+
+
+def test_missing_triton_module_is_a_reason_not_a_crash(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_triton(name, *args, **kwargs):
+        if name == "protein_lm.attention.ops" and "favor_triton" in (args[2] or ()):
+            raise ImportError("No module named 'triton'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(favor_mod, "_FUSED", None)
+    monkeypatch.setattr(builtins, "__import__", no_triton)
+    reason = favor_mod.fused_kernels()
+    assert reason == "the Triton kernels are not importable (ImportError: No module named 'triton')"
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
@@ -197,21 +240,3 @@ def test_torch_path_on_cuda_matches_cpu(causal):
     cpu = attn(q, k, v)
     gpu = attn.cuda()(q.cuda(), k.cuda(), v.cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
-
-
-def test_auto_backend_falls_back_when_kernel_declines(monkeypatch):
-    """A ValueError from the Triton kernel (unsupported shape) means: use the PyTorch path, warn once."""
-    q, k, v = _qkv(b=1, h=1, length=4, d=8, dtype=torch.float32)
-
-    def declining(*args):
-        raise ValueError("D=8 not supported")
-
-    attn = FavorAttention(8, 8, seed=0)
-    ref = attn(q, k, v)
-    monkeypatch.setattr(FavorAttention, "_use_triton", lambda self, q: declining)
-    with pytest.warns(UserWarning, match="declined"):
-        out = attn(q, k, v)
-    torch.testing.assert_close(out, ref)
-    forced = FavorAttention(8, 8, seed=0, backend="triton")
-    with pytest.raises(ValueError, match="not supported"):
-        forced(q, k, v)

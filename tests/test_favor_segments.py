@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from protein_lm.attention import FavorAttention, favor_bidirectional, favor_causal, favor_features
-from protein_lm.attention.features import draw_projection, softmax_features
-from protein_lm.attention.segments import segment_labels, segmented_linear_attention
+from protein_lm.attention.ops.features import draw_projection, softmax_features
+from protein_lm.attention.ops.segments import segment_labels, segmented_linear_attention
 from tests.helpers.interpreter import run_interpreted
 
 EPS = 1e-30
@@ -232,7 +232,7 @@ def _rel(a, b):
 
 def _triton_grads(q, k, v, do, w, kernel, causal, pad, ids, **kw):
     """Output and input gradients of ``sum(out * do)`` through ``favor_attention_triton``."""
-    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.favor_triton import favor_attention_triton
 
     ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = favor_attention_triton(*ins, w, kernel, causal, pad, EPS, ids, **kw)
@@ -347,7 +347,7 @@ def _triton_compiled(causal) -> dict:
     the eager path."""
     import torch._dynamo
 
-    from protein_lm.attention.kernels import favor_triton as ft
+    from protein_lm.attention.ops import favor_triton as ft
 
     ids, pad = _batch([([3, 1, 20, 6], None)], 40)  # short and long segments, trailing padding
     q, k, v, do = _qkv(1, 1, 40, 16, seed=31, dtype=torch.float32)
@@ -374,7 +374,7 @@ def _triton_compiled(causal) -> dict:
 def _layout_and_segment_max() -> dict:
     """The kernels' segment layout (labels, per-tile first / last segment bounds) and per-segment max
     against loops over the rows, with blocks of 1024 rows crossed by segments (L = 2100)."""
-    from protein_lm.attention.kernels.favor_triton import _segment_layout, _segment_max_kernel
+    from protein_lm.attention.ops.favor_triton import _segment_layout, _segment_max_kernel
 
     g = torch.Generator().manual_seed(33)
     length, tile = 2100, 16
@@ -526,7 +526,7 @@ def _gpu_case(
 ):
     """``(out, dq, dk, dv)`` of the kernels on a random packing, and the inputs. ``device``, ``shape``
     and ``dtype`` let the same code run small on the CPU under the interpreter."""
-    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.favor_triton import favor_attention_triton
 
     b, h, length, d, m = shape
     rows = [(_random_packing(length, 15, seed), None), (_random_packing(length, 14, seed + 1), 99)]
@@ -580,7 +580,7 @@ def _check_against_reference(kernel, causal, **case):
 
 
 def _check_packed_equals_separate(causal, **case):
-    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.favor_triton import favor_attention_triton
 
     got, (q, k, v, do, w, pad, ids) = _gpu_case("softmax", causal, seed=3, **case)
     lengths = _random_packing(q.shape[2], 15, 3)

@@ -18,9 +18,8 @@ from pathlib import Path
 import protein_lm
 from protein_lm._moved import MOVED
 
-# Modules still importing an old path. protein_lm/model.py is rewritten together with the attention
-# package; its `from protein_lm.tokenizer import ...` becomes `protein_lm.data.tokenizer` then.
-OLD_PATH_USERS = {"protein_lm.model": {"protein_lm.tokenizer"}}
+# Modules allowed to import an old (moved) path: none.
+OLD_PATH_USERS: dict[str, set[str]] = {}
 
 
 def modules() -> dict[str, Path]:
@@ -162,10 +161,10 @@ def test_the_cycle_finder_finds_cycles():
 def test_the_graph_resolves_relative_imports_and_submodules():
     graph, _ = import_graph()
     assert "protein_lm.data.datasets" in graph["protein_lm.data.datamodule"]
-    assert "protein_lm.attention.causal" in graph["protein_lm.attention.favor"]  # `from .causal import ...`
+    assert "protein_lm.attention.ops.causal" in graph["protein_lm.attention.ops.favor"]  # `from .causal import ...`
     assert "protein_lm.data" in graph["protein_lm.commands.train"]  # the package of what it imports
     assert "protein_lm.data" not in graph["protein_lm.data.datamodule"]  # not its own package
-    assert "protein_lm.data.tokenizer" in graph["protein_lm.model"]  # through the old path
+    assert "protein_lm.data.tokenizer" in graph["protein_lm.model"]
     assert "protein_lm.checkpoint" not in graph["protein_lm.commands.spans"]  # imported inside run() only
     assert "protein_lm.commands.analyze" not in graph["protein_lm.commands.spans"]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from protein_lm.attention.favor import favor_bidirectional
+from protein_lm.attention.ops.favor import favor_bidirectional
 from protein_lm.checkpoint import save_weights, weights_payload
 from protein_lm.cli import main
 from protein_lm.data.cache import prepare_cache

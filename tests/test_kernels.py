@@ -32,7 +32,7 @@ def _case_id(c):
 
 
 def _reference(q, k, v, proj, kernel, causal, pad, eps=EPS):
-    from protein_lm.attention.favor import favor_bidirectional, favor_causal, favor_features
+    from protein_lm.attention.ops.favor import favor_bidirectional, favor_causal, favor_features
 
     pq, pk = favor_features(q, k, proj, kernel, pad)
     fn = favor_causal if causal else favor_bidirectional
@@ -52,8 +52,8 @@ def _rel(a, b):
 
 
 def _run_case(kernel, causal, use_pad, dtype, b, h, length, d, m, device, reference_projection=None, **kw):
-    from protein_lm.attention.features import draw_projection
-    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.features import draw_projection
 
     g = torch.Generator().manual_seed(zlib.crc32(f"{kernel}{causal}{use_pad}{length}".encode()))
     q, k, v = (torch.randn(b, h, length, d, generator=g, dtype=torch.float64) for _ in range(3))
@@ -174,7 +174,7 @@ def _check_scan() -> dict:
     """``_exclusive_scan`` (the causal split states) against a float64 exclusive scan: one split, many
     splits, widths that are not a multiple of the kernel's column block, both directions, and one
     huge split whose value must not reach the splits before it (no ``inclusive - x`` cancellation)."""
-    from protein_lm.attention.kernels.favor_triton import _exclusive_scan
+    from protein_lm.attention.ops.favor_triton import _exclusive_scan
 
     g = torch.Generator().manual_seed(3)
     res = {"err": 0.0, "before_huge": 0.0}
@@ -198,7 +198,7 @@ def _check_uninitialised_buffers() -> dict:
     """The atomic causal path with every ``torch.empty`` / ``empty_like`` buffer filled with NaN (the
     allocator may hand back any bytes): the results must equal those of a normal run bitwise, so every
     float32 sum the kernels add to was zeroed first (here: by the key-state pass)."""
-    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.favor_triton import favor_attention_triton
 
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 2, 70, 16, generator=g) for _ in range(3))
@@ -238,7 +238,7 @@ def _check_registered_op(causal: bool) -> dict:
     projection changed in place between forward and backward (a redraw must not leak into it)."""
     import torch._dynamo
 
-    from protein_lm.attention.kernels import favor_triton as ft
+    from protein_lm.attention.ops import favor_triton as ft
 
     g = torch.Generator().manual_seed(11 + causal)
     proj = torch.randn(32, 16, generator=g)
@@ -376,8 +376,8 @@ def test_gpu_bf16_matches_reference(case, length):
 def test_gpu_deterministic_mode_is_bitwise_reproducible(causal):
     """Deterministic mode (torch's switch or deterministic=True; no atomics): two runs give identical
     bits for out and every gradient, and agree with the default atomic path (4 slices, many splits)."""
-    from protein_lm.attention.features import draw_projection
-    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.features import draw_projection
 
     g = torch.Generator(device="cuda").manual_seed(3)
     q, k, v, do = (
@@ -418,8 +418,8 @@ def test_gpu_float32_inputs(causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_gpu_large_norm_and_long(causal):
     """No NaN/inf for large-norm q/k at L=65,536 (the key shift is one max over 65k keys)."""
-    from protein_lm.attention.features import draw_projection
-    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.features import draw_projection
 
     q, k, v = (torch.randn(1, 2, 65536, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     q, k = q * 6, k * 6
@@ -432,28 +432,37 @@ def test_gpu_large_norm_and_long(causal):
         assert torch.isfinite(t).all()
 
 
-def test_unsupported_shapes_fall_back_to_reference(monkeypatch):
-    """Extra keys (persistent memory) or odd M: the PyTorch path, without touching Triton kernels."""
-    from protein_lm.attention.features import softmax_features
-    from protein_lm.attention.kernels import favor_triton
+def test_unsupported_inputs_are_refused_not_rerouted(monkeypatch):
+    """Extra keys (persistent memory), odd D or M, CPU tensors: a one-line ``ValueError`` naming the
+    reason, before any kernel launch (the fused op never falls back by itself)."""
+    from protein_lm.attention.ops import favor_triton
 
     def no_kernels(*args, **kwargs):
-        raise AssertionError("a Triton kernel was launched for an unsupported shape")
+        raise AssertionError("a Triton kernel was launched for unsupported inputs")
 
     monkeypatch.setattr(favor_triton, "_forward", no_kernels)
-    q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
-    k, v = torch.randn(1, 2, 12, 16, dtype=torch.float64), torch.randn(1, 2, 12, 16, dtype=torch.float64)
-    proj = torch.randn(24, 16, dtype=torch.float64)
-    out = favor_triton.favor_attention_triton(q, k, v, proj, "softmax", False, None, EPS)
-    # explicit quadratic form D^-1 (phi(Q) phi(K)^T) V, not the linear-attention code under test
-    a = softmax_features(q, proj, is_query=True) @ softmax_features(k, proj, is_query=False).transpose(-1, -2)
-    torch.testing.assert_close(out, (a @ v) / a.sum(-1, keepdim=True), rtol=1e-10, atol=1e-12)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that the device is not the first reason
+    x16, x12 = torch.zeros(1, 2, 8, 16), torch.zeros(1, 2, 8, 12)
+    cases = [
+        ((x16, torch.zeros(1, 2, 12, 16), torch.zeros(1, 2, 12, 16), torch.zeros(32, 16)), "q, k, v shapes differ"),
+        ((x12, x12, x12, torch.zeros(32, 12)), "head dim D=12 is not a power of two >= 16"),
+        ((x16, x16, x16, torch.zeros(24, 16)), "num_features M=24: no slice width"),
+    ]
+    for (q, k, v, proj), reason in cases:
+        assert favor_triton.why_unsupported(q, k, v, proj).startswith(reason)
+        assert not favor_triton.supported(q, k, v, proj)
+        with pytest.raises(ValueError, match=r"^favor_attention_triton: " + reason) as err:
+            favor_triton.favor_attention_triton(q, k, v, proj, "softmax", False, None, EPS)
+        assert "\n" not in str(err.value)
+    assert favor_triton.supported(x16, x16, x16, torch.zeros(32, 16))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert favor_triton.why_unsupported(x16, x16, x16, torch.zeros(32, 16)) == "tensors on cpu, not CUDA"
 
 
 @pytest.mark.gpu
 def test_gpu_favor_module_dispatches_to_triton():
-    from protein_lm.attention.favor import FavorAttention
-    from protein_lm.attention.kernels import favor_triton
+    from protein_lm.attention.modules.favor import FavorAttention
+    from protein_lm.attention.ops import favor_triton
 
     launched = []
     real_forward = favor_triton._forward
@@ -481,7 +490,7 @@ if __name__ == "__main__" and "--interpret" in sys.argv:
 
 def test_blind_queries_match_brute_force():
     """Rows whose dO is zeroed in the Triton backward are exactly those that see no real key."""
-    from protein_lm.attention.kernels.favor_triton import _blind_queries
+    from protein_lm.attention.ops.favor_triton import _blind_queries
 
     g = torch.Generator().manual_seed(5)
     pad = torch.rand(4, 23, generator=g) < 0.6
@@ -496,7 +505,7 @@ def test_blind_queries_match_brute_force():
 
 
 def test_torch_deterministic_switch_selects_the_atomic_free_kernels():
-    from protein_lm.attention.kernels.favor_triton import _Plan
+    from protein_lm.attention.ops.favor_triton import _Plan
 
     q, proj = torch.zeros(1, 2, 256, 16), torch.zeros(64, 16)
     args = (q, proj, "softmax", True, 1e-30, 16, None, None, 16)
@@ -514,7 +523,7 @@ def test_torch_deterministic_switch_selects_the_atomic_free_kernels():
 
 
 def test_bad_logit_precision_is_refused_by_name():
-    from protein_lm.attention.kernels.favor_triton import favor_attention_triton
+    from protein_lm.attention.ops.favor_triton import favor_attention_triton
 
     x = torch.zeros(1, 1, 8, 16)
     with pytest.raises(ValueError, match="logit_precision must be one of"):
@@ -524,7 +533,7 @@ def test_bad_logit_precision_is_refused_by_name():
 def test_slice_width_choice_and_bad_geometry():
     """Slices: the widest of 64/32/16 dividing M; a split that is not whole tiles is refused (a partial
     last tile would run into the next split and add its rows twice)."""
-    from protein_lm.attention.kernels.favor_triton import _Plan, _slice_width
+    from protein_lm.attention.ops.favor_triton import _Plan, _slice_width
 
     assert [_slice_width(m) for m in (256, 192, 96, 48, 16, 24, 8)] == [64, 64, 32, 16, 16, None, None]
     assert _slice_width(256, 32) == 32 and _slice_width(256, 128) is None and _slice_width(96, 64) is None

@@ -261,7 +261,7 @@ def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal, mode)
     fallback), in one graph per pass."""
     import torch._dynamo
 
-    from protein_lm.attention.kernels import favor_triton
+    from protein_lm.attention.ops import favor_triton
 
     model = _triton_performer(causal, dim=128, heads=4, max_length=512)
     cfg = model.config

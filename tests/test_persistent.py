@@ -8,13 +8,9 @@ import pytest
 import torch
 
 from protein_lm.attention import FavorAttention, exact_attention, softmax_features
-from protein_lm.attention.adaptive_span import adaptive_span_exact_attention, adaptive_span_linear_attention
-from protein_lm.attention.persistent import (
-    PersistentMemory,
-    persistent_attention_probs,
-    persistent_exact_attention,
-    persistent_favor_attention,
-)
+from protein_lm.attention.modules.memory import PersistentMemory, persistent_favor_attention
+from protein_lm.attention.ops.memory import persistent_attention_probs, persistent_exact_attention
+from protein_lm.attention.ops.span import adaptive_span_exact_attention, adaptive_span_linear_attention
 
 
 def _qkv(b=2, h=3, length=19, d=8, dtype=torch.float64, seed=0):

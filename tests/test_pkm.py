@@ -10,7 +10,6 @@ import torch
 from protein_lm.layers.pkm import (
     PKMUsage,
     ProductKeyMemory,
-    pkm_value_parameter_names,
     pkm_value_parameters,
     product_key_topk,
 )
@@ -102,6 +101,5 @@ def test_eval_forward_accumulates_usage_and_value_group():
         model(torch.randn(3, 5, 8))
     assert pkm.usage.hits.sum() == 3 * 5 * 2 * 2
     assert pkm.usage.mass.sum().item() == pytest.approx(3 * 5 * 2)
-    assert pkm_value_parameter_names(model) == {"1.values.weight"}
     assert pkm_value_parameters(model)[0] is pkm.values.weight
     assert math.isfinite(pkm.usage.compute()["kl_uniform"])

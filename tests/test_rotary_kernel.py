@@ -27,7 +27,7 @@ def _reference_split(qkv, cos, sin, heads):
 
 def _compare(b, length, heads, d, device, dtype):
     """Fused vs reference (float64) outputs and gradients: max relative errors."""
-    from protein_lm.attention.kernels.rotary_triton import rotary_split
+    from protein_lm.attention.ops.rotary_triton import rotary_split
     from protein_lm.model import RotaryEmbedding
 
     g = torch.Generator().manual_seed(7)
@@ -60,7 +60,7 @@ def test_interpreted_rotary_split_matches_pytorch_rotary(interpreted):
 
 
 def test_rotary_fast_path_only_where_it_is_exact():
-    from protein_lm.attention.kernels.rotary_triton import rotary_split_supported
+    from protein_lm.attention.ops.rotary_triton import rotary_split_supported
 
     cpu = torch.zeros(1, 4, 3 * 64)
     assert not rotary_split_supported(cpu, 64)  # CPU: the PyTorch path
@@ -72,7 +72,7 @@ def test_rotary_fast_path_only_where_it_is_exact():
 
 
 def test_rotary_split_rejects_bad_tables():
-    from protein_lm.attention.kernels.rotary_triton import rotary_split
+    from protein_lm.attention.ops.rotary_triton import rotary_split
 
     qkv = torch.zeros(1, 5, 3 * 2 * 8)
     with pytest.raises(ValueError, match="cos/sin"):

@@ -2,25 +2,20 @@
 
 ``ProteinLM.attention_maps`` returns one layer's full ``(B, H, L, L)`` maps. For a sequence of a few
 thousand residues that is ``H * L^2 * 4`` bytes per layer (8 heads, L = 4,000: 512 MB), and the
-analysis only needs sums over those maps. :func:`iter_attention_blocks` therefore computes each
-layer's queries and keys once (O(L·D) memory) and yields the attention in blocks of query rows,
-``(B, H, rows, L)``, sized so that a block holds at most ``max_block_elements`` numbers:
+analysis only needs sums over those maps. :func:`iter_attention_blocks` therefore asks each layer's
+attention sublayer for its attention in blocks of query rows, ``(B, H, rows, L)``, sized so that a
+block holds at most ``max_block_elements`` numbers (``SelfAttention.attention_blocks``: queries and
+keys projected once, each block from the attention module's ``attention_probs(q, k, mask, rows)``,
+see :mod:`protein_lm.attention.registry`). Performer layers give their *implied* attention (so
+``attention @ V`` is the layer's output), exact layers the softmax probabilities; causal masks and
+padding (padded keys get 0) are the modules' own.
 
-* Performer (FAVOR+) layers: the *implied* attention — ``phi(Q) phi(K)^T`` row-normalised with the
-  layer's current projection, exactly :func:`protein_lm.attention.implied_attention` (features from
-  :func:`protein_lm.attention.favor_features`, the same mask and normaliser floor), so
-  ``attention @ V`` is the layer's FAVOR+ output;
-* ``exact`` layers: the softmax probabilities, as ``ExactKernel.attention_probs``.
-
-Both handle causal models (the row offset is applied to the causal mask) and padding (padded keys get
-0). A model whose attention sublayers are not the standard ``SelfAttention`` (e.g. an extension that
-changes the probabilities) falls back to ``model.attention_maps`` and is sliced into row blocks — same
-result, full-map memory.
+An attention sublayer without ``attention_blocks`` (an extension) is read through
+``model.attention_maps`` and sliced into row blocks: same result, full-map memory.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,73 +41,19 @@ def frame(tokens: np.ndarray | Iterable[int]) -> Tensor:
     return torch.from_numpy(frame_residues(np.asarray(tokens)))[None]
 
 
-def _chunkable(model) -> bool:
-    """True when every attention sublayer is the standard one whose math we reproduce block-wise."""
-    try:
-        from protein_lm.attention.favor import FavorAttention
-        from protein_lm.model import ExactKernel, SelfAttention
-    except ImportError:  # pragma: no cover
-        return False
+def _blockwise(model) -> bool:
+    """True when every attention sublayer yields its attention in row blocks (``attention_blocks``)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(model, "embed_tokens"):
         return False
-    for block in blocks:
-        attn = getattr(block, "attn", None)
-        if type(attn) is not SelfAttention or not hasattr(block, "norm1"):
-            return False
-        if type(attn.kernel) not in (FavorAttention, ExactKernel):
-            return False
-    return True
+    return all(
+        callable(getattr(getattr(block, "attn", None), "attention_blocks", None)) and hasattr(block, "norm1")
+        for block in blocks
+    )
 
 
 def _rows_per_block(batch: int, heads: int, length: int, max_block_elements: int) -> int:
     return max(1, min(length, max_block_elements // max(1, batch * heads * length)))
-
-
-def _allowed(
-    rows: range, length: int, causal: bool, key_padding_mask: Tensor | None, device
-) -> Tensor | None:
-    """Bool ``(B or 1, 1, rows, L)``: query ``t`` (absolute index) may attend key ``s``."""
-    allowed = None
-    if causal:
-        t = torch.arange(rows.start, rows.stop, device=device)[:, None]
-        s = torch.arange(length, device=device)[None, :]
-        allowed = (s <= t)[None, None]
-    if key_padding_mask is not None:
-        keys = ~key_padding_mask[:, None, None, :]
-        allowed = keys if allowed is None else allowed & keys
-    return allowed
-
-
-def _layer_blocks(attn_module, q: Tensor, k: Tensor, mask: Tensor | None, rows_per_block: int):
-    """Row blocks of one standard ``SelfAttention`` layer's attention."""
-    from protein_lm.attention.favor import favor_features
-    from protein_lm.model import ExactKernel
-
-    kernel = attn_module.kernel
-    causal = bool(attn_module.config.causal)
-    length = k.shape[-2]
-    if isinstance(kernel, ExactKernel):
-        qf, kf = q.float(), k.float()
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        for start in range(0, length, rows_per_block):
-            rows = range(start, min(length, start + rows_per_block))
-            scores = (qf[:, :, rows.start : rows.stop] @ kf.transpose(-1, -2)) * scale
-            allowed = _allowed(rows, length, causal, mask, q.device)
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            yield rows.start, torch.nan_to_num(scores.softmax(dim=-1), nan=0.0)
-        return
-    # FAVOR+: features of all positions once (O(L·M)), then explicit rows phi_q[rows] phi_k^T.
-    phi_q, phi_k = favor_features(q, k, kernel.projection, kernel.kernel, mask)
-    phi_kt = phi_k.transpose(-1, -2)
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        for start in range(0, length, rows_per_block):
-            rows = range(start, min(length, start + rows_per_block))
-            a = phi_q[:, :, rows.start : rows.stop] @ phi_kt
-            if causal:  # padded keys already have phi_k = 0, so only the causal mask is applied
-                a = a.masked_fill(~_allowed(rows, length, causal, None, q.device), 0.0)
-            yield rows.start, a / a.sum(dim=-1, keepdim=True).clamp_min(kernel.eps)
 
 
 @torch.no_grad()
@@ -145,7 +86,7 @@ def iter_attention_blocks(
     else:
         padding_mask = padding_mask.bool()
     batch, length = input_ids.shape
-    if not _chunkable(model):
+    if not _blockwise(model):
         for layer, maps in model.attention_maps(input_ids, padding_mask, layers=sorted(wanted)):
             rows = _rows_per_block(batch, maps.shape[1], length, max_block_elements)
             for start in range(0, length, rows):
@@ -155,11 +96,9 @@ def iter_attention_blocks(
     x = model.embed_tokens(input_ids)
     for i, block in enumerate(model.blocks):
         if i in wanted:
-            q, k, _ = block.attn.project(block.norm1(x))
-            rows = _rows_per_block(batch, q.shape[1], length, max_block_elements)
-            for start, attn in _layer_blocks(block.attn, q, k, padding_mask, rows):
+            rows = _rows_per_block(batch, model.config.heads, length, max_block_elements)
+            for start, attn in block.attn.attention_blocks(block.norm1(x), padding_mask, rows):
                 yield i, start, attn
-            del q, k
         if i == last:
             return
         x = block(x, padding_mask)

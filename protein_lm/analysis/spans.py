@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from protein_lm.attention.adaptive_span import adaptive_span_modules
+from protein_lm.attention.modules.span import adaptive_span_modules
 from protein_lm.data.tokenizer import CLS_ID, EOS_ID, PAD_ID
 from protein_lm.errors import UserError
 from protein_lm.outputs import write_atomically

@@ -35,12 +35,9 @@ __all__ = [
     "ProductKeyMemory",
     "PKMUsage",
     "PKMFeedForward",
-    "pkm_usage_statistics",
-    "reset_pkm_usage",
     "product_key_topk",
     "pkm_modules",
     "pkm_value_parameters",
-    "pkm_value_parameter_names",
 ]
 
 
@@ -158,6 +155,19 @@ class ProductKeyMemory(nn.Module):
         self.usage: PKMUsage | None = None
         self.track_usage = False
 
+    statistics_group = "pkm"  # ProteinLM.statistics logs pkm/<i>/<key>
+
+    def reset_statistics(self) -> None:
+        """Start counting slot usage afresh (a :class:`PKMUsage`); called at validation start."""
+        if self.usage is None:
+            self.usage = PKMUsage(self.size)
+        else:
+            self.usage.reset()
+
+    def statistics(self) -> dict[str, float]:
+        """Slot usage since :meth:`reset_statistics` (:meth:`PKMUsage.compute`); empty before it."""
+        return {} if self.usage is None else self.usage.compute()
+
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, slots={self.num_keys}^2={self.size}, topk={self.topk}, heads={self.heads}, "
@@ -273,27 +283,3 @@ def pkm_modules(model: nn.Module) -> Iterator[tuple[str, ProductKeyMemory]]:
 def pkm_value_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The PKM value tables, for their own optimiser group (higher constant LR, no weight decay)."""
     return [mod.values.weight for _, mod in pkm_modules(model)]
-
-
-def pkm_value_parameter_names(model: nn.Module) -> set[str]:
-    """Full names (as in ``model.named_parameters()``) of the PKM value tables."""
-    return {f"{name}.values.weight" if name else "values.weight" for name, _ in pkm_modules(model)}
-
-
-def reset_pkm_usage(model: nn.Module) -> None:
-    """Attach (or clear) a :class:`PKMUsage` on every memory; call at validation start."""
-    for _, mod in pkm_modules(model):
-        if mod.usage is None:
-            mod.usage = PKMUsage(mod.size)
-        else:
-            mod.usage.reset()
-
-
-def pkm_usage_statistics(model: nn.Module) -> dict[str, float]:
-    """``pkm/<i>/{used,kl_uniform,top50,top90,top99}`` for every memory with a usage accumulator."""
-    out: dict[str, float] = {}
-    for i, (_, mod) in enumerate(pkm_modules(model)):
-        if mod.usage is not None:
-            for key, val in mod.usage.compute().items():
-                out[f"pkm/{i}/{key}"] = val
-    return out

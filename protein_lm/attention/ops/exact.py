@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["exact_attention", "attention_allowed"]
+from .masks import allowed_keys
 
-
-def attention_allowed(
-    lq: int, lk: int, causal: bool, key_padding_mask: Tensor | None, device: torch.device
-) -> Tensor | None:
-    """Bool mask, True where query ``t`` may attend key ``s``: ``(B or 1, 1, Lq, Lk)`` or None."""
-    allowed = None
-    if causal:
-        allowed = torch.ones(lq, lk, dtype=torch.bool, device=device).tril()[None, None]
-    if key_padding_mask is not None:
-        keys = ~key_padding_mask[:, None, None, :]  # (B,1,1,Lk)
-        allowed = keys if allowed is None else allowed & keys
-    return allowed
+__all__ = ["exact_attention", "exact_probs"]
 
 
 def exact_attention(
@@ -44,10 +32,38 @@ def exact_attention(
     """
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    allowed = attention_allowed(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
+    allowed = allowed_keys(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
     assert allowed is not None
     empty = ~allowed.any(dim=-1, keepdim=True)  # (B,1,Lq,1) rows with no key
     # Let empty rows attend everything (finite softmax, finite gradients) and zero them afterwards.
     allowed = allowed | empty
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
     return out.masked_fill(empty, 0.0)
+
+
+def exact_probs(
+    q: Tensor,
+    k: Tensor,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    rows: range | None = None,
+) -> Tensor:
+    """Explicit ``softmax(q k^T / sqrt(D) + mask)`` in float32, for analysis: O(R * Lk) memory.
+
+    Args:
+        q: ``(B, H, Lq, D)``.
+        k: ``(B, H, Lk, D)``.
+        causal: query ``t`` sees keys ``s <= t``.
+        key_padding_mask: bool ``(B, Lk)``, True at padding.
+        rows: the query rows to return (default all ``Lq``).
+
+    Returns:
+        ``(B, H, R, Lk)``; rows sum to 1, except a query that may attend no key, whose row is 0 (as
+        its :func:`exact_attention` output).
+    """
+    rows = range(q.shape[-2]) if rows is None else rows
+    scores = (q[:, :, rows.start : rows.stop].float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    allowed = allowed_keys(rows, k.shape[-2], causal, key_padding_mask, q.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return scores.softmax(dim=-1).nan_to_num(nan=0.0)  # (B, H, R, Lk)

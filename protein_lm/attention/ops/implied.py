@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .exact import attention_allowed
 from .favor import DEFAULT_EPS, favor_features
+from .masks import allowed_keys
 
 __all__ = ["implied_attention"]
 
@@ -19,6 +19,7 @@ def implied_attention(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     eps: float = DEFAULT_EPS,
+    rows: range | None = None,
 ) -> Tensor:
     """Row-normalised ``phi(Q) phi(K)^T`` (causal-masked if ``causal``): ``(B,H,L,D) -> (B,H,L,L)``.
 
@@ -34,14 +35,16 @@ def implied_attention(
         causal: mask keys after the query.
         key_padding_mask: bool ``(B, Lk)``, True at padding.
         eps: floor of the row normaliser.
+        rows: the query rows to return (default all ``Lq``; analysis takes blocks of rows).
 
     Returns:
-        ``(B, H, Lq, Lk)`` float32 (float64 for float64 input).
+        ``(B, H, R, Lk)`` (``R = Lq`` without ``rows``) float32 (float64 for float64 input).
     """
-    phi_q, phi_k = favor_features(q, k, projection, kernel, key_padding_mask)
+    rows = range(q.shape[-2]) if rows is None else rows
+    phi_q, phi_k = favor_features(q, k, projection, kernel, key_padding_mask)  # all rows: the key shift
     with torch.autocast(device_type=q.device.type, enabled=False):
-        a = phi_q @ phi_k.transpose(-1, -2)  # (B,H,Lq,Lk)
-        allowed = attention_allowed(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
+        a = phi_q[:, :, rows.start : rows.stop] @ phi_k.transpose(-1, -2)  # (B,H,R,Lk)
+        allowed = allowed_keys(rows, k.shape[-2], causal, key_padding_mask, q.device)
         if allowed is not None:
             a = a.masked_fill(~allowed, 0.0)
         return a / a.sum(dim=-1, keepdim=True).clamp_min(eps)

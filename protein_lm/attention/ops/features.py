@@ -125,7 +125,7 @@ def softmax_features(
             enter the key shift; padded inputs are zeroed first so inf/NaN there cannot leak.
         stabilize: ``False`` returns the unshifted map ``exp(W x' - |x'|^2/2) / sqrt(M)`` (whose
             dot products are the unbiased estimate of ``exp(q.k/sqrt(D))``); for tests and analysis.
-        segment_ids: integer ``(B, L)`` (packed rows, see :mod:`protein_lm.attention.segments`):
+        segment_ids: integer ``(B, L)`` (packed rows, see :mod:`protein_lm.attention.ops.segments`):
             keys get one shift per ``(batch, head, segment)`` instead. A key shift only has to be
             shared by the keys one query sees; a row-wide one would underflow to a zero normaliser
             every segment whose keys sit ~87 nats below the row's largest.

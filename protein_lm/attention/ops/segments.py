@@ -10,7 +10,7 @@ anticausal ``s >= t``, or both = the whole segment)::
 
     N_t = sum_{s in W(t), seg(s) = seg(t)} (q_t . k_s) v_s
 
-Algorithm (the chunked form of :mod:`protein_lm.attention.causal`, with resets): inside a chunk of
+Algorithm (the chunked form of :mod:`protein_lm.attention.ops.causal`, with resets): inside a chunk of
 ``C`` tokens the quadratic term is masked by the window *and* by segment equality. Across chunks a
 carried ``M x E`` state ``U_c = sum (k_s v_s^T)`` over the keys *before* chunk ``c`` (in the
 direction of travel) that belong to the segment open at ``c``'s entry, i.e. the segment of the last
@@ -225,7 +225,7 @@ def segmented_linear_attention(
         window: ``"causal"`` (``s <= t``), ``"anticausal"`` (``s >= t``) or ``"both"``.
         chunk: tokens per exact masked-quadratic chunk.
         block_bytes: bound on the transient memory of one block of chunks (as in
-            :func:`protein_lm.attention.causal.causal_linear_attention`).
+            :func:`protein_lm.attention.ops.causal.causal_linear_attention`).
 
     Returns:
         ``(..., L, E)``; memory O(L*(M+E)) in forward and backward.

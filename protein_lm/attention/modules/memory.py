@@ -20,7 +20,7 @@ effective vector ``sqrt(d_h)`` (resp. ``sqrt(N)``) times faster -- the point of 
 
 Implementation: both backends prepend the ``N`` slots to the key/value sequence and ``N`` dummy
 queries to the query sequence, then call the unchanged base kernel
-(:func:`protein_lm.attention.exact.exact_attention` or ``FavorAttention.forward``, Triton included)
+(:func:`protein_lm.attention.ops.exact.exact_attention` or ``FavorAttention.forward``, Triton included)
 and drop the dummy outputs. With the slots first, causal query ``N + t`` sees all slots and context
 keys ``<= t``; for FAVOR+ the slots are ordinary real keys of the sequence, so they enter the shared
 key stabiliser, the feature map and the normaliser exactly like context keys.
@@ -33,14 +33,14 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "PersistentMemory",
-    "persistent_exact_attention",
-    "persistent_favor_attention",
-    "persistent_attention_probs",
-    "prepend_memory",
-    "PersistentMemoryKernel",
-]
+from protein_lm.attention.ops.implied import implied_attention
+from protein_lm.attention.ops.memory import (
+    persistent_attention_probs,
+    persistent_exact_attention,
+    prepend_memory,
+)
+
+__all__ = ["PersistentMemory", "persistent_favor_attention", "PersistentMemoryKernel"]
 
 
 class PersistentMemory(nn.Module):
@@ -79,62 +79,6 @@ class PersistentMemory(nn.Module):
         return f"heads={self.num_heads}, dim_head={self.dim_head}, slots={self.num_slots}"
 
 
-def prepend_memory(
-    q: Tensor, k: Tensor, v: Tensor, mem_k: Tensor, mem_v: Tensor, key_padding_mask: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Prepend ``N`` memory slots to keys/values and ``N`` zero dummy queries to queries.
-
-    Padded context positions of ``q, k, v`` are zeroed (so huge or non-finite padding cannot leak).
-
-    ``q, k, v: (B, H, L, D)``, ``mem_k, mem_v: (H, N, D)`` -> ``(B, H, N + L, D)`` x3 and the padding
-    mask extended with ``False`` (memory is never padding) to ``(B, N + L)``.
-    """
-    b, n = q.shape[0], mem_k.shape[1]
-    if key_padding_mask is not None:
-        # Zero padded q/k/v: the base kernels mask scores/features, but inf/NaN left in a padded
-        # value or key would still meet a 0 weight (0 * inf = NaN) forward or in the backward.
-        pad = key_padding_mask.to(torch.bool)[:, None, :, None]
-        q, k, v = (x.masked_fill(pad, 0.0) for x in (q, k, v))
-    mk = mem_k.to(k.dtype).unsqueeze(0).expand(b, -1, -1, -1)
-    mv = mem_v.to(v.dtype).unsqueeze(0).expand(b, -1, -1, -1)
-    q2 = torch.cat([q.new_zeros(b, q.shape[1], n, q.shape[3]), q], dim=2)
-    k2 = torch.cat([mk, k], dim=2)
-    v2 = torch.cat([mv, v], dim=2)
-    kpm = None
-    if key_padding_mask is not None:
-        kpm = torch.cat([key_padding_mask.new_zeros(b, n), key_padding_mask.to(torch.bool)], dim=1)
-    return q2, k2, v2, kpm
-
-
-def persistent_exact_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mem_k: Tensor,
-    mem_v: Tensor,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-) -> Tensor:
-    """Exact softmax attention over context + persistent memory, one softmax.
-
-    Args:
-        q, k, v: ``(B, H, L, D)`` (positions already encoded).
-        mem_k, mem_v: ``(H, N, D)`` effective memory keys/values.
-        causal: context keys ``j <= i``; memory always visible.
-        key_padding_mask: bool ``(B, L)``, True at padding (context keys only).
-
-    Returns:
-        ``(B, H, L, D)``.
-    """
-    from protein_lm.attention.exact import exact_attention
-
-    n = mem_k.shape[1]
-    if n == 0:
-        return exact_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
-    q2, k2, v2, kpm = prepend_memory(q, k, v, mem_k, mem_v, key_padding_mask)
-    return exact_attention(q2, k2, v2, causal=causal, key_padding_mask=kpm)[:, :, n:]
-
-
 def persistent_favor_attention(
     favor: nn.Module,
     q: Tensor,
@@ -151,7 +95,7 @@ def persistent_favor_attention(
     are therefore part of every query's running state.
 
     Args:
-        favor: a :class:`protein_lm.attention.favor.FavorAttention`.
+        favor: a :class:`protein_lm.attention.modules.favor.FavorAttention`.
         q, k, v: ``(B, H, L, D)``.
         mem_k, mem_v: ``(H, N, D)``.
         key_padding_mask: bool ``(B, L)``, True at padding.
@@ -164,36 +108,6 @@ def persistent_favor_attention(
         return favor(q, k, v, key_padding_mask=key_padding_mask)
     q2, k2, v2, kpm = prepend_memory(q, k, v, mem_k, mem_v, key_padding_mask)
     return favor(q2, k2, v2, key_padding_mask=kpm)[:, :, n:]
-
-
-def persistent_attention_probs(
-    q: Tensor,
-    k: Tensor,
-    mem_k: Tensor,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-) -> Tensor:
-    """Explicit softmax probabilities over ``[memory (N), context (L)]``: ``(B, H, L, N + L)``.
-
-    Rows sum to 1 over memory + context. O(L^2): for analysis and tests.
-    """
-    d = q.shape[-1]
-    b, h, length, _ = q.shape
-    n = mem_k.shape[1]
-    ct = torch.promote_types(q.dtype, torch.float32)
-    s_ctx = (q @ k.transpose(-1, -2)).to(ct) * d**-0.5  # (B,H,L,L)
-    s_mem = torch.einsum("bhld,hnd->bhln", q, mem_k.to(q.dtype)).to(ct) * d**-0.5  # (B,H,L,N)
-    allowed = torch.ones(length, length, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril()
-    allowed = allowed[None, None].expand(b, 1, length, length)
-    if key_padding_mask is not None:
-        allowed = allowed & ~key_padding_mask.to(torch.bool)[:, None, None, :]
-    s_ctx = s_ctx.masked_fill(~allowed, -math.inf)
-    scores = torch.cat([s_mem, s_ctx], dim=-1)
-    if n == 0:
-        scores = torch.nan_to_num(scores, neginf=-1e30)
-    return torch.softmax(scores, dim=-1)
 
 
 class PersistentMemoryKernel(nn.Module):
@@ -220,14 +134,16 @@ class PersistentMemoryKernel(nn.Module):
         return persistent_exact_attention(q, k, v, mk, mv, self.causal, key_padding_mask)
 
     @torch.no_grad()
-    def attention_probs(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Attention over the context ``(B, H, L, L)``; rows sum to 1 minus the memory's share."""
+    def attention_probs(
+        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None, rows: range | None = None
+    ) -> Tensor:
+        """Attention over the context ``(B, H, R, L)``; rows sum to 1 minus the memory's share."""
         n = self.memory.num_slots
         mk, _ = self.memory()
+        rows = range(q.shape[-2]) if rows is None else rows
         if not self.favor:
-            return persistent_attention_probs(q, k, mk, self.causal, key_padding_mask)[..., n:]
-        from protein_lm.attention.implied import implied_attention
-
+            probs = persistent_attention_probs(q, k, mk, self.causal, key_padding_mask)[..., n:]
+            return probs[:, :, rows.start : rows.stop]
         q2, k2, _, kpm = prepend_memory(q, k, k, mk, mk, key_padding_mask)
         probs = implied_attention(
             q2,
@@ -237,5 +153,6 @@ class PersistentMemoryKernel(nn.Module):
             causal=self.causal,
             key_padding_mask=kpm,
             eps=self.base.eps,
+            rows=range(n + rows.start, n + rows.stop),
         )
-        return probs[:, :, n:, n:]
+        return probs[:, :, :, n:]
