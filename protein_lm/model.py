@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from protein_lm.attention import registry
 from protein_lm.attention.ops.exact_segments import SegmentMask, positions_from_segments, segment_mask
+from protein_lm.attention.ops.segments import segment_labels
 from protein_lm.data.tokenizer import PAD_ID, VOCAB_SIZE
 
 ATTENTION_KINDS: tuple[str, ...] = tuple(registry.KINDS)  # the built-in kinds (attention/registry.py)
@@ -548,6 +549,9 @@ class ProteinLM(nn.Module):
         if unsupported is not None:
             raise ValueError(f"segment_ids (packed rows) are not supported with {unsupported}="
                              f"{getattr(self.config, unsupported)!r}: attention would cross proteins")
+        # A segment is a run of equal ids (what FAVOR's sums and the positions use); relabelling
+        # once makes exact attention agree on ids that repeat after another protein, e.g. 0 0 1 1 0 0.
+        segment_ids = segment_labels(segment_ids)
         if positions is None:
             positions = positions_from_segments(segment_ids)
         mask = None

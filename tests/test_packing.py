@@ -449,3 +449,18 @@ def test_the_model_refuses_segments_it_cannot_respect():
     with pytest.raises(ValueError, match="not supported with persistent_memory=2"):
         model(ids, segment_ids=seg)
     model(ids)  # one protein per row is fine
+
+
+def test_repeated_ids_are_separate_proteins_for_every_attention_kind():
+    """A segment is a run of equal ids: 0 0 1 1 0 0 is three proteins, for exact as for FAVOR."""
+    torch.manual_seed(0)
+    ids = torch.randint(4, 24, (1, 6))
+    for attention in ("exact", "performer-softmax"):
+        model = ProteinLM(ModelConfig(dim=16, depth=1, heads=2, ff_dim=32, num_features=8, attention=attention,
+                                      max_length=16)).double().eval()
+        repeated = model(ids, segment_ids=torch.tensor([[0, 0, 1, 1, 0, 0]])).logits
+        runs = model(ids, segment_ids=torch.tensor([[0, 0, 1, 1, 2, 2]])).logits
+        torch.testing.assert_close(repeated, runs, rtol=0, atol=0)
+        # and the third protein alone gives the same outputs as in the packed row
+        alone = model(ids[:, 4:]).logits
+        torch.testing.assert_close(runs[:, 4:], alone, rtol=1e-10, atol=1e-10)

@@ -57,7 +57,8 @@ def segment_mask(
     """The mask of one forward pass.
 
     Args:
-        segment_ids: ``(B, L)`` integer segment of each token (non-decreasing per row is not needed).
+        segment_ids: ``(B, L)`` integer segment of each token; equal ids anywhere in a row are one segment
+            here, so callers pass run labels (:func:`protein_lm.attention.ops.segments.segment_labels`).
         padding_mask: ``(B, L)`` bool, True at padding (never attended), or None.
         causal: also ``s <= t``.
         backend: ``flex``, ``dense``, or ``auto`` (flex on CUDA, dense elsewhere).
