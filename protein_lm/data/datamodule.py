@@ -96,7 +96,7 @@ class ProteinDataLoader(DataLoader):
 
     The resume state itself lives in :meth:`ProteinDataModule.state_dict` (one source of truth);
     these methods only mark the loader as stateful so Lightning does not warn that a mid-epoch
-    checkpoint cannot be resumed exactly (it can: see ``tests/test_datamodule.py``).
+    checkpoint cannot be resumed exactly (it can: see ``tests/data/test_datamodule.py``).
     """
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """``mode: packed``: the plan, the batches, the model on packed rows, resume and refusals.
 
 The references are the same examples in single mode (one padded row each, through the single-mode
-code, which tests/test_datamodule.py checks against the FASTA text) and plain loops over the rows.
+code, which tests/data/test_datamodule.py checks against the FASTA text) and plain loops over the rows.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from protein_lm.data.tokenizer import EOS_ID, PAD_ID
 from protein_lm.lit_module import ProteinLMModule, token_statistics
 from protein_lm.model import ModelConfig, ProteinLM
 from tests.helpers.resume import fit_recording
-from tests.test_datamodule import make_dm, random_seqs, same_batches, write_fasta
+from tests.data.test_datamodule import make_dm, random_seqs, same_batches, write_fasta
 from tests.test_resume import fit, step_losses, val_losses
-from tests.test_train_errors import TINY, _one_line_error
+from tests.commands.test_train_errors import TINY, _one_line_error
 
 L = 64  # row length of the synthetic tests: several short proteins per row, long ones cropped
 

@@ -12,7 +12,7 @@ import pytest
 
 from protein_lm.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path: Path, name: str, data: bytes | str) -> Path:

@@ -22,7 +22,7 @@ import pytest
 from protein_lm.cli import main
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux signals and /proc")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _slow_fasta(path: Path, records: int = 30000) -> Path:

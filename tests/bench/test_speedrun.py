@@ -21,7 +21,7 @@ from protein_lm.lit_module import ProteinLMModule
 from protein_lm.model import ModelConfig
 from protein_lm.schedules import TrainClock, time_warmup_decay, warmup_decay
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = ["--config", "configs/debug.yaml", "--model.config.depth", "1", "--model.config.dim", "32",
         "--model.config.heads", "2", "--model.config.ff_dim", "64", "--model.config.num_features", "16",

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 L, BATCH, HEADS, HEAD_DIM = 64, 2, 4, 64  # the drivers' smoke shapes (swissprot_runs.fit_command)
 
 

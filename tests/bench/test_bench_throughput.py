@@ -16,7 +16,7 @@ import pytest
 
 from bench import exact_baselines, fit_throughput
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
