@@ -20,6 +20,7 @@ from protein_lm.attention import FavorAttention, favor_bidirectional, favor_caus
 from protein_lm.attention.ops.features import draw_projection, softmax_features
 from protein_lm.attention.ops.segments import segment_labels, segmented_linear_attention
 from tests.helpers.interpreter import run_interpreted
+from tests.helpers.references import same_with_nan_filled_scratch
 
 EPS = 1e-30
 KERNELS = ("softmax", "relu")
@@ -325,21 +326,7 @@ def _triton_uninitialised_buffers(causal) -> dict:
     def run():
         return _triton_grads(q, k, v, do, w, "softmax", causal, pad, ids, **GEOMETRY)
 
-    def nan_filled(make):
-        def make_nan(*args, **kwargs):
-            t = make(*args, **kwargs)
-            return t.fill_(math.nan) if t.is_floating_point() else t
-
-        return make_nan
-
-    normal = run()
-    empty, empty_like = torch.empty, torch.empty_like
-    torch.empty, torch.empty_like = nan_filled(empty), nan_filled(empty_like)
-    try:
-        poisoned = run()
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-    return {"equal": all(torch.equal(a, b) for a, b in zip(normal, poisoned, strict=True))}
+    return {"equal": same_with_nan_filled_scratch(run)}
 
 
 def _triton_compiled(causal) -> dict:

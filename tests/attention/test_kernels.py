@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.helpers.interpreter import run_interpreted
+from tests.helpers.references import same_with_nan_filled_scratch
 
 EPS = 1e-30  # FavorAttention's normaliser floor (docs/architecture.md); what the model actually uses
 CASES = [
@@ -213,21 +214,7 @@ def _check_uninitialised_buffers() -> dict:
         out.backward(do)
         return [out.detach()] + [t.grad for t in ins]
 
-    def nan_filled(make):
-        def make_nan(*args, **kwargs):
-            t = make(*args, **kwargs)
-            return t.fill_(math.nan) if t.is_floating_point() else t
-
-        return make_nan
-
-    normal = run()
-    empty, empty_like = torch.empty, torch.empty_like
-    torch.empty, torch.empty_like = nan_filled(empty), nan_filled(empty_like)
-    try:
-        poisoned = run()
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
-    return {"equal": all(torch.equal(a, b) for a, b in zip(normal, poisoned, strict=True))}
+    return {"equal": same_with_nan_filled_scratch(run)}
 
 
 def _check_registered_op(causal: bool) -> dict:
@@ -279,7 +266,6 @@ def _check_registered_op(causal: bool) -> dict:
 
 def _bf16_logit_projection(proj, d):
     """The projection the kernels' single bf16 logit product effectively uses (float64)."""
-    import math
 
     s = d**-0.25 / math.log(2)
     return (proj.double() * s).to(torch.bfloat16).double() / s

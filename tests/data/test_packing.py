@@ -25,10 +25,10 @@ from protein_lm.data.packing import PackedPlan, pack_rows
 from protein_lm.data.tokenizer import EOS_ID, PAD_ID
 from protein_lm.lit_module import ProteinLMModule, token_statistics
 from protein_lm.model import ModelConfig, ProteinLM
-from tests.helpers.resume import fit_recording
-from tests.data.test_datamodule import make_dm, random_seqs, same_batches, write_fasta
-from tests.test_resume import fit, step_losses, val_losses
 from tests.commands.test_train_errors import TINY, _one_line_error
+from tests.data.test_datamodule import make_dm, random_seqs, same_batches, write_fasta
+from tests.helpers.resume import fit_recording
+from tests.test_resume import fit, step_losses, val_losses
 
 L = 64  # row length of the synthetic tests: several short proteins per row, long ones cropped
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 
 
@@ -14,3 +17,24 @@ def allowed_pairs(batch: int, lq: int, lk: int, causal: bool = False, key_paddin
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]
     return allowed
+
+
+def same_with_nan_filled_scratch(run: Callable[[], list[torch.Tensor]]) -> bool:
+    """Whether ``run()`` gives bitwise the same tensors when every ``torch.empty`` / ``empty_like``
+    buffer starts as NaN: a kernel that reads scratch memory before writing it fails this."""
+
+    def nan_filled(make):
+        def make_nan(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(math.nan) if t.is_floating_point() else t
+
+        return make_nan
+
+    normal = run()
+    empty, empty_like = torch.empty, torch.empty_like
+    torch.empty, torch.empty_like = nan_filled(empty), nan_filled(empty_like)
+    try:
+        poisoned = run()
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+    return all(torch.equal(a, b) for a, b in zip(normal, poisoned, strict=True))
