@@ -177,7 +177,8 @@ def _global_micro_batch(micro: int, trainer: Any) -> tuple[int, int]:
 
     Rank ``r``'s micro-batch ``m`` is the data module's batch ``m * world_size + r`` of the step, the
     batch one process with ``world_size`` times the gradient accumulation sees as micro-batch
-    ``m * world_size + r``: seeding dropout by that index gives both runs the same masks.
+    ``m * world_size + r``: seeding dropout by that index gives both runs the same masks. The
+    trailing 0 stands where the rank used to be, so one process keeps the seeds it always had.
     """
     world, rank = (int(trainer.world_size), int(trainer.global_rank)) if trainer is not None else (1, 0)
     return micro * world + rank, 0
