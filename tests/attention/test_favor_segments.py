@@ -81,8 +81,8 @@ def _qkv(b, h, length, d, seed, dtype=torch.float64):
 def _torch_path(q, k, v, w, kernel, causal, pad, ids, chunk):
     pq, pk = favor_features(q, k, w, kernel, pad, ids)
     if causal:
-        return favor_causal(pq, pk, v, pad, EPS, chunk, ids)
-    return favor_bidirectional(pq, pk, v, pad, EPS, ids, chunk)
+        return favor_causal(pq, pk, v, pad, EPS, segment_ids=ids, chunk_size=chunk)
+    return favor_bidirectional(pq, pk, v, pad, EPS, segment_ids=ids, chunk_size=chunk)
 
 
 def _grads(fn, q, k, v, do, real):

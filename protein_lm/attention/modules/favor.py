@@ -159,11 +159,11 @@ class FavorAttention(nn.Module):
             return fused.favor_attention_triton(*args, segment_ids)
         phi_q, phi_k = favor_features(q, k, self.projection, self.kernel, key_padding_mask, segment_ids)
         if self.causal:
-            out = favor_causal(phi_q, phi_k, v, key_padding_mask, self.eps, self.chunk_size, segment_ids)
+            out = favor_causal(phi_q, phi_k, v, key_padding_mask, self.eps, segment_ids=segment_ids,
+                               chunk_size=self.chunk_size)
         else:
-            out = favor_bidirectional(
-                phi_q, phi_k, v, key_padding_mask, self.eps, segment_ids, self.chunk_size
-            )
+            out = favor_bidirectional(phi_q, phi_k, v, key_padding_mask, self.eps, segment_ids=segment_ids,
+                                      chunk_size=self.chunk_size)
         return out.to(v.dtype)
 
     @torch.no_grad()

@@ -64,6 +64,7 @@ def favor_bidirectional(
     v: Tensor,
     key_padding_mask: Tensor | None = None,
     eps: float = DEFAULT_EPS,
+    *,
     segment_ids: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
@@ -109,8 +110,9 @@ def favor_causal(
     v: Tensor,
     key_padding_mask: Tensor | None = None,
     eps: float = DEFAULT_EPS,
-    chunk_size: int = DEFAULT_CHUNK,
+    *,
     segment_ids: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
     """Causal linear attention: ``out_t = phi_q[t] sum_{s<=t} phi_k[s] v_s^T / max(phi_q[t] sum_{s<=t} phi_k[s], eps)``.
 
