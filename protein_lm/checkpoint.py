@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from protein_lm.checkpoint_checks import check_checkpoint
+from protein_lm.checkpoint_checks import check_checkpoint, model_config
 from protein_lm.errors import UserError
 from protein_lm.model import ModelConfig, ProteinLM
 from protein_lm.outputs import write_atomically
@@ -64,7 +64,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
         if not is_sharded_checkpoint(path):
             from protein_lm.safetensors_dir import read_directory
 
-            return read_directory(path, map_location)
+            ckpt = read_directory(path, map_location)
+            ckpt["config"] = model_config(ckpt["config"], str(path)).to_dict()
+            return ckpt
         data = read_sharded_checkpoint(path, map_location)
     else:
         data = _read(path, map_location)
@@ -84,7 +86,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             "epoch": data.get("epoch"),
             "path": str(path),
         }
-        check_checkpoint(ckpt)
+        ckpt["config"] = check_checkpoint(ckpt).to_dict()  # groups nested, whichever way it was saved
         return ckpt
     if "state_dict" in data and (_LIGHTNING_KEY in data or "hyper_parameters" in data):
         meta = data.get(_LIGHTNING_KEY) or {}
@@ -104,7 +106,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
             "epoch": data.get("epoch"),
             "path": str(path),
         }
-        check_checkpoint(ckpt)
+        ckpt["config"] = check_checkpoint(ckpt).to_dict()  # groups nested, whichever way it was saved
         return ckpt
     raise UserError(f"{path}: neither a protein_lm Lightning checkpoint nor an exported weights file")
 
@@ -160,7 +162,7 @@ def weights_payload(
     **extra: Any,
 ) -> dict[str, Any]:
     """The exported-weights dict (plain python + tensors only)."""
-    cfg = config.to_dict() if isinstance(config, ModelConfig) else dict(config)
+    cfg = (config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)).to_dict()
     return {
         "format": WEIGHTS_FORMAT,
         "version": WEIGHTS_VERSION,

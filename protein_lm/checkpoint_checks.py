@@ -11,12 +11,14 @@ inconsistency on, and an evaluation prints ``loss NaN`` (not even valid JSON) wi
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
 
 from protein_lm.errors import UserError
 from protein_lm.model import ModelConfig, ProteinLM
+from protein_lm.model_config import CHECKPOINT_NOTE, nest_flat_keys
 
 OBJECTIVES = ("mlm", "causal")
 
@@ -25,6 +27,9 @@ def model_config(config: Any, where: str) -> ModelConfig:
     """The :class:`ModelConfig` of a checkpoint's ``config`` dict, or a one-line error."""
     if not isinstance(config, dict):
         raise UserError(f"{where}: no protein_lm model config in the file")
+    config, renamed = nest_flat_keys(config)
+    if renamed:  # written before the options had groups; `protein-lm export` re-saves it nested
+        warnings.warn(f"{where}: {CHECKPOINT_NOTE}", FutureWarning, stacklevel=3)
     try:
         return ModelConfig.from_dict(config)
     except TypeError as err:  # a field of the wrong kind, e.g. a list where a number belongs

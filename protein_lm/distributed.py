@@ -246,6 +246,6 @@ def check_supported(trainer: Any, optimizer: str, config: Any) -> None:
     if optimizer == "muon":
         raise UserError("--model.optimizer muon needs whole weight matrices on every rank, which FSDP shards; "
                         "use --model.optimizer adamw with FSDP, or muon with --trainer.strategy ddp")
-    if getattr(config, "adaptive_span", False) and not getattr(config, "span_dynamic", False):
-        raise UserError("--model.config.adaptive_span: the span penalty reads the spans outside their block, where "
-                        "FSDP has resharded them; train this model with --trainer.strategy ddp (or span_dynamic)")
+    if config.span.enabled and not config.span.dynamic:
+        raise UserError("--model.config.span.enabled: the span penalty reads the spans outside their block, where "
+                        "FSDP has resharded them; train this model with --trainer.strategy ddp (or span.dynamic)")

@@ -19,6 +19,7 @@ from protein_lm.errors import UserError
 #: (folder, file patterns) copied by ``init-example``; pyproject.toml's data-files list the same.
 EXAMPLE_FILES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("configs", ("*.yaml",)),
+    ("configs/base", ("*.yaml",)),  # what the configs extend
     ("data", ("swissprot_sample.fasta.gz", "README.md")),
     ("checkpoints", ("*.pt", "README.md")),
 )

@@ -16,14 +16,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from protein_lm.checkpoint import read_checkpoint
+from protein_lm.model_config import FLAT_KEYS, flatten_options
 
 RUN_FIELDS = frozenset({"causal", "max_length", "dropout", "favor_backend", "feature_seed", "vocab_size",
-                        "span_loss_coef", "pkm_value_lr"})
+                        "span.loss_coef", "pkm.value_lr"})
 
 
 def explicit_config_fields(argv: Iterable[str], prefix: str = "--model.config.") -> set[str]:
-    """Names of the ``model.config`` fields set on the command line (``--model.config.X V`` or ``=V``)."""
-    return {arg[len(prefix):].split("=", 1)[0] for arg in argv if arg.startswith(prefix)}
+    """Names of the ``model.config`` fields set on the command line (``--model.config.X V`` or ``=V``;
+    a group's as ``span.max``, also when spelled the old flat way)."""
+    names = {arg[len(prefix):].split("=", 1)[0] for arg in argv if arg.startswith(prefix)}
+    return {FLAT_KEYS.get(name, name) for name in names}
 
 
 def architecture_from_checkpoint(config: dict[str, Any], trained: dict[str, Any],
@@ -31,13 +34,15 @@ def architecture_from_checkpoint(config: dict[str, Any], trained: dict[str, Any]
     """The fields of ``config`` to replace with the trained model's (``trained``, its config).
 
     Args:
-        config: the run's ``model.config`` as a dict.
-        trained: the ``model.config`` the weights were trained with.
-        explicit: fields the user set on the command line (kept as given).
+        config: the run's ``model.config`` as a dict (groups nested or dotted: ``span.max``).
+        trained: the ``model.config`` the weights were trained with (nested, or flat as older
+            checkpoints store it).
+        explicit: fields the user set on the command line (kept as given; dotted).
 
     Returns:
-        ``{field: trained value}`` for every architecture field that differs.
+        ``{field: trained value}`` for every architecture field that differs (dotted names).
     """
+    config, trained = flatten_options(config), flatten_options(trained)
     return {k: v for k, v in trained.items()
             if k in config and k not in RUN_FIELDS and k not in explicit and config[k] != v}
 

@@ -47,11 +47,9 @@ V vocabulary.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,149 +58,15 @@ from torch import Tensor, nn
 from protein_lm.attention import registry
 from protein_lm.attention.ops.exact_segments import SegmentMask, positions_from_segments, segment_mask
 from protein_lm.attention.ops.segments import segment_labels
-from protein_lm.data.tokenizer import PAD_ID, VOCAB_SIZE
-
-ATTENTION_KINDS: tuple[str, ...] = tuple(registry.KINDS)  # the built-in kinds (attention/registry.py)
-# The command-line parser checks the choice (and lists it in --help) from this type: it holds the
-# kinds registered when this module is imported; ModelConfig itself accepts any registered kind.
-AttentionKind = Literal[ATTENTION_KINDS]  # type: ignore[valid-type]
-POSITION_KINDS: tuple[str, ...] = ("rotary", "learned", "none")
-
-
-@dataclass
-class ModelConfig:
-    """Hyper-parameters of :class:`ProteinLM`.
-
-    Args:
-        vocab_size: number of token ids (33 for the ESM-2 alphabet; linked from the data module).
-        dim: model width d.
-        depth: number of Transformer blocks.
-        heads: attention heads; ``dim`` must be divisible by ``heads``.
-        ff_dim: hidden width of the feed-forward sublayer.
-        attention: a kind of :mod:`protein_lm.attention.registry`: ``performer-softmax``,
-            ``performer-relu`` or ``exact``.
-        num_features: random features M per head (Performer only).
-        causal: unidirectional (causal LM) when True, bidirectional (masked LM) when False.
-            The LightningModule sets it from its ``objective``.
-        dropout: dropout on embeddings, attention output and FFN (0 disables).
-        max_length: training length; only ``position="learned"`` is limited by it.
-        position: ``rotary`` (default; no length limit), ``learned`` (absolute), or ``none``.
-        rotary_base: RoPE frequency base.
-        orthogonal_features: draw orthogonal random features (FAVOR+) rather than i.i.d. Gaussian.
-        favor_backend: ``auto`` (Triton on CUDA when available), ``torch`` or ``triton``.
-        feature_seed: seed for the initial random projections (None: drawn from torch's RNG).
-        layer_norm_eps: LayerNorm epsilon.
-        init_std: standard deviation of the normal initialisation of weights.
-        padding_idx: id of the padding token (its embedding row gets no gradient).
-        adaptive_span: learn a span per head (Sukhbaatar et al. 2019); exact attention is then
-            computed over a band (trimmed), Performer attention with the exact linear-time mask.
-        span_max: largest span S in tokens.
-        span_ramp: width R of the soft mask's linear ramp.
-        span_init: initial span in tokens.
-        span_loss_coef: lambda of the L1 span penalty (added to ``aux_loss``).
-        span_dynamic: per-token spans ``z_t = S * sigmoid(v^T x_t + b)`` predicted from the layer
-            input instead of one learned span per head (both backends; Performer: banded).
-        persistent_memory: N persistent key/value slots per head and layer (0 = off).
-        replace_ffn: drop the feed-forward sublayer (all-attention layer; needs persistent_memory).
-        pkm_layers: block indices (negative from the end) that get a product-key memory.
-        pkm_mode: ``replace`` the block's FFN with the memory, or put it ``beside`` (summed).
-        pkm_num_keys: sub-keys per half n (n^2 memory slots).
-        pkm_topk: slots read per memory head.
-        pkm_heads: memory heads.
-        pkm_key_dim: query / key width.
-        pkm_query_norm: ``layernorm`` or padding-aware ``batchnorm`` on the queries.
-        pkm_value_lr: constant learning rate of the memory values (no weight decay).
-    """
-
-    vocab_size: int = VOCAB_SIZE
-    dim: int = 512
-    depth: int = 6
-    heads: int = 8
-    ff_dim: int = 2048
-    attention: AttentionKind = "performer-softmax"
-    num_features: int = 256
-    causal: bool = False
-    dropout: float = 0.0
-    max_length: int = 1024
-    position: Literal["rotary", "learned", "none"] = "rotary"
-    rotary_base: float = 10000.0
-    orthogonal_features: bool = True
-    favor_backend: Literal["auto", "torch", "triton"] = "auto"
-    feature_seed: int | None = None
-    layer_norm_eps: float = 1e-5
-    init_std: float = 0.02
-    padding_idx: int = PAD_ID
-    # FAIR mechanisms (docs/fair_mechanisms.md) -- all off by default.
-    adaptive_span: bool = False
-    span_max: int = 1024
-    span_ramp: float = 32.0
-    span_init: float = 0.0
-    span_loss_coef: float = 2e-6
-    span_dynamic: bool = False
-    persistent_memory: int = 0
-    replace_ffn: bool = False
-    pkm_layers: list[int] = dataclasses.field(default_factory=list)
-    pkm_mode: Literal["replace", "beside"] = "replace"
-    pkm_num_keys: int = 128
-    pkm_topk: int = 32
-    pkm_heads: int = 4
-    pkm_key_dim: int = 128
-    pkm_query_norm: Literal["layernorm", "batchnorm"] = "layernorm"
-    pkm_value_lr: float = 1e-3
-
-    def __post_init__(self) -> None:
-        # Checked here, not where torch would fail later with a message that names no option.
-        for name in ("vocab_size", "dim", "depth", "heads", "ff_dim", "num_features", "max_length", "span_max",
-                     "pkm_num_keys", "pkm_topk", "pkm_heads", "pkm_key_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
-        if not 0 <= self.dropout < 1:  # also refuses NaN
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("rotary_base", "layer_norm_eps", "init_std", "span_ramp"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        registry.kind(self.attention)  # a one-line error naming the registered kinds
-        if self.position not in POSITION_KINDS:
-            raise ValueError(f"position must be one of {POSITION_KINDS}, got {self.position!r}")
-        if self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
-        if self.position == "rotary" and (self.dim // self.heads) % 2:
-            raise ValueError(f"rotary positions need an even head dimension, got {self.dim // self.heads}")
-        if self.replace_ffn and self.persistent_memory <= 0:
-            raise ValueError("replace_ffn (all-attention) needs persistent_memory > 0")
-        if self.span_dynamic and not self.adaptive_span:
-            raise ValueError("span_dynamic needs adaptive_span: true")
-        if self.persistent_memory < 0:
-            raise ValueError(f"persistent_memory must be >= 0, got {self.persistent_memory}")
-        self.pkm_layers = [int(i) for i in self.pkm_layers]
-        for i in self.pkm_layers:
-            if not -self.depth <= i < self.depth:
-                raise ValueError(f"pkm_layers entry {i} out of range for depth {self.depth}")
-        if self.pkm_mode not in ("replace", "beside"):
-            raise ValueError(f"pkm_mode must be replace|beside, got {self.pkm_mode!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
-
-    @property
-    def is_performer(self) -> bool:
-        """Random-feature attention (projections to redraw; estimated, not exact, attention)."""
-        return registry.kind(self.attention).random_features
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-python dict (JSON / ``torch.load(weights_only=True)`` safe)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise so a typo is not silently ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {unknown}")
-        return cls(**data)
+from protein_lm.model_config import (  # noqa: F401 - the config is part of this module's interface
+    ATTENTION_KINDS,
+    POSITION_KINDS,
+    AttentionKind,
+    MemoryConfig,
+    ModelConfig,
+    PKMConfig,
+    SpanConfig,
+)
 
 
 def collect_statistics(root: nn.Module) -> dict[str, float]:
@@ -259,10 +123,10 @@ def segments_unsupported(config: ModelConfig) -> str | None:
     proteins. Product-key memory reads each token's own query (LayerNorm: per token; padding-aware
     BatchNorm: statistics over the batch's real tokens, as in a padded batch), so it needs nothing.
     """
-    if config.adaptive_span:
-        return "adaptive_span"
-    if config.persistent_memory:
-        return "persistent_memory"
+    if config.span.enabled:
+        return "span.enabled"
+    if config.memory.slots:
+        return "memory.slots"
     return None
 
 
@@ -434,20 +298,20 @@ class Block(nn.Module):
 
     def build_ffn(self, config: ModelConfig, layer_index: int) -> nn.Module | None:
         """Feed-forward sublayer: ``forward(x (B,L,dim)) -> (B,L,dim)``, or None for none."""
-        ffn = None if config.replace_ffn else FeedForward(config)
-        if layer_index in {i % config.depth for i in config.pkm_layers}:
+        ffn = None if config.memory.replace_ffn else FeedForward(config)
+        if layer_index in {i % config.depth for i in config.pkm.layers}:
             from protein_lm.layers.pkm import PKMFeedForward, ProductKeyMemory
 
             pkm = ProductKeyMemory(
                 config.dim,
-                num_keys=config.pkm_num_keys,
-                topk=config.pkm_topk,
-                heads=config.pkm_heads,
-                key_dim=config.pkm_key_dim,
-                query_norm=config.pkm_query_norm,
-                value_lr=config.pkm_value_lr,
+                num_keys=config.pkm.num_keys,
+                topk=config.pkm.topk,
+                heads=config.pkm.heads,
+                key_dim=config.pkm.key_dim,
+                query_norm=config.pkm.query_norm,
+                value_lr=config.pkm.value_lr,
             )
-            return PKMFeedForward(pkm, ffn if config.pkm_mode == "beside" else None)
+            return PKMFeedForward(pkm, ffn if config.pkm.mode == "beside" else None)
         return ffn
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None, segments: Segments | None = None) -> Tensor:
@@ -548,7 +412,7 @@ class ProteinLM(nn.Module):
         unsupported = segments_unsupported(self.config)
         if unsupported is not None:
             raise ValueError(f"segment_ids (packed rows) are not supported with {unsupported}="
-                             f"{getattr(self.config, unsupported)!r}: attention would cross proteins")
+                             f"{self.config.option(unsupported)!r}: attention would cross proteins")
         # A segment is a run of equal ids (what FAVOR's sums and the positions use); relabelling
         # once makes exact attention agree on ids that repeat after another protein, e.g. 0 0 1 1 0 0.
         segment_ids = segment_labels(segment_ids)

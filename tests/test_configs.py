@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from protein_lm.commands.config_files import load_config
 from protein_lm.commands.train import build_cli
 from protein_lm.lit_module import ProteinLMModule
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "configs" / "base").glob("*.yaml"))
 OVERLAY_BASE = REPO / "configs" / "protein_bid_performer_softmax.yaml"  # what strategy_*.yaml are added to
 
 
@@ -30,20 +31,23 @@ def test_there_are_configs():
     assert "packed_exact.yaml" in names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_use_the_nested_option_names():
+    for path in CONFIGS:
+        _, _, renamed = load_config(path)
+        assert renamed == {}, path.name
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_config_instantiates(path, tmp_path, sample_fasta, monkeypatch):
     monkeypatch.chdir(REPO)
     overlay = path.stem.startswith("strategy_")
-    text = (OVERLAY_BASE.read_text() if overlay else "") + path.read_text()
+    options = {**(load_config(OVERLAY_BASE)[0] if overlay else {}), **load_config(path)[0]}
     args = [*(["--config", str(OVERLAY_BASE)] if overlay else []),
             "--config", str(path), "--output_dir", str(tmp_path), "--wandb", "false"]
-    data_dir = None
-    for line in text.splitlines():
-        if line.strip().startswith("data_dir:"):
-            data_dir = line.split(":", 1)[1].split("#")[0].strip()
+    data_dir = (options.get("data") or {}).get("data_dir")
     if data_dir is None or not (REPO / data_dir).exists():
         args += ["--data.data_dir", str(sample_fasta)]  # GPU configs point at a prepared cache
-    heavy = "accelerator: cpu" not in text
+    heavy = (options.get("trainer") or {}).get("accelerator") != "cpu"
     device = torch.device("meta") if heavy else torch.device("cpu")
     with device:
         cli = build_cli(args, run=False)

@@ -317,13 +317,13 @@ def test_muon_and_learned_spans_are_refused_under_fsdp_only():
     from protein_lm.distributed import BlockFSDP, check_supported
     from protein_lm.model import ModelConfig
 
-    plain, span = ModelConfig(), ModelConfig(adaptive_span=True)
+    plain, span = ModelConfig(), ModelConfig(span={"enabled": True})
     with pytest.raises(UserError, match="muon needs whole weight matrices"):
         check_supported(_Trainer(BlockFSDP()), "muon", plain)
-    with pytest.raises(UserError, match="adaptive_span: the span penalty"):
+    with pytest.raises(UserError, match="span.enabled: the span penalty"):
         check_supported(_Trainer(BlockFSDP()), "adamw", span)
     check_supported(_Trainer(BlockFSDP()), "adamw", plain)
-    check_supported(_Trainer(BlockFSDP()), "adamw", ModelConfig(adaptive_span=True, span_dynamic=True))
+    check_supported(_Trainer(BlockFSDP()), "adamw", ModelConfig(span={"enabled": True, "dynamic": True}))
     for trainer in (_Trainer(DDPStrategy()), None):
         check_supported(trainer, "muon", span)
 

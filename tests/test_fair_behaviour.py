@@ -147,14 +147,14 @@ def test_pkm_recalls_more_facts_than_ffn():
 # --------------------------------------------------------------------------- ProteinLM integration
 
 _SMALL = {"dim": 32, "depth": 2, "heads": 4, "ff_dim": 64, "num_features": 16, "favor_backend": "torch"}
-_PKM = {"pkm_layers": [-1], "pkm_num_keys": 8, "pkm_topk": 4, "pkm_heads": 2, "pkm_key_dim": 16}
+_PKM = {"layers": [-1], "num_keys": 8, "topk": 4, "heads": 2, "key_dim": 16}
 _FAIR = {
-    "span": {"adaptive_span": True, "span_max": 64, "span_ramp": 8, "span_init": 4},
-    "memory": {"persistent_memory": 4},
-    "all_attention": {"persistent_memory": 4, "replace_ffn": True},
-    "span+memory": {"adaptive_span": True, "span_max": 64, "span_ramp": 8, "persistent_memory": 3},
-    "pkm": _PKM,
-    "pkm_beside_bn": {**_PKM, "pkm_layers": [0], "pkm_mode": "beside", "pkm_query_norm": "batchnorm"},
+    "span": {"span": {"enabled": True, "max": 64, "ramp": 8, "init": 4}},
+    "memory": {"memory": {"slots": 4}},
+    "all_attention": {"memory": {"slots": 4, "replace_ffn": True}},
+    "span+memory": {"span": {"enabled": True, "max": 64, "ramp": 8}, "memory": {"slots": 3}},
+    "pkm": {"pkm": _PKM},
+    "pkm_beside_bn": {"pkm": {**_PKM, "layers": [0], "mode": "beside", "query_norm": "batchnorm"}},
 }
 
 
@@ -181,7 +181,7 @@ def test_model_options_train_and_respect_padding(attention, causal, fair):
     (_, maps), *_ = list(model.attention_maps(x, pad, layers=[0]))
     assert maps.shape == (2, 4, 40, 40)
     rows = maps[0].sum(-1)  # batch row 0 has no padding
-    if "persistent_memory" in _FAIR[fair]:
+    if "memory" in _FAIR[fair]:
         assert (rows < 1 - 1e-6).all() and (rows > 0).all()  # the rest of each row sits on the memory slots
     else:
         torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-4, rtol=0)
@@ -199,7 +199,7 @@ def test_full_span_equals_base_model(attention, causal):
     base = ProteinLM(ModelConfig(attention=attention, causal=causal, **_SMALL)).eval()
     span = ProteinLM(
         ModelConfig(
-            attention=attention, causal=causal, adaptive_span=True, span_max=64, span_init=64, **_SMALL
+            attention=attention, causal=causal, span={"enabled": True, "max": 64, "init": 64}, **_SMALL
         )
     ).eval()
     state = {k.replace(".kernel.", ".kernel.favor."): v for k, v in base.state_dict().items()}
@@ -213,13 +213,10 @@ def test_model_aux_loss_param_groups_and_statistics():
     from protein_lm.model import ModelConfig, ProteinLM
 
     cfg = ModelConfig(
-        adaptive_span=True,
-        span_max=100,
-        span_init=10,
-        span_loss_coef=1e-3,
+        span={"enabled": True, "max": 100, "init": 10, "loss_coef": 1e-3},
         attention="exact",
         **_SMALL,
-        **_PKM,
+        pkm=_PKM,
     )
     model = ProteinLM(cfg)
     x = torch.randint(4, 24, (3, 20))
@@ -232,7 +229,7 @@ def test_model_aux_loss_param_groups_and_statistics():
             assert p.optim_overrides == {"weight_decay": 0.0}
         if name.endswith("values.weight"):
             assert p.optim_overrides == {
-                "lr": cfg.pkm_value_lr,
+                "lr": cfg.pkm.value_lr,
                 "weight_decay": 0.0,
                 "lr_schedule": "constant",
             }
@@ -262,11 +259,10 @@ def test_fair_configs_build_a_model_that_runs(name):
     """The shipped FAIR configs name real ModelConfig fields and build a model that runs."""
     from pathlib import Path
 
-    import yaml
-
+    from protein_lm.commands.config_files import load_config
     from protein_lm.model import ModelConfig, ProteinLM
 
-    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / name).read_text())
+    cfg, _, _ = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     model = ProteinLM(ModelConfig(**cfg["model"]["config"]))
     out = model(torch.randint(4, 24, (2, 16)))
     assert out.logits.shape == (2, 16, 33) and torch.isfinite(out.aux_loss)
@@ -279,15 +275,15 @@ def test_fair_configs_finite_and_invariant_to_long_padding(name):
     a finite loss / gradients and, at real positions, the logits of the unpadded sequence."""
     from pathlib import Path
 
-    import yaml
-
+    from protein_lm.commands.config_files import load_config
     from protein_lm.model import ModelConfig, ProteinLM
 
-    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / name).read_text())
-    small = {**_SMALL, "pkm_key_dim": 16} if "pkm_layers" in cfg["model"]["config"] else _SMALL
+    cfg, _, _ = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    options = cfg["model"]["config"]
+    small = {**_SMALL, "pkm": {**options["pkm"], "key_dim": 16}} if "pkm" in options else _SMALL
     torch.manual_seed(0)
-    model = ProteinLM(ModelConfig(**{**cfg["model"]["config"], **small}))
-    real, pad = 24, 100  # 100 pads >> span_init + span_ramp = 32 (the configs' reach)
+    model = ProteinLM(ModelConfig(**{**options, **small}))
+    real, pad = 24, 100  # 100 pads >> span.init + span.ramp = 32 (the configs' reach)
     x = torch.randint(4, 24, (2, real))
     xp = torch.cat([x, torch.randint(0, 33, (2, pad))], dim=1)
     mask = torch.zeros(2, real + pad, dtype=torch.bool)

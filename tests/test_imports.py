@@ -164,7 +164,7 @@ def test_the_graph_resolves_relative_imports_and_submodules():
     assert "protein_lm.attention.ops.causal" in graph["protein_lm.attention.ops.favor"]  # `from .causal import ...`
     assert "protein_lm.data" in graph["protein_lm.commands.train"]  # the package of what it imports
     assert "protein_lm.data" not in graph["protein_lm.data.datamodule"]  # not its own package
-    assert "protein_lm.data.tokenizer" in graph["protein_lm.model"]
+    assert "protein_lm.data.tokenizer" in graph["protein_lm.model_config"]
     assert "protein_lm.checkpoint" not in graph["protein_lm.commands.spans"]  # imported inside run() only
     assert "protein_lm.commands.analyze" not in graph["protein_lm.commands.spans"]
 

@@ -161,8 +161,8 @@ def test_validation_logs_span_and_pkm_statistics(sample_fasta, tmp_path):
     from protein_lm.lit_module import ProteinLMModule
     from protein_lm.model import ModelConfig
 
-    config = ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, attention="exact", adaptive_span=True,
-                         span_max=64, pkm_layers=[1], pkm_num_keys=8, pkm_topk=4, pkm_heads=2, pkm_key_dim=16)
+    config = ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, attention="exact", span={"enabled": True, "max": 64},
+                         pkm={"layers": [1], "num_keys": 8, "topk": 4, "heads": 2, "key_dim": 16})
     module = ProteinLMModule(config=config, objective="mlm", warmup_steps=1, redraw_interval=None)
     dm = ProteinDataModule(str(sample_fasta), max_length=48, batch_size=4, max_train_sequences=16,
                            max_eval_sequences=8, cache_root=str(tmp_path / "cache"))
@@ -171,7 +171,7 @@ def test_validation_logs_span_and_pkm_statistics(sample_fasta, tmp_path):
                          limit_val_batches=2, val_check_interval=2)
     trainer.fit(module, dm)
     logged = trainer.callback_metrics
-    # independent of span_statistics: the largest learned span fraction times S (config.span_max)
+    # independent of span_statistics: the largest learned span fraction times S (config.span.max)
     fractions = [p.detach().clamp(0, 1) for n, p in module.model.named_parameters() if n.endswith("span_fraction")]
     assert fractions, "the model has learnable spans"
     assert float(logged["val/span/max"]) == pytest.approx(64 * float(torch.cat(fractions).max()), rel=1e-6)
@@ -187,8 +187,8 @@ def test_optimiser_schedule_per_group_matches_closed_form():
     from protein_lm.lit_module import ProteinLMModule
     from protein_lm.model import ModelConfig
 
-    config = ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, attention="exact", pkm_layers=[1], pkm_num_keys=8,
-                         pkm_topk=4, pkm_heads=2, pkm_key_dim=16, pkm_value_lr=0.05)
+    config = ModelConfig(dim=32, depth=2, heads=2, ff_dim=64, attention="exact",
+                         pkm={"layers": [1], "num_keys": 8, "topk": 4, "heads": 2, "key_dim": 16, "value_lr": 0.05})
     module = ProteinLMModule(config=config, objective="mlm", lr=1e-3, warmup_steps=10, max_steps=110,
                              min_lr_ratio=0.1, weight_decay=0.1, redraw_interval=None)
     opt_cfg = module.configure_optimizers()

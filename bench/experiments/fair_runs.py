@@ -19,7 +19,7 @@ How the settings are kept equal: every command is the plain run's command (``fit
 swissprot_runs) with the FAIR config loaded *before* the plain config (``--config FAIR --config
 PLAIN``): the plain config then overrides every key both set (size, lr, schedule, data, trainer),
 and only the keys the plain config does not have — the mechanism's ``model.config`` fields —
-come from the FAIR config. The FAIR configs are tiny CPU configs (L = 128), so ``span_max`` is
+come from the FAIR config. The FAIR configs are tiny CPU configs (L = 128), so ``span.max`` is
 set to this run's L and a few mechanism sizes are scaled to this setting (:data:`GPU_SCALE`, not
 applied under ``--smoke``); the exact runs add ``--model.config.attention exact``. Each run's saved ``config.yaml`` is compared
 with the plain run's and any difference outside the mechanism fields is reported in
@@ -63,16 +63,16 @@ RUNS: dict[str, tuple[str | None, str]] = {
     "exact": (None, "exact"),
 }
 DEFAULT_RUNS = ("performer", "performer_span", "performer_memory", "performer_pkm", "exact_span")
-# Mechanism sizes of the CPU configs scaled to L = 1024, d = 256 (span_max: the configs' 128 is
+# Mechanism sizes of the CPU configs scaled to L = 1024, d = 256 (span.max: the configs' 128 is
 # their L; R = 32 is the paper's ramp; PKM: ModelConfig's defaults, 128^2 = 16,384 slots, top-32,
 # d_q 128 instead of the configs' 1,024 slots, which would hold fewer values than the FFN they
 # replace). Everything else about a mechanism is the shipped config's.
 GPU_SCALE: dict[str, dict[str, object]] = {
-    "performer_span": {"span_ramp": 32},
-    "exact_span": {"span_ramp": 32},
-    "performer_pkm": {"pkm_num_keys": 128, "pkm_topk": 32, "pkm_key_dim": 128},
+    "performer_span": {"span.ramp": 32},
+    "exact_span": {"span.ramp": 32},
+    "performer_pkm": {"pkm.num_keys": 128, "pkm.topk": 32, "pkm.key_dim": 128},
 }
-MECHANISM_FIELDS = re.compile(r"^model\.config\.(adaptive_span|span_\w+|persistent_memory|replace_ffn|pkm_\w+)$")
+MECHANISM_FIELDS = re.compile(r"^model\.config\.(span|memory|pkm)\.\w+$")
 PATH_KEYS = {"output_dir", "trainer.default_root_dir", "checkpoint.dirpath"}
 
 
@@ -83,8 +83,8 @@ def run_command(name: str, args: argparse.Namespace, out: Path, backend: str | N
     if fair_config:
         i = cmd.index("--config")
         cmd[i:i] = ["--config", fair_config]
-    if fair_config and "span" in name:  # the configs' span_max (128) is their L
-        cmd += ["--model.config.span_max", "64" if args.smoke else "1024"]  # = fit_command's L
+    if fair_config and "span" in name:  # the configs' span.max (128) is their L
+        cmd += ["--model.config.span.max", "64" if args.smoke else "1024"]  # = fit_command's L
     if not args.smoke:
         for key, value in GPU_SCALE.get(name, {}).items():
             cmd += [f"--model.config.{key}", str(value)]
@@ -153,7 +153,7 @@ def checkpoint_facts(ckpt: Path) -> dict[str, object]:
     """Parameter counts and per-head spans, read from the checkpoint (no analysis helpers needed).
 
     Spans: every ``...span_fraction`` parameter (one per layer, shape (H,)) times the run's
-    ``span_max``, clamped to [0, 1] as the model does; layers ordered by their block index.
+    ``span.max``, clamped to [0, 1] as the model does; layers ordered by their block index.
     """
     from protein_lm.checkpoint import read_checkpoint
     from protein_lm.layers.pkm import pkm_value_parameters
@@ -175,7 +175,7 @@ def checkpoint_facts(ckpt: Path) -> dict[str, object]:
 
         fractions.sort(key=lambda kv: layer(kv[0]))
         facts["spans_per_head"] = [
-            [round(x, 2) for x in (float(config["span_max"]) * v.float().clamp(0, 1)).tolist()]
+            [round(x, 2) for x in (float(config["span"]["max"]) * v.float().clamp(0, 1)).tolist()]
             for _, v in fractions]
         facts["span_parameter_names"] = [k for k, _ in fractions]
     return facts

@@ -1,12 +1,12 @@
 """Learned adaptive attention spans per layer and head: read them, plot them, save them.
 
-After training with ``adaptive_span: true`` the interesting question is *which heads kept which
+After training with ``span.enabled: true`` the interesting question is *which heads kept which
 context* (Sukhbaatar et al. 2019, fig. 3: a few long heads, most short). :func:`head_spans` reads the
 spans of every adaptive-span layer of a model or checkpoint:
 
 * static spans (one learned ``z`` per head): ``S * clamp(span_fraction, 0, 1)``, exactly what the
   model uses; no input needed;
-* dynamic spans (``span_dynamic: true``, ``z_t = S * sigmoid(v^T x_t + b)`` per token): they depend on
+* dynamic spans (``span.dynamic: true``, ``z_t = S * sigmoid(v^T x_t + b)`` per token): they depend on
   the input, so a batch of inputs is required and the reported value is the per-head mean over its
   real (non-padding) tokens; :func:`head_spans` refuses to guess without one.
 
@@ -120,7 +120,7 @@ def head_spans(
     if not named:
         where = f"{source}: " if source else ""
         raise UserError(
-            f"{where}the model has no adaptive attention span (trained without adaptive_span: true); "
+            f"{where}the model has no adaptive attention span (trained without span.enabled: true); "
             "there are no spans to show"
         )
     mods = [m for _, m in named]

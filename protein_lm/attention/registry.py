@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
-    from protein_lm.model import ModelConfig
+    from protein_lm.model_config import ModelConfig
 
 __all__ = ["AttentionKind", "KINDS", "register", "kind", "build_attention", "attention_probs"]
 
@@ -63,23 +63,23 @@ def build_attention(config: ModelConfig, layer_index: int) -> nn.Module:
     """The attention module of layer ``layer_index``: the kind's module, wrapped by an adaptive span
     and / or persistent memory when the config asks for them (docs/fair_mechanisms.md)."""
     base = kind(config.attention).build(config, layer_index)
-    if not (config.adaptive_span or config.persistent_memory):
+    if not (config.span.enabled or config.memory.slots):
         return base
     from protein_lm.attention.modules.memory import PersistentMemory, PersistentMemoryKernel
     from protein_lm.attention.modules.span import AdaptiveSpan, AdaptiveSpanKernel
 
     exact = not kind(config.attention).random_features
     memory = None
-    if config.persistent_memory:
-        memory = PersistentMemory(config.heads, config.head_dim, config.persistent_memory)
-    if config.adaptive_span:
+    if config.memory.slots:
+        memory = PersistentMemory(config.heads, config.head_dim, config.memory.slots)
+    if config.span.enabled:
         span = AdaptiveSpan(
             config.heads,
-            config.span_max,
-            config.span_ramp,
-            config.span_init,
-            config.span_loss_coef,
-            dynamic=config.span_dynamic,
+            config.span.max,
+            config.span.ramp,
+            config.span.init,
+            config.span.loss_coef,
+            dynamic=config.span.dynamic,
             dim=config.dim,
         )
         return AdaptiveSpanKernel(span, config.causal, favor=None if exact else base, memory=memory)

@@ -3,7 +3,7 @@
     protein-lm spans --checkpoint CKPT --out spans.png [--json spans.json] [--kind bars|heatmap]
     protein-lm spans --checkpoint CKPT --out spans.png --fasta proteins.fasta   # dynamic spans
 
-Static spans are read from the weights. Dynamic spans (``span_dynamic: true``) depend on the input,
+Static spans are read from the weights. Dynamic spans (``span.dynamic: true``) depend on the input,
 so ``--fasta`` is required for them: the first ``--max-sequences`` records (cropped to
 ``--max-length`` residues) are run through the model and each head's span is averaged over all
 their real tokens. Outputs are written atomically; errors are one line with exit code 2.
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, _ = load_model(args.checkpoint, map_location="cpu")
     model = model.to(device).eval()
-    dynamic = model.config.span_dynamic and model.config.adaptive_span
+    dynamic = model.config.span.dynamic and model.config.span.enabled
     max_residues = args.max_length
     if model.config.position == "learned":  # no position embedding beyond the trained window
         max_residues = min(max_residues, model.config.max_length - 2)

@@ -44,6 +44,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from protein_lm.callbacks import split_checkpointing
 from protein_lm.checkpoint import WEIGHTS_FORMAT, read_checkpoint
+from protein_lm.commands.config_files import resolve_argv
 from protein_lm.commands.train_checks import (
     check_model_settings,
     check_output_dir,
@@ -51,12 +52,13 @@ from protein_lm.commands.train_checks import (
     check_resume,
     checkpoint_hparams,
 )
-from protein_lm.commands.train_parser import ProteinLMArgumentParser, check_config_files, option_names
+from protein_lm.commands.train_parser import ProteinLMArgumentParser, option_names
 from protein_lm.data.datamodule import ProteinDataModule
 from protein_lm.distributed import names_fsdp
 from protein_lm.errors import UserError
 from protein_lm.finetune import apply_init_weights
 from protein_lm.lit_module import ProteinLMModule
+from protein_lm.model_config import CHECKPOINT_NOTE, nest_flat_keys
 from protein_lm.sharded_checkpoint import checkpoint_meta, is_sharded_checkpoint
 
 DEFAULT_RUNS_DIR = "runs"
@@ -65,9 +67,11 @@ DEFAULT_RUNS_DIR = "runs"
 class ProteinLMCLI(LightningCLI):
     """LightningCLI with the project's links, output layout, loggers and defaults."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, config_names: list[str] | None = None, **kwargs: Any) -> None:
         argv = kwargs.get("args")
         self._argv = [str(a) for a in argv] if isinstance(argv, list | tuple) else sys.argv[1:]  # for messages
+        # The --config files as given: a merged file reaches the parser as text, without its name.
+        self._config_names = list(config_names or [])
         super().__init__(*args, **kwargs)
 
     def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any],
@@ -129,7 +133,7 @@ class ProteinLMCLI(LightningCLI):
             return Path(cfg["output_dir"])
         if root:  # Lightning's name for the same thing
             return Path(root)
-        configs = cfg.get("config") or []
+        configs = self._config_names or [c for c in cfg.get("config") or [] if c is not None]
         name = Path(str(configs[-1])).stem if configs else "default"
         return Path(DEFAULT_RUNS_DIR) / name
 
@@ -148,7 +152,21 @@ class ProteinLMCLI(LightningCLI):
             ckpt = cfg["ckpt_path"]
             if ckpt and (Path(ckpt).is_file() or is_sharded_checkpoint(ckpt)):
                 self._check_checkpoint(subcommand, cfg)
-        super()._parse_ckpt_path()
+            if ckpt and Path(ckpt).is_file():
+                self._take_checkpoint_options(subcommand, ckpt)
+
+    def _take_checkpoint_options(self, subcommand: str, ckpt: str) -> None:
+        """The ``model:`` options become the checkpoint's (as Lightning does), its model config's
+        flat keys (older checkpoints) nested first."""
+        hparams = dict(checkpoint_hparams(ckpt))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if isinstance(hparams.get("config"), dict):
+            hparams["config"], renamed = nest_flat_keys(hparams["config"])
+            if renamed:
+                print(f"protein-lm: --ckpt_path {ckpt}: {CHECKPOINT_NOTE}", file=sys.stderr, flush=True)
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def _check_checkpoint(self, subcommand: str, cfg: Any) -> None:
         """A readable, consistent Lightning checkpoint; for ``fit``, one the given options agree with.
@@ -382,10 +400,14 @@ def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
     """Construct the CLI (``run=False`` parses and instantiates without a subcommand)."""
     # `protein-lm fit ...` passes exactly sys.argv[1:]; LightningCLI would warn about that.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
+    argv, config_names, notes = resolve_argv([str(a) for a in argv])
+    for note in notes:
+        print(f"protein-lm: {note}", file=sys.stderr, flush=True)
     return ProteinLMCLI(
         ProteinLMModule,
         ProteinDataModule,
         args=argv,
+        config_names=config_names,
         run=run,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
@@ -398,7 +420,6 @@ def build_cli(argv: list[str], run: bool = True) -> ProteinLMCLI:
 def run_lightning_cli(argv: list[str]) -> int:
     """Entry point used by :mod:`protein_lm.cli` for ``fit``, ``validate``, ``test``, ``predict``."""
     torch.set_float32_matmul_precision("high")
-    check_config_files(list(argv))
     try:
         build_cli(list(argv))
     except (ValueError, MisconfigurationException) as err:

@@ -9,7 +9,6 @@ model options by the checkpoint's). Each becomes one line naming the option.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import torch
 
 from protein_lm.errors import UserError
 from protein_lm.model import ModelConfig, segments_unsupported
+from protein_lm.model_config import flatten_options
 from protein_lm.outputs import can_write_in
 
 # Options of the LightningModule that a resumed run takes from its checkpoint. The others
@@ -28,7 +28,7 @@ RESUME_FIXED = ("config", "objective", "lr", "weight_decay", "betas", "eps", "wa
                 "min_lr_ratio", "redraw_interval", "seed")
 # Model-config fields set from the data module (links), not by a user.
 _LINKED_CONFIG_FIELDS = ("vocab_size", "max_length", "causal")
-_CONFIG_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+_CONFIG_FIELDS = set(ModelConfig.option_names())
 
 
 def check_model_settings(model: dict[str, Any]) -> None:
@@ -47,9 +47,9 @@ def check_model_settings(model: dict[str, Any]) -> None:
 
 # Why each option cannot keep the proteins of a packed row apart (see model.segments_unsupported).
 _NOT_PACKABLE = {
-    "adaptive_span": "adaptive spans mask by distance, not by protein, so attention would cross proteins; "
+    "span.enabled": "adaptive spans mask by distance, not by protein, so attention would cross proteins; "
                      "use --data.mode single",
-    "persistent_memory": "the persistent-memory kernels know no protein boundaries, so attention would cross "
+    "memory.slots": "the persistent-memory kernels know no protein boundaries, so attention would cross "
                          "proteins; use --data.mode single",
 }
 
@@ -61,7 +61,7 @@ def check_packed_model(data: dict[str, Any], model: dict[str, Any]) -> None:
     config = ModelConfig.from_dict(dict(model.get("config") or {}))  # already checked: builds
     option = segments_unsupported(config)
     if option is not None:
-        value = getattr(config, option)
+        value = config.option(option)
         shown = str(value).lower() if isinstance(value, bool) else _show(value)
         raise UserError(f"--data.mode packed cannot be used with --model.config.{option} {shown}: "
                         f"{_NOT_PACKABLE[option]}")
@@ -146,7 +146,8 @@ def _pairs(given: dict[str, Any], defaults: dict[str, Any], recorded: dict[str, 
         if key not in recorded or key not in given:
             continue
         if key == "config":
-            mine, default, theirs = given["config"] or {}, defaults.get("config") or {}, recorded["config"] or {}
+            mine, default, theirs = (flatten_options(c or {}) for c in (given["config"], defaults.get("config"),
+                                                                       recorded["config"]))
             for field, value in mine.items():
                 if field not in _LINKED_CONFIG_FIELDS and field in theirs and _plain(value) != _plain(default.get(field)):
                     yield f"config.{field}", value, theirs[field]

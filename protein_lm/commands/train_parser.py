@@ -3,18 +3,16 @@
 jsonargparse prints ~120 lines of usage before the one line that matters, and words it for
 Python programmers (``Expected a <class 'int'>``). :class:`ProteinLMArgumentParser` raises a
 :class:`UserError` instead, reworded and ending with where to look (``--help``), and offers the
-nearest option name for a misspelt one. :func:`check_config_files` reads the ``--config`` files
-first, so a missing, empty or malformed YAML file is named with the line of the problem (the
-parser only says "Problems parsing config").
+nearest option name for a misspelt one. The ``--config`` files are read before the parser sees
+them (:mod:`protein_lm.commands.config_files`), so a missing, empty or malformed YAML file is named
+with the line of the problem (the parser only says "Problems parsing config").
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
 
-import yaml
 from jsonargparse import ArgumentParser
 from pytorch_lightning.cli import LightningArgumentParser
 
@@ -83,35 +81,3 @@ def _did_you_mean(option: str, known_options: tuple[str, ...]) -> str:
 def option_names(parser: ArgumentParser) -> tuple[str, ...]:
     """Every ``--option`` of ``parser`` (nested dataclass fields included)."""
     return tuple(o for action in parser._actions for o in action.option_strings if o.startswith("--"))
-
-
-def config_files(argv: list[str]) -> list[str]:
-    """The values of ``--config`` / ``-c`` in ``argv``, in order."""
-    files = []
-    for i, arg in enumerate(argv):
-        if arg in ("--config", "-c") and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.split("=", 1)[1])
-    return files
-
-
-def check_config_files(argv: list[str]) -> None:
-    """Every ``--config`` file exists and holds a YAML mapping; else a one-line error naming the file."""
-    for name in config_files(argv):
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"--config {name}: " + ("is a directory" if path.is_dir() else "no such file"))
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"--config {name}: cannot read: {getattr(err, 'strerror', None) or err}") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise UserError(f"--config {name}: YAML syntax error{where}: {problem}") from None
-        if data is None:
-            raise UserError(f"--config {name}: the file is empty (expected YAML options such as `trainer:`)")
-        if not isinstance(data, dict):
-            raise UserError(f"--config {name}: expected YAML options (`key: value`), got a {type(data).__name__}")

@@ -21,7 +21,7 @@ SPANS = [[0.0, 3.5, 12.25, 40.0], [7.0, 1.0, 20.5, 33.0], [2.0, 2.0, 9.75, 0.5]]
 
 
 def _static_model(attention: str = "performer-softmax") -> ProteinLM:
-    cfg = ModelConfig(attention=attention, adaptive_span=True, span_max=40, span_ramp=8, **_TINY)
+    cfg = ModelConfig(attention=attention, span={"enabled": True, "max": 40, "ramp": 8}, **_TINY)
     model = ProteinLM(cfg)
     with torch.no_grad():
         for blk, row in zip(model.blocks, SPANS, strict=True):
@@ -85,7 +85,7 @@ def test_spans_command_errors_are_one_line(tmp_path, capsys):
 
 def _dynamic_model() -> tuple[ProteinLM, torch.Tensor]:
     """Predictor weights 0: every token's span is S * sigmoid(b_h), known in closed form."""
-    cfg = ModelConfig(adaptive_span=True, span_dynamic=True, span_max=40, span_ramp=8, **_TINY)
+    cfg = ModelConfig(span={"enabled": True, "dynamic": True, "max": 40, "ramp": 8}, **_TINY)
     model = ProteinLM(cfg)
     bias = torch.tensor([[-2.0, 0.0, 1.5, 3.0], [0.5, -1.0, 0.0, 2.0], [-3.0, 1.0, 0.25, -0.5]])
     with torch.no_grad():

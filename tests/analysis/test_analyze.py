@@ -332,8 +332,8 @@ def test_exact_row_blocks_are_the_softmax_of_an_explicit_loop(causal):
 
 @pytest.mark.parametrize(
     "options",
-    [dict(adaptive_span=True, span_max=8, span_init=4.0), dict(persistent_memory=3),
-     dict(adaptive_span=True, span_dynamic=True, span_max=8)],
+    [dict(span={"enabled": True, "max": 8, "init": 4.0}), dict(memory={"slots": 3}),
+     dict(span={"enabled": True, "dynamic": True, "max": 8})],
     ids=["span", "memory", "dynamic-span"],
 )
 @pytest.mark.parametrize("attention", KINDS)
@@ -353,5 +353,5 @@ def test_wrapped_kinds_give_row_blocks_through_the_registry(attention, options):
     assert torch.all(blocks[..., future] == 0)
     sums = blocks.sum(-1)[:, 0]  # (layers, H, L) of the unpadded protein
     assert torch.all(sums <= 1 + 1e-5)
-    if "persistent_memory" not in options:
+    if "memory" not in options:
         torch.testing.assert_close(sums, torch.ones_like(sums), rtol=1e-5, atol=1e-5)

@@ -14,8 +14,8 @@ from protein_lm.model import ModelConfig, ProteinLM
 
 def test_dynamic_spans_with_learned_positions_crop_to_the_window(tmp_path, sample_fasta, capsys):
     cfg = ModelConfig(dim=16, depth=2, heads=2, ff_dim=32, num_features=16, favor_backend="torch",
-                      feature_seed=0, position="learned", max_length=40, adaptive_span=True,
-                      span_dynamic=True, span_max=16, span_ramp=4)
+                      feature_seed=0, position="learned", max_length=40,
+                      span={"enabled": True, "dynamic": True, "max": 16, "ramp": 4})
     torch.manual_seed(0)
     model = ProteinLM(cfg)
     ckpt = tmp_path / "dyn.pt"
@@ -33,7 +33,7 @@ def test_dynamic_spans_with_learned_positions_crop_to_the_window(tmp_path, sampl
 
 def test_fasta_with_static_spans_is_reported_as_ignored(tmp_path, sample_fasta, capsys):
     cfg = ModelConfig(dim=16, depth=1, heads=2, ff_dim=32, num_features=16, favor_backend="torch",
-                      feature_seed=0, adaptive_span=True, span_max=16, span_ramp=4)
+                      feature_seed=0, span={"enabled": True, "max": 16, "ramp": 4})
     ckpt = tmp_path / "static.pt"
     save_weights(weights_payload(cfg, "mlm", ProteinLM(cfg).state_dict()), ckpt)
     code = main(["spans", "--checkpoint", str(ckpt), "--out", str(tmp_path / "s.png"),

@@ -266,18 +266,13 @@ def test_performer_dynamic_span_model_trains(causal, tmp_path):
     cfg = ModelConfig(
         attention="performer-softmax",
         causal=causal,
-        adaptive_span=True,
-        span_dynamic=True,
-        span_max=16,
-        span_ramp=4,
-        span_init=5,
-        span_loss_coef=1e-2,
+        span={"enabled": True, "dynamic": True, "max": 16, "ramp": 4, "init": 5, "loss_coef": 1e-2},
         **_TINY,
     )
     model = ProteinLM(cfg)
     spans = [blk.attn.kernel.span for blk in model.blocks]
     assert all(s.dynamic for s in spans)
-    # the predictor is not re-initialised by the model: every token starts at span_init
+    # the predictor is not re-initialised by the model: every token starts at span.init
     x = torch.randint(4, 24, (4, 37))
     pad = torch.zeros(4, 37, dtype=torch.bool)
     pad[2, -8:] = True
@@ -345,7 +340,7 @@ def test_dynamic_span_model_padding_invariance_and_maps():
 
     torch.manual_seed(12)
     cfg = ModelConfig(
-        attention="performer-relu", adaptive_span=True, span_dynamic=True, span_max=12, span_ramp=4, **_TINY
+        attention="performer-relu", span={"enabled": True, "dynamic": True, "max": 12, "ramp": 4}, **_TINY
     )
     model = ProteinLM(cfg).eval()
     with torch.no_grad():
@@ -363,5 +358,5 @@ def test_dynamic_span_model_padding_invariance_and_maps():
     (_, maps), *_ = list(model.attention_maps(x, pad, layers=[1]))
     rows = maps[0].sum(-1)
     torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-4, rtol=0)
-    with pytest.raises(ValueError, match="adaptive_span"):
-        ModelConfig(span_dynamic=True)
+    with pytest.raises(ValueError, match="span.dynamic needs span.enabled"):
+        ModelConfig(span={"dynamic": True})

@@ -79,7 +79,7 @@ def _flat(node: object, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: node}
 
 
-MECHANISM = re.compile(r"^model\.config\.(adaptive_span|span_\w+|persistent_memory|replace_ffn|pkm_\w+)$")
+MECHANISM = re.compile(r"^model\.config\.(span|memory|pkm)\.\w+$")
 PATHS = {"output_dir", "trainer.default_root_dir", "checkpoint.dirpath"}
 
 
@@ -113,17 +113,17 @@ def test_fair_runs_smoke_equal_settings_and_finite_results(tiny_data, tmp_path):
     plain = config("performer")
     assert plain["model.config.dim"] == 256 and plain["data.max_length"] == L
     assert plain["model.lr"] == 1e-3 and plain["trainer.max_steps"] == 4 and plain["data.batch_size"] == BATCH
-    assert plain["model.config.adaptive_span"] is False and plain["model.config.pkm_layers"] == []
+    assert plain["model.config.span.enabled"] is False and plain["model.config.pkm.layers"] == []
     for name in runs:
         cfg = config(name)
         allowed = {k for k in cfg if MECHANISM.match(k)} | ({"model.config.attention"} if name == "exact_span" else set())
         assert set(cfg) == set(plain), name
         differ = {k for k in cfg if cfg[k] != plain[k]}
         assert differ <= allowed, (name, {k: (plain[k], cfg[k]) for k in differ - allowed})
-    assert config("performer_span")["model.config.adaptive_span"] is True
+    assert config("performer_span")["model.config.span.enabled"] is True
     assert config("exact_span")["model.config.attention"] == "exact"
-    assert config("performer_memory")["model.config.persistent_memory"] == 16
-    assert config("performer_pkm")["model.config.pkm_layers"] == [-1]
+    assert config("performer_memory")["model.config.memory.slots"] == 16
+    assert config("performer_pkm")["model.config.pkm.layers"] == [-1]
 
     # Parameter counts: what each mechanism adds (depth 1 in smoke mode).
     base = runs["performer"]["params"]

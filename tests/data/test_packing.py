@@ -286,8 +286,8 @@ def test_product_key_memory_keeps_packed_equal_to_padded(short_fasta, tmp_path):
     packed, single = pair(short_fasta, tmp_path)
     rows = packed._plan("train")(0)[0]
     b, s = packed.dataset("train")[(0, rows)], single.dataset("train")[(0, rows[rows >= 0])]
-    model = _model("exact", "mlm", "rotary", pkm_layers=[-1], pkm_num_keys=8, pkm_topk=4, pkm_heads=2,
-                   pkm_key_dim=16)
+    model = _model("exact", "mlm", "rotary", pkm={"layers": [-1], "num_keys": 8, "topk": 4, "heads": 2,
+                                                 "key_dim": 16})
     _, ploss, pgrad = _loss_and_grads(model, b, packed=True)
     _, sloss, sgrad = _loss_and_grads(model, s, packed=False)
     torch.testing.assert_close(ploss, sloss, atol=1e-10, rtol=1e-12)
@@ -426,14 +426,14 @@ def test_sigkill_then_resume_in_packed_mode_matches_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--model.config.attention", "exact", "--model.config.adaptive_span", "true"],
-     "--data.mode packed cannot be used with --model.config.adaptive_span true: adaptive spans mask by distance"),
-    (["--model.config.adaptive_span", "true", "--model.config.span_dynamic", "true"],
-     "--data.mode packed cannot be used with --model.config.adaptive_span true"),
-    (["--model.config.persistent_memory", "4"],
-     "--data.mode packed cannot be used with --model.config.persistent_memory 4: the persistent-memory kernels"),
-    (["--model.config.persistent_memory", "4", "--model.config.replace_ffn", "true"],
-     "--model.config.persistent_memory 4"),
+    (["--model.config.attention", "exact", "--model.config.span.enabled", "true"],
+     "--data.mode packed cannot be used with --model.config.span.enabled true: adaptive spans mask by distance"),
+    (["--model.config.span.enabled", "true", "--model.config.span.dynamic", "true"],
+     "--data.mode packed cannot be used with --model.config.span.enabled true"),
+    (["--model.config.memory.slots", "4"],
+     "--data.mode packed cannot be used with --model.config.memory.slots 4: the persistent-memory kernels"),
+    (["--model.config.memory.slots", "4", "--model.config.memory.replace_ffn", "true"],
+     "--model.config.memory.slots 4"),
 ])
 def test_options_that_would_mix_proteins_are_refused(tmp_path, capsys, options, message):
     out = tmp_path / "run"
@@ -443,10 +443,10 @@ def test_options_that_would_mix_proteins_are_refused(tmp_path, capsys, options, 
 
 
 def test_the_model_refuses_segments_it_cannot_respect():
-    model = ProteinLM(ModelConfig(dim=32, depth=1, heads=4, ff_dim=64, attention="exact", persistent_memory=2))
+    model = ProteinLM(ModelConfig(dim=32, depth=1, heads=4, ff_dim=64, attention="exact", memory={"slots": 2}))
     ids = torch.randint(4, 30, (1, 10))
     seg = torch.tensor([[0] * 4 + [1] * 6])
-    with pytest.raises(ValueError, match="not supported with persistent_memory=2"):
+    with pytest.raises(ValueError, match="not supported with memory.slots=2"):
         model(ids, segment_ids=seg)
     model(ids)  # one protein per row is fine
 

@@ -4,7 +4,7 @@ Each attention layer owns ``N`` learned key/value pairs per head that do not dep
 They are concatenated to the context keys and values and share the context's softmax, so a query
 can put its attention mass on context tokens or on the persistent slots. With enough slots the
 persistent vectors can take over the role of the feed-forward sublayer (the paper's all-attention
-layer, ``replace_ffn=True`` in :class:`protein_lm.model.ModelConfig`).
+layer, ``memory.replace_ffn: true`` in :class:`protein_lm.model.ModelConfig`).
 
 What the memory slots get and do not get:
 
