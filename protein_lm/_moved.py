@@ -28,7 +28,8 @@ import warnings
 
 # old path -> the modules that now hold its public names, searched in this order
 MOVED: dict[str, tuple[str, ...]] = {
-    "protein_lm.datamodule": ("protein_lm.data.datamodule", "protein_lm.data.datasets", "protein_lm.data.sampler"),
+    "protein_lm.datamodule": ("protein_lm.data.datamodule", "protein_lm.data.datasets", "protein_lm.data.sampler",
+                              "protein_lm.data.options", "protein_lm.data.loader"),
     "protein_lm.cache": ("protein_lm.data.cache", "protein_lm.data.readers"),
     "protein_lm.fasta": ("protein_lm.data.fasta",),
     "protein_lm.tokenizer": ("protein_lm.data.tokenizer",),

@@ -1,5 +1,10 @@
 """Vectorised batch assembly: framing, MLM 80/10/10 masking, causal labels.
 
+Batches are ``{"input_ids", "labels", "padding_mask"}`` (int64, int64 with -100, bool True at
+padding): ``mlm``: 15 % of residues selected (``mask_prob``), 80/10/10 ``<mask>``/random standard
+AA/unchanged; ``causal``: ``labels[:, t] = input_ids[:, t + 1]`` (packed: not across a protein
+boundary, :mod:`protein_lm.data.packing`).
+
 Everything here is numpy on whole ``(B, L)`` arrays (no per-token Python loops) so one
 CPU worker produces well over 10 M tokens/s of MLM batches (see ``bench/datamodule.py``).
 

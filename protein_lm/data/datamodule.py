@@ -1,56 +1,15 @@
 """``ProteinDataModule``: token cache -> split by content -> examples -> MLM or causal batches.
 
-The stages and their modules are listed in :mod:`protein_lm.data`. The example modes (``mode=``):
+The stages and their modules are listed in :mod:`protein_lm.data`. Where each part is described:
 
-* single: one protein per example, ``<cls> residues <eos>``; dynamic padding (pad id 1).
-  train: a random crop of the *residues* to ``max_length - 2``, then ``<cls>``/``<eos>`` framing (so
-  every example is framed the same way, cropped or not; a cropped window's ``<cls>``/``<eos>`` then
-  mark the window, not the true protein ends). eval: deterministic consecutive windows of
-  ``max_length - 2`` residues, each framed ``<cls> ... <eos>``: every residue of every sequence is in
-  exactly one window.
-* concat: the split's sequences in cache order as one stream ``s1 <eos> s2 <eos> s3 <eos> ...`` (no
-  ``<cls>``: the ``<eos>`` separator alone marks boundaries, as in the Performer paper) cut into
-  windows of exactly ``max_length`` tokens, no padding. Only the final partial window
-  (``< max_length`` tokens) per split is dropped. In training the stream is read circularly from a
-  random per-epoch offset, so window boundaries move every epoch and the dropped remainder is a
-  different piece each epoch; evaluation uses offset 0.
-* packed: the single-mode examples (same framing, crops, windows and masks) placed whole into rows
-  of exactly ``max_length`` tokens, padding only at a row's tail (``packing.py``); batches add
-  ``segment_ids`` and ``positions`` so the model keeps the proteins apart.
-
-Batches are ``{"input_ids", "labels", "padding_mask"}`` (int64, int64 with -100, bool True at
-padding; ``collate.py``): ``mlm``: 15 % of residues selected, 80/10/10 ``<mask>``/random standard
-AA/unchanged; ``causal``: ``labels[:, t] = input_ids[:, t + 1]`` (packed: not across a protein
-boundary). They are assembled inside the dataset (``datasets.py``), one whole batch per worker request.
-
-Determinism and exact resume:
-    * train order (which examples form which batch, and batch order) is a pure function of
-      ``(seed, epoch)``; crop offsets and MLM masks are pure functions of
-      ``(seed, epoch, example index, position)`` (counter-based hashing, see ``collate.py``), so
-      batches do not depend on ``num_workers``, prefetching or process.
-    * evaluation batches and masks are fixed (independent of epoch), so ``val/*`` is comparable
-      across epochs and ``evaluate`` is reproducible.
-    * ``state_dict()`` returns ``{"epoch", "batches_done"}`` — the epoch the next training iterator
-      must produce and how many of its batches are already consumed. After ``load_state_dict()``
-      the training loader starts in that epoch and its iterators skip exactly ``batches_done``
-      batches (``len()`` stays the full epoch, as Lightning expects) until the sampler moves on to
-      another epoch.
-
-    **Hook for the LightningModule: none is needed under a Lightning ``Trainer``.** Lightning saves
-    ``datamodule.state_dict()`` in every checkpoint and calls ``load_state_dict()`` on resume; while
-    fitting, ``state_dict()`` reads the progress straight from ``trainer.fit_loop`` (batches processed
-    in the current epoch, rolling over to ``(epoch + 1, 0)`` once the epoch is complete), which is the
-    same count Lightning itself resumes from, so a checkpoint written in ``on_train_batch_end``
-    (``ModelCheckpoint(every_n_train_steps=...)``, ``save_last``), at validation end or at epoch end
-    resumes with the exact remaining batches. Without a Trainer (a hand-written loop) call
-    :meth:`ProteinDataModule.set_epoch` at each epoch start and :meth:`ProteinDataModule.mark_batch_done`
-    after each training batch; ``state_dict()`` then reports those counters.
-
-DDP: the sampler is a :class:`torch.utils.data.DistributedSampler` subclass that shards *batches*
-across ``trainer.world_size`` ranks itself (padding the batch list by repetition so every rank gets
-the same number of batches, like ``DistributedSampler``), so Lightning keeps it as is
-(``use_distributed_sampler`` may stay at its default) and still calls its ``set_epoch``.
-``trainer.overfit_batches`` is not supported (it replaces the sampler); use ``max_train_sequences``.
+* the example modes ``single`` / ``concat`` / ``packed`` (framing, crops, evaluation windows):
+  :mod:`protein_lm.data.datasets` (packed rows: :mod:`protein_lm.data.packing`);
+* the batch dict and the MLM / causal labels: :mod:`protein_lm.data.collate`;
+* which examples form which batch: :mod:`protein_lm.data.plans` and :mod:`protein_lm.data.sampler`
+  (which also says how batches are sharded under DDP);
+* determinism and exact resume (``state_dict()`` / ``load_state_dict()``, and why a LightningModule
+  needs no hook for it): :mod:`protein_lm.data.resume`;
+* the checks of the arguments below: :mod:`protein_lm.data.options`.
 
 ``evaluation_dataloader(path, max_sequences)`` gives deterministic evaluation batches over a whole
 FASTA file (for ``protein-lm evaluate``).
@@ -58,52 +17,27 @@ FASTA file (for ``protein-lm evaluate``).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from protein_lm.data.cache import ensure_cache
-from protein_lm.data.collate import STREAM_TEST_MASK, STREAM_TRAIN_MASK, STREAM_VAL_MASK
-from protein_lm.data.datasets import (
-    ConcatProteinDataset,
-    PackedProteinDataset,
-    SingleProteinDataset,
-    evaluation_windows,
-)
+from protein_lm.data.datasets import ConcatProteinDataset, SingleProteinDataset, build_dataset
+from protein_lm.data.loader import ProteinDataLoader, ddp_world, make_loader
+from protein_lm.data.options import DataConfigError, check_int, check_options
 from protein_lm.data.packing import PackedPlan
+from protein_lm.data.plans import batch_plan
 from protein_lm.data.readers import TokenCache
+from protein_lm.data.resume import fit_progress
 from protein_lm.data.sampler import BatchPlan, ShardedBatchSampler
-from protein_lm.data.splits import SPLIT_NAMES, TEST, VAL, assign_with_explicit_sets, sample_by_hash
+from protein_lm.data.splits import SPLIT_NAMES, TEST, VAL, split_caches
 from protein_lm.data.tokenizer import VOCAB_SIZE
 from protein_lm.errors import UserError
 
-MODES = ("single", "concat", "packed")
-OBJECTIVES = ("mlm", "causal")
-
-
-class DataConfigError(UserError, ValueError):
-    """A bad ``ProteinDataModule`` argument (a ``UserError`` for the CLI, a ``ValueError`` for Python)."""
-
-
-class ProteinDataLoader(DataLoader):
-    """A ``DataLoader`` that tells Lightning it is resumable.
-
-    The resume state itself lives in :meth:`ProteinDataModule.state_dict` (one source of truth);
-    these methods only mark the loader as stateful so Lightning does not warn that a mid-epoch
-    checkpoint cannot be resumed exactly (it can: see ``tests/data/test_datamodule.py``).
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
+__all__ = ["DataConfigError", "ProteinDataLoader", "ProteinDataModule"]
 
 
 class ProteinDataModule(pl.LightningDataModule):
@@ -163,44 +97,12 @@ class ProteinDataModule(pl.LightningDataModule):
         pin_memory: bool = True,
     ):
         super().__init__()
-        _check_choice("mode", mode, MODES)
-        _check_choice("objective", objective, OBJECTIVES)
-        _check_int("max_length", max_length, 2 if mode == "concat" else 3)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("num_workers", num_workers, 0)
-        _check_int("seed", seed, 0)
-        for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-                raise DataConfigError(f"{name} must be a number in [0, 1), got {value!r}")
-        if val_fraction + test_fraction >= 1.0:
-            raise DataConfigError(
-                f"val_fraction + test_fraction must be < 1 (nothing left to train on), got "
-                f"{val_fraction!r} + {test_fraction!r}"
-            )
-        if (
-            isinstance(mask_prob, bool)
-            or not isinstance(mask_prob, (int, float))
-            or not 0.0 < mask_prob < 1.0
-        ):
-            raise DataConfigError(f"mask_prob must be a number in (0, 1), got {mask_prob!r}")
-        if tokens_per_batch is not None:
-            if mode == "concat":
-                raise DataConfigError(
-                    f"tokens_per_batch={tokens_per_batch!r} applies to mode='single' or 'packed' only; concat "
-                    "batches are always batch_size x max_length tokens"
-                )
-            _check_int("tokens_per_batch", tokens_per_batch, max_length)
-        for name, value in (
-            ("max_train_sequences", max_train_sequences),
-            ("max_eval_sequences", max_eval_sequences),
-        ):
-            if value is not None:
-                _check_int(name, value, 1)
-        if not isinstance(data_dir, (str, os.PathLike)) or not str(data_dir):
-            raise DataConfigError(f"data_dir must be a path to a token cache or FASTA file, got {data_dir!r}")
-        for name, value in (("data_dir", data_dir), ("val_fasta", val_fasta), ("test_fasta", test_fasta)):
-            if value is not None and not Path(value).expanduser().exists():
-                raise DataConfigError(f"{name}: {value}: no such file or directory")
+        check_options(
+            data_dir=data_dir, mode=mode, max_length=max_length, objective=objective, batch_size=batch_size,
+            num_workers=num_workers, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
+            val_fasta=val_fasta, test_fasta=test_fasta, mask_prob=mask_prob, tokens_per_batch=tokens_per_batch,
+            max_train_sequences=max_train_sequences, max_eval_sequences=max_eval_sequences,
+        )
 
         self.save_hyperparameters()
         self.data_dir, self.mode, self.max_length, self.objective = str(data_dir), mode, max_length, objective
@@ -244,17 +146,8 @@ class ProteinDataModule(pl.LightningDataModule):
             for code, fasta in ((VAL, self.val_fasta), (TEST, self.test_fasta))
             if fasta is not None
         }
-        # the hashes are stored with each cache: computed once, not per setup
-        codes, keep = assign_with_explicit_sets(
-            main.content_hashes(), self.val_fraction, self.test_fraction,
-            *(explicit[c].content_hashes() if c in explicit else None for c in (VAL, TEST)),
-        )
         caps = (self.max_train_sequences, self.max_eval_sequences, self.max_eval_sequences)
-        splits: dict[str, tuple[TokenCache, np.ndarray]] = {}
-        for code, name in enumerate(SPLIT_NAMES):
-            cache, ids = (explicit[code], keep[code]) if code in explicit else (main, np.flatnonzero(codes == code))
-            splits[name] = (cache, sample_by_hash(ids, cache.content_hashes(), caps[code]))
-        self._splits = splits
+        self._splits = split_caches(main, explicit, self.val_fraction, self.test_fraction, caps)
         rank_zero_info(self.describe())
 
     def split_indices(self, split: str) -> tuple[TokenCache, np.ndarray]:
@@ -278,25 +171,10 @@ class ProteinDataModule(pl.LightningDataModule):
     def _build_dataset(
         self, cache: TokenCache, ids: np.ndarray, split: str
     ) -> SingleProteinDataset | ConcatProteinDataset:
-        train = split == "train"
-        stream = {"train": STREAM_TRAIN_MASK, "val": STREAM_VAL_MASK, "test": STREAM_TEST_MASK}[split]
-        common = dict(
-            max_length=self.max_length,
-            objective=self.objective,
-            mask_prob=self.mask_prob,
-            seed=self.seed,
-            train=train,
-            mask_stream=stream,
+        return build_dataset(
+            cache, ids, split, mode=self.mode, max_length=self.max_length, objective=self.objective,
+            mask_prob=self.mask_prob, seed=self.seed, concat_random_offset=self.concat_random_offset,
         )
-        if self.mode == "concat":
-            return ConcatProteinDataset(cache, ids, random_offset=self.concat_random_offset, **common)
-        offsets = np.asarray(cache.offsets)
-        lengths = offsets[ids + 1] - offsets[ids]
-        kind = PackedProteinDataset if self.mode == "packed" else SingleProteinDataset
-        if train:
-            return kind(cache, offsets[ids], lengths, ids, **common)
-        starts, lens = evaluation_windows(offsets[ids], lengths, self.max_length)
-        return kind(cache, starts, lens, np.arange(len(starts)), **common)
 
     def evaluation_dataloader(
         self, path: str, max_sequences: int | None = None, tokens_per_batch: int | None = None,
@@ -310,7 +188,7 @@ class ProteinDataModule(pl.LightningDataModule):
         setting, at most ``max_rows`` rows each: many short records then share one batch.
         """
         if max_sequences is not None:
-            _check_int("max_sequences", max_sequences, 1)
+            check_int("max_sequences", max_sequences, 1)
         cache = TokenCache(ensure_cache(path, self.cache_root))
         ids = np.arange(min(len(cache), max_sequences or len(cache)))
         ds = self._build_dataset(cache, ids, "test")
@@ -320,7 +198,7 @@ class ProteinDataModule(pl.LightningDataModule):
             )
         plan = self._new_plan(ds, shuffle=False, tokens_per_batch=tokens_per_batch or self.tokens_per_batch,
                               max_rows=max_rows)
-        replicas, rank = self._world()
+        replicas, rank = ddp_world(self.trainer)
         return self._loader(ShardedBatchSampler(ds, plan, num_replicas=replicas, rank=rank))
 
     def describe(self) -> str:
@@ -345,14 +223,6 @@ class ProteinDataModule(pl.LightningDataModule):
 
     # ---- loaders ------------------------------------------------------------------------
 
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return int(trainer.world_size), int(trainer.global_rank)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
-
     def _plan(self, split: str) -> BatchPlan | PackedPlan:
         if split in self._plans:  # packing the split costs ~1 s per 500k proteins: once
             return self._plans[split]
@@ -365,36 +235,11 @@ class ProteinDataModule(pl.LightningDataModule):
     def _new_plan(
         self, ds: Dataset, *, shuffle: bool, tokens_per_batch: int | None, max_rows: int | None = None
     ) -> BatchPlan | PackedPlan:
-        """The batches of ``ds``: packed rows, token-budget batches (single mode) or ``batch_size`` ones."""
-        if isinstance(ds, PackedProteinDataset):
-            rows = tokens_per_batch // self.max_length if tokens_per_batch else self.batch_size
-            if rows < 1:
-                raise DataConfigError(f"tokens_per_batch={tokens_per_batch} holds no packed row of max_length="
-                                      f"{self.max_length}: give at least {self.max_length}")
-            return PackedPlan(
-                ds.token_lengths(), max_length=self.max_length, rows_per_batch=min(rows, max_rows or rows),
-                shuffle=shuffle, seed=self.seed,
-            )
-        single = isinstance(ds, SingleProteinDataset)
-        return BatchPlan(
-            len(ds),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            seed=self.seed,
-            token_lengths=ds.token_lengths() if single else None,
-            tokens_per_batch=tokens_per_batch if single else None,
-            max_rows=max_rows,
-        )
+        return batch_plan(ds, max_length=self.max_length, batch_size=self.batch_size, seed=self.seed,
+                          shuffle=shuffle, tokens_per_batch=tokens_per_batch, max_rows=max_rows)
 
     def _loader(self, sampler: ShardedBatchSampler) -> DataLoader:
-        return ProteinDataLoader(
-            sampler.dataset,
-            batch_size=None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_sampler(self) -> ShardedBatchSampler:
         """A fresh training sampler, positioned at the pending resume point if any."""
@@ -404,21 +249,13 @@ class ProteinDataModule(pl.LightningDataModule):
                 f"{self.data_dir}: the training split is empty ({self.describe()}); "
                 + ("use a smaller max_length or more data" if self.mode == "concat" else "add data")
             )
-        replicas, rank = self._world()
+        replicas, rank = ddp_world(self.trainer)
         if self._resume is not None:
             epoch = self._resume[0]
         else:
-            trainer = getattr(self, "trainer", None)
-            epoch = int(trainer.current_epoch) if trainer is not None else self._epoch
-        sampler = ShardedBatchSampler(
-            ds,
-            self._plan("train"),
-            num_replicas=replicas,
-            rank=rank,
-            epoch=epoch,
-            shuffle=True,
-            seed=self.seed,
-        )
+            epoch = int(self.trainer.current_epoch) if self.trainer is not None else self._epoch
+        sampler = ShardedBatchSampler(ds, self._plan("train"), num_replicas=replicas, rank=rank, epoch=epoch,
+                                      shuffle=True, seed=self.seed)
         if self._resume is not None:
             sampler.set_resume(*self._resume)
             self._resume = None
@@ -435,15 +272,11 @@ class ProteinDataModule(pl.LightningDataModule):
             fraction = self.val_fraction if split == "val" else self.test_fraction
             if explicit is None and fraction == 0:
                 return []  # evaluation on this split is switched off
-            raise UserError(
-                f"the {split} split has no examples ({self.describe()}); raise {split}_fraction, give "
-                + (
-                    "a smaller max_length (concat windows need max_length tokens)"
-                    if self.mode == "concat"
-                    else "more data"
-                )
-            )
-        replicas, rank = self._world()
+            remedy = ("a smaller max_length (concat windows need max_length tokens)" if self.mode == "concat"
+                      else "more data")
+            raise UserError(f"the {split} split has no examples ({self.describe()}); raise {split}_fraction, "
+                            f"give {remedy}")
+        replicas, rank = ddp_world(self.trainer)
         sampler = ShardedBatchSampler(ds, self._plan(split), num_replicas=replicas, rank=rank, shuffle=False)
         return self._loader(sampler)
 
@@ -468,20 +301,9 @@ class ProteinDataModule(pl.LightningDataModule):
         """Count one consumed training batch (loops without a Trainer)."""
         self._batches_done += 1
 
-    def _progress(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and trainer.state.fn == "fit":
-            epoch = int(trainer.current_epoch)
-            done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-            total = trainer.num_training_batches
-            if done > 0 and total != float("inf") and done >= total:
-                return epoch + 1, 0  # the epoch is complete: resume at the start of the next one
-            return epoch, done
-        return self._epoch, self._batches_done
-
     def state_dict(self) -> dict[str, Any]:
         """``{"epoch", "batches_done"}``: where the next training iterator must start."""
-        epoch, done = self._progress()
+        epoch, done = fit_progress(self.trainer) or (self._epoch, self._batches_done)
         return {"epoch": epoch, "batches_done": done}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -493,12 +315,3 @@ class ProteinDataModule(pl.LightningDataModule):
         else:
             self._resume = (epoch, done)
 
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise DataConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise DataConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -6,12 +6,24 @@ batch per request (no per-example inter-process traffic). Crops and MLM masks ar
 ``(seed, epoch, example id, position)`` (counter-based hashing, :mod:`protein_lm.data.collate`), so a
 batch does not depend on ``num_workers``, prefetching or the process that builds it.
 
-* :class:`SingleProteinDataset`: one protein (or one window of one) per example, ``<cls> residues
-  <eos>``, padded per batch;
-* :class:`PackedProteinDataset`: the same examples placed whole into rows of exactly ``max_length``
-  tokens (:mod:`protein_lm.data.packing`);
-* :class:`ConcatProteinDataset`: windows of exactly ``max_length`` tokens over the stream
-  ``s1 <eos> s2 <eos> ...``, read circularly from a per-epoch offset in training.
+The example modes (``ProteinDataModule(mode=...)``; :func:`build_dataset` picks the class):
+
+* single (:class:`SingleProteinDataset`): one protein per example, ``<cls> residues <eos>``;
+  dynamic padding (pad id 1). train: a random crop of the *residues* to ``max_length - 2``, then
+  ``<cls>``/``<eos>`` framing (so every example is framed the same way, cropped or not; a cropped
+  window's ``<cls>``/``<eos>`` then mark the window, not the true protein ends). eval: deterministic
+  consecutive windows of ``max_length - 2`` residues (:func:`evaluation_windows`), each framed
+  ``<cls> ... <eos>``: every residue of every sequence is in exactly one window.
+* concat (:class:`ConcatProteinDataset`): the split's sequences in cache order as one stream
+  ``s1 <eos> s2 <eos> s3 <eos> ...`` (no ``<cls>``: the ``<eos>`` separator alone marks boundaries,
+  as in the Performer paper) cut into windows of exactly ``max_length`` tokens, no padding. Only the
+  final partial window (``< max_length`` tokens) per split is dropped. In training the stream is
+  read circularly from a random per-epoch offset, so window boundaries move every epoch and the
+  dropped remainder is a different piece each epoch; evaluation uses offset 0.
+* packed (:class:`PackedProteinDataset`): the single-mode examples (same framing, crops, windows
+  and masks) placed whole into rows of exactly ``max_length`` tokens, padding only at a row's tail
+  (:mod:`protein_lm.data.packing`); batches add ``segment_ids`` and ``positions`` so the model keeps
+  the proteins apart.
 """
 
 from __future__ import annotations
@@ -23,6 +35,9 @@ from torch.utils.data import Dataset
 from protein_lm.data.collate import (
     STREAM_CONCAT_OFFSET,
     STREAM_CROP,
+    STREAM_TEST_MASK,
+    STREAM_TRAIN_MASK,
+    STREAM_VAL_MASK,
     frame_single,
     make_batch,
     random_below,
@@ -31,6 +46,9 @@ from protein_lm.data.collate import (
 from protein_lm.data.packing import make_packed_batch
 from protein_lm.data.readers import TokenCache
 from protein_lm.data.tokenizer import EOS_ID
+
+# each split draws its MLM masks from its own random stream (no two uses of randomness share a key)
+MASK_STREAMS = {"train": STREAM_TRAIN_MASK, "val": STREAM_VAL_MASK, "test": STREAM_TEST_MASK}
 
 
 class SingleProteinDataset(Dataset):
@@ -214,3 +232,40 @@ def evaluation_windows(starts: np.ndarray, lengths: np.ndarray, max_length: int)
     seq = np.repeat(np.arange(len(starts)), k)
     j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)  # window number within its sequence
     return starts[seq] + j * w, np.minimum(w, lengths[seq] - j * w)
+
+
+def build_dataset(
+    cache: TokenCache,
+    ids: np.ndarray,
+    split: str,
+    *,
+    mode: str,
+    max_length: int,
+    objective: str,
+    mask_prob: float,
+    seed: int,
+    concat_random_offset: bool,
+) -> SingleProteinDataset | ConcatProteinDataset:
+    """The ``mode`` examples of sequences ``ids`` of ``cache`` as ``split`` uses them.
+
+    ``"train"``: whole sequences, cropped at random per epoch (a random stream offset in concat
+    mode); ``"val"`` / ``"test"``: fixed windows covering every residue, fixed masks.
+    """
+    train = split == "train"
+    common = dict(
+        max_length=max_length,
+        objective=objective,
+        mask_prob=mask_prob,
+        seed=seed,
+        train=train,
+        mask_stream=MASK_STREAMS[split],
+    )
+    if mode == "concat":
+        return ConcatProteinDataset(cache, ids, random_offset=concat_random_offset, **common)
+    offsets = np.asarray(cache.offsets)
+    lengths = offsets[ids + 1] - offsets[ids]
+    kind = PackedProteinDataset if mode == "packed" else SingleProteinDataset
+    if train:
+        return kind(cache, offsets[ids], lengths, ids, **common)
+    starts, lens = evaluation_windows(offsets[ids], lengths, max_length)
+    return kind(cache, starts, lens, np.arange(len(starts)), **common)

@@ -4,6 +4,12 @@ Training order is a pure function of ``(seed, epoch)``; evaluation batches are f
 shards whole batches across DDP ranks and resumes mid-epoch (see :class:`ShardedBatchSampler`).
 Packed mode plans its rows with :class:`protein_lm.data.packing.PackedPlan`, which the same sampler
 serves.
+
+DDP: the sampler is a :class:`torch.utils.data.DistributedSampler` subclass that shards *batches*
+across ``trainer.world_size`` ranks itself (padding the batch list by repetition so every rank gets
+the same number of batches, like ``DistributedSampler``), so Lightning keeps it as is
+(``use_distributed_sampler`` may stay at its default) and still calls its ``set_epoch``.
+``trainer.overfit_batches`` is not supported (it replaces the sampler); use ``max_train_sequences``.
 """
 
 from __future__ import annotations

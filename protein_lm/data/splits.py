@@ -15,8 +15,12 @@ function or key changes every split and invalidates those files: bump :data:`HAS
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from protein_lm.data.readers import TokenCache
 
 TRAIN, VAL, TEST = 0, 1, 2
 EXCLUDED = -1  # in no split: its content is in an explicit evaluation set
@@ -110,3 +114,28 @@ def sample_by_hash(ids: np.ndarray, hashes: np.ndarray, cap: int | None) -> np.n
     if cap is None or len(ids) <= cap:
         return ids
     return np.sort(ids[np.argsort(hashes[ids], kind="stable")[:cap]])
+
+
+def split_caches(
+    main: TokenCache,
+    explicit: dict[int, TokenCache],
+    val_fraction: float,
+    test_fraction: float,
+    caps: tuple[int | None, int | None, int | None],
+) -> dict[str, tuple[TokenCache, np.ndarray]]:
+    """``{split name: (cache, sequence indices)}`` for train, val and test.
+
+    ``main``'s sequences are assigned by content hash; ``explicit[VAL]`` / ``explicit[TEST]`` (the
+    ones given) replace the hashed share (:func:`assign_with_explicit_sets`). Each split is then cut
+    to at most ``caps[code]`` sequences by :func:`sample_by_hash` (``None``: all).
+    """
+    # the hashes are stored with each cache: computed once, not per call
+    codes, keep = assign_with_explicit_sets(
+        main.content_hashes(), val_fraction, test_fraction,
+        *(explicit[c].content_hashes() if c in explicit else None for c in (VAL, TEST)),
+    )
+    splits: dict[str, tuple[TokenCache, np.ndarray]] = {}
+    for code, name in enumerate(SPLIT_NAMES):
+        cache, ids = (explicit[code], keep[code]) if code in explicit else (main, np.flatnonzero(codes == code))
+        splits[name] = (cache, sample_by_hash(ids, cache.content_hashes(), caps[code]))
+    return splits
