@@ -3,7 +3,7 @@
 Run them as modules from the repository root, so that ``bench`` and this checkout's ``protein_lm``
 import without any path setup::
 
-    python -m bench.attention --out bench/results/attention_h100.json
+    python -m bench.attention --out results/attention_h100.json
 
-Results the docs cite are kept in bench/results/.
+Results the docs cite are kept in results/.
 """

@@ -9,8 +9,8 @@ m=256 features, bf16, for L = 1k...64k: median time (``triton.testing.do_bench``
 memory (peak allocated during one fwd+bwd minus what the inputs and output gradient hold).
 Writes JSON (and prints a table last). Needs a CUDA GPU.
 
-    python -m bench.attention --out bench/results/attention_h100.json
-    python -m bench.attention --plot bench/results/attention_h100.json   # log-log figure (CPU ok)
+    python -m bench.attention --out results/attention_h100.json
+    python -m bench.attention --plot results/attention_h100.json   # log-log figure (CPU ok)
 
 performer-pytorch is optional (``pip install performer-pytorch``); methods that are not
 importable are skipped and recorded as such.

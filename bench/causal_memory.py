@@ -7,7 +7,7 @@ reported separately so the attention's own footprint can be read off.
     python -m bench.causal_memory                 # the issue's target: L=32768, B=1, H=4, D=64, M=256
     python -m bench.causal_memory --sweep         # + chunk-size sweep and L scaling
 
-Writes bench/results/causal_memory.json and prints a table last.
+Writes results/causal_memory.json and prints a table last.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from bench.machine import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
+RESULTS = REPO / "results"
 
 
 def load_average() -> str:

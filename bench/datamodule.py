@@ -4,13 +4,13 @@ Target: at least 10 M tokens/s of MLM batches per DataLoader worker, so the inpu
 never starves a GPU. Measured with ``num_workers=0`` — the batch is built in the main process, which
 is exactly the work one worker does per batch — on the shipped Swiss-Prot sample.
 
-Results in ``bench/results/datamodule.json`` (``num_workers=0``, the per-worker figure) and
+Results in ``results/datamodule.json`` (``num_workers=0``, the per-worker figure) and
 ``datamodule_workers4.json`` (4 workers: end-to-end through the DataLoader's inter-process
 transfer) were measured on the CPU of the H100 host (16 cores) that feeds the GPU.
 
 Usage::
 
-    python -m bench.datamodule [--fasta data/swissprot_sample.fasta.gz] [--seconds 3] [--out bench/results/datamodule.json]
+    python -m bench.datamodule [--fasta data/swissprot_sample.fasta.gz] [--seconds 3] [--out results/datamodule.json]
 
 "tokens/s" counts every position of the ``B x L`` batch (what the GPU processes); "residues/s"
 counts non-padding positions only (in concat mode they are the same).
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fasta", default=str(REPO / "data" / "swissprot_sample.fasta.gz"))
     p.add_argument("--seconds", type=float, default=3.0, help="minimum measuring time per case")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0 = per-worker figure)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "datamodule.json"))
+    p.add_argument("--out", default=str(REPO / "results" / "datamodule.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     results = []

@@ -10,9 +10,9 @@ Each is evaluated by ``python -m protein_lm evaluate --checkpoint checkpoints/pe
 swissprot2014.pt --fasta FILE`` as a subprocess (the token cache prepared beforehand, outside the
 timing, in a private cache root), and its wall time and tokens/s (tokens of the batches read) are
 reported. Target (docs/data.md): each extreme case under 60 s on a 2-core CPU, at the rate of the
-ordinary input. Writes bench/results/evaluate_scale.json and prints a table.
+ordinary input. Writes results/evaluate_scale.json and prints a table.
 
-    python -m bench.evaluate_scale [--threads 2] [--out bench/results/evaluate_scale.json]
+    python -m bench.evaluate_scale [--threads 2] [--out results/evaluate_scale.json]
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def evaluate(fasta: Path, env: dict[str, str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads (default 2)")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "evaluate_scale.json"))
+    parser.add_argument("--out", default=str(REPO / "results" / "evaluate_scale.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)

@@ -13,7 +13,7 @@ d_ff 1536, m 256), L 1024, 65,536-token batches. Runs are named ``ATTENTION-MODE
 ATTENTION ``exact`` or ``performer``, MODE ``padded`` (single mode, token-budget batches) or
 ``packed``.
 
-    python -m bench.fit_throughput --cache cache/swissprot2014 --out bench/results/fit_throughput.json
+    python -m bench.fit_throughput --cache cache/swissprot2014 --out results/fit_throughput.json
     python -m bench.fit_throughput --cache DIR --runs exact-padded performer-padded --profile
 """
 

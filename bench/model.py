@@ -7,8 +7,8 @@ model's packed-row path, FlexAttention, with one segment per row), at
 fixed shapes ``L x batch``; the longest lengths optionally with activation checkpointing (each
 block recomputed in backward). Needs a CUDA GPU.
 
-    python -m bench.model --out bench/results/model_h100.json
-    python -m bench.model --longest --out bench/results/model_longest_h100.json
+    python -m bench.model --out results/model_h100.json
+    python -m bench.model --longest --out results/model_longest_h100.json
 
 ``--longest`` searches, for each model and checkpointing choice, the longest batch-1 sequence that
 trains: it doubles L until a step runs out of GPU memory, or until a step's time, measured or

@@ -8,7 +8,7 @@ Measures, alternating the two so that load drift on a shared machine hits both a
 * one cache-hit run (inputs unchanged) at the end.
 
 Targets: prepare wall <= 2x zcat wall; peak RSS < 1 GB.
-Writes bench/results/prepare.json and prints a table last.
+Writes results/prepare.json and prints a table last.
 
     python -m bench.prepare --fasta CORPUS/swissprot2014_goasp.fasta.gz --out CORPUS/cache_full [--repeats 5]
 """
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="where the cache is written (kept for later runs)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "prepare.json")
+    ap.add_argument("--json", type=Path, default=REPO / "results" / "prepare.json")
     args = ap.parse_args()
     if not args.fasta.exists():
         raise SystemExit(f"{args.fasta}: not found (see docs/data.md: 'The benchmark corpus')")

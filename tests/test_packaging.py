@@ -1,10 +1,12 @@
-"""Packaging invariants: environment.yml mirrors pyproject; the CLI starts without torch."""
+"""Packaging invariants: environment.yml mirrors pyproject; the CLI starts without torch; the package ships
+neither the benchmarks (bench/) nor what they measured (results/)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import tomllib
+from fnmatch import fnmatch
 
 import yaml
 
@@ -32,6 +34,17 @@ def test_environment_yml_python_matches_requires_python():
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pythons = [d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")]
     assert pythons == ["python" + meta["requires-python"]]
+
+
+def test_package_ships_neither_bench_nor_results():
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    include = setuptools["packages"]["find"]["include"]
+    assert any(fnmatch("protein_lm", pattern) for pattern in include)
+    assert not any(fnmatch(name, pattern) for pattern in include for name in ("bench", "bench.experiments", "results"))
+    sources = [src for files in setuptools["data-files"].values() for src in files]
+    assert sources and not [src for src in sources if src.startswith(("bench/", "results/"))]
+    manifest = REPO / "MANIFEST.in"  # an sdist takes whatever it grafts
+    assert not manifest.exists() or not any(w in manifest.read_text() for w in ("bench", "results"))
 
 
 def test_top_level_help_does_not_import_torch():

@@ -19,7 +19,7 @@ frequencies (sin and cos of each), positive features m projections.
 
     python -m bench.experiments.approximation            # ~1 minute on 2 CPU cores
 
-Writes bench/results/approximation.json and bench/results/approximation.png; prints a table last.
+Writes results/approximation.json and results/approximation.png; prints a table last.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 from protein_lm.attention import draw_projection, softmax_features
 
-RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "results"
 DIMS = (16, 64)
 SIGMAS = (0.5, 1.0)
 FEATURES = (16, 32, 64, 128, 256, 512)

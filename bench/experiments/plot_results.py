@@ -1,6 +1,6 @@
 """Figures for docs/results.md from the CSV logs that bench/experiments/swissprot_runs.py brought back.
 
-    python -m bench.experiments.plot_results [--results bench/results/swissprot_h100] [--out docs/results]
+    python -m bench.experiments.plot_results [--results results/swissprot_h100] [--out docs/results]
 
 Writes ``learning_curves.png`` (validation perplexity vs step, one panel per setting, one line per
 attention type) and ``transfer.png`` (exact -> Performer weight transfer: accuracy while fine-tuning).
@@ -34,7 +34,7 @@ def series(path: Path, key: str) -> tuple[list[int], list[float]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results", default="bench/results/swissprot_h100")
+    p.add_argument("--results", default="results/swissprot_h100")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--prefix", default="", help="prefix of the figure file names (one campaign per prefix)")
     args = p.parse_args()

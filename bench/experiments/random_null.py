@@ -4,7 +4,7 @@
 
 Builds a random-weights Performer-softmax model (4 layers x 4 heads, d 128, m 64 — the quickstart
 shape), runs ``protein-lm analyze`` on the first proteins of the shipped sample under both nulls
-(``uniform``, the default, and ``marginal``), and writes ``bench/results/random_null.json``.
+(``uniform``, the default, and ``marginal``), and writes ``results/random_null.json``.
 A trained model's numbers mean something only above these.
 """
 
@@ -30,7 +30,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sequences", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=str(REPO / "bench" / "results" / "random_null.json"))
+    p.add_argument("--json", default=str(REPO / "results" / "random_null.json"))
     args = p.parse_args()
     torch.manual_seed(args.seed)
     config = ModelConfig(dim=128, depth=4, heads=4, ff_dim=256, attention="performer-softmax", num_features=64,

@@ -4,7 +4,7 @@
 ``substitution_counts.npy``), so a statistic can be recomputed — e.g. after a formula changes, or
 with another ``--vig-min-total`` — from an analysis run elsewhere:
 
-    python -m bench.experiments.readout_from_saved bench/results/h200_recipes/analysis_cath1000_exact [--json OUT]
+    python -m bench.experiments.readout_from_saved results/h200_recipes/analysis_cath1000_exact [--json OUT]
 
 Prints (and optionally writes) Pearson r with BLOSUM62 and the permutation p-value of each readout.
 Chance levels (random weights) need the model and are not recomputed here.

@@ -25,7 +25,7 @@ setup)
     --model.warmup_steps 20 2>&1 | tail -20
   time python3 -m protein_lm analyze --checkpoint checkpoints/performer-softmax-bid-swissprot2014.pt \
     --fasta data/swissprot_sample.fasta.gz --max-sequences 300 --out /root/gd/an_shipped --device cuda 2>&1 | tail -4
-  cp /root/gd/an_shipped/summary.json "$OUT/analyze_old_shipped_sample300.json"
+  cp /root/gd/an_shipped/summary.json "$OUT/analyze_shipped_sample300.json"
   ;;
 launch)
   cat /root/gd/part_aa .gpu/part_ab > /root/gd/sp.fasta.xz && rm .gpu/part_ab
