@@ -270,7 +270,8 @@ def test_gpu_compiled_model_matches_eager_and_keeps_triton_kernels(causal, mode)
     real_forward = favor_triton._forward  # what the registered op runs, eager or compiled
 
     def spy(*args):
-        launched.append(args[-1].causal)  # the plan's causal flag
+        plan = next(a for a in args if isinstance(a, favor_triton._Plan))
+        launched.append(plan.causal)
         return real_forward(*args)
 
     results = []
