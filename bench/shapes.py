@@ -1,4 +1,4 @@
-"""The attention-op shape the kernel tools share (issue 8): B*L tokens, heads, d, m, one length."""
+"""The attention-op shape the kernel tools share: B*L tokens, heads, d, m, one length."""
 
 from __future__ import annotations
 
