@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from protein_lm.errors import UserError
+from protein_lm.errors import OldConfigNames, UserError
 from protein_lm.model import ModelConfig, ProteinLM
 from protein_lm.model_config import CHECKPOINT_NOTE, nest_flat_keys
 
@@ -29,7 +29,7 @@ def model_config(config: Any, where: str) -> ModelConfig:
         raise UserError(f"{where}: no protein_lm model config in the file")
     config, renamed = nest_flat_keys(config)
     if renamed:  # written before the options had groups; `protein-lm export` re-saves it nested
-        warnings.warn(f"{where}: {CHECKPOINT_NOTE}", FutureWarning, stacklevel=3)
+        warnings.warn(f"{where}: {CHECKPOINT_NOTE}", OldConfigNames, stacklevel=3)
     try:
         return ModelConfig.from_dict(config)
     except TypeError as err:  # a field of the wrong kind, e.g. a list where a number belongs

@@ -19,10 +19,11 @@ import importlib
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 
 from protein_lm import __version__
-from protein_lm.errors import UserError
+from protein_lm.errors import OldConfigNames, UserError
 
 # name -> (module, one-line help). Modules are imported only when chosen.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]
+    with _notes_as_one_line():
+        return _run(name, rest)
+
+
+def _run(name: str, rest: list[str]) -> int:
     try:
         if name in LIGHTNING_COMMANDS:
             from protein_lm.commands.train import run_lightning_cli
@@ -88,6 +94,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"protein-lm {name}: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _notes_as_one_line() -> Iterator[None]:
+    """Deprecation notes meant for the user (:class:`OldConfigNames`) print as one ``protein-lm:``
+    line, without the source line that a Python warning shows."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' hook
+        if issubclass(category, OldConfigNames):
+            print(f"protein-lm: {message}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 class Terminated(KeyboardInterrupt):

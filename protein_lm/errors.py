@@ -11,3 +11,9 @@ class UserError(Exception):
 
 class FastaFormatError(UserError):
     """A FASTA file is malformed; the message names file, record and line."""
+
+
+class OldConfigNames(FutureWarning):
+    """A config or checkpoint names the FAIR options the flat way of older versions (still read).
+
+    The command line prints it as one ``protein-lm:`` line (:func:`protein_lm.cli.main`)."""

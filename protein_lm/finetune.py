@@ -44,7 +44,8 @@ def architecture_from_checkpoint(config: dict[str, Any], trained: dict[str, Any]
     """
     config, trained = flatten_options(config), flatten_options(trained)
     return {k: v for k, v in trained.items()
-            if k in config and k not in RUN_FIELDS and k not in explicit and config[k] != v}
+            if k in config and k not in RUN_FIELDS and k not in explicit and k.split(".")[0] not in explicit
+            and config[k] != v}
 
 
 def apply_init_weights(cfg: Any, argv: Iterable[str]) -> str | None:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from protein_lm.attention import registry
 from protein_lm.data.tokenizer import PAD_ID, VOCAB_SIZE
+from protein_lm.errors import OldConfigNames
 
 ATTENTION_KINDS: tuple[str, ...] = tuple(registry.KINDS)  # the built-in kinds (attention/registry.py)
 # The command-line parser checks the choice (and lists it in --help) from this type: it holds the
@@ -97,6 +98,7 @@ class PKMConfig:
 
 GROUPS: dict[str, type] = {"span": SpanConfig, "memory": MemoryConfig, "pkm": PKMConfig}
 
+
 # The flat names of configs and checkpoints written before the groups, and their nested names.
 FLAT_KEYS: dict[str, str] = {
     "adaptive_span": "span.enabled",
@@ -166,10 +168,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name, group in GROUPS.items():
             value = getattr(self, name)
-            if isinstance(value, dict):
+            if value is None:  # `span: null` in a YAML override: the group's defaults (off)
+                setattr(self, name, group())
+            elif isinstance(value, dict):
                 setattr(self, name, _group_from_dict(name, group, value))
-            elif not isinstance(value, group):
-                raise ValueError(f"{name} must be a {group.__name__} or a dict of its options, got {value!r}")
+            elif isinstance(value, group):
+                # a copy: dataclasses.replace(config) must not share (and later mutate) the groups
+                setattr(self, name, dataclasses.replace(value))
+            else:
+                raise ValueError(f"{name} must be a mapping of its options (e.g. {name}: {{...}}), got {value!r}")
         # Checked here, not where torch would fail later with a message that names no option.
         for name in ("vocab_size", "dim", "depth", "heads", "ff_dim", "num_features", "max_length", "span.max",
                      "pkm.num_keys", "pkm.topk", "pkm.heads", "pkm.key_dim"):
@@ -241,7 +248,7 @@ class ModelConfig:
         """
         data, renamed = nest_flat_keys(data)
         if renamed:
-            warnings.warn(deprecation_message(renamed), FutureWarning, stacklevel=2)
+            warnings.warn(deprecation_message(renamed), OldConfigNames, stacklevel=2)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -270,6 +277,8 @@ def nest_flat_keys(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]
     for old, new in renamed.items():
         group, field = new.split(".")
         nested = out.get(group)
+        if not (nested is None or isinstance(nested, dict) or dataclasses.is_dataclass(nested)):
+            raise ValueError(f"{group} must be a mapping of its options (e.g. {group}: {{...}}), got {nested!r}")
         nested = dict(dataclasses.asdict(nested) if dataclasses.is_dataclass(nested) else nested or {})
         nested.setdefault(field, data[old])
         out[group] = nested
@@ -283,7 +292,7 @@ def deprecation_message(renamed: dict[str, str]) -> str:
 
 
 CHECKPOINT_NOTE = ("saved with the flat model.config names of older protein_lm versions (span_*, persistent_memory, "
-                   "pkm_*); read as the nested span / memory / pkm groups (`protein-lm export` re-saves it so)")
+                   "pkm_*); read as the nested span / memory / pkm groups, which files saved from it now use")
 
 
 def flatten_options(data: dict[str, Any]) -> dict[str, Any]:

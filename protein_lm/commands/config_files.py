@@ -32,11 +32,6 @@ EXTENDS = "extends"
 _FLAG = "--model.config."
 
 
-def config_files(argv: list[str]) -> list[str]:
-    """The values of ``--config`` / ``-c`` in ``argv``, in order."""
-    return [value for _, value, _ in _config_args(argv)]
-
-
 def read_yaml_mapping(path: Path, shown: str | None = None) -> dict[str, Any]:
     """The YAML mapping in ``path``, or a one-line error naming the file (as ``--config shown``)."""
     name = shown or str(path)
@@ -84,7 +79,9 @@ def _load(path: Path, shown: str, chain: tuple[Path, ...]) -> tuple[dict[str, An
     merged: dict[str, Any] = {}
     renamed: dict[str, str] = {}
     for base in bases:
-        base_path = path.parent / base
+        base_path = path.parent / Path(base).expanduser()  # relative to the extending file
+        if not base_path.is_file():
+            raise UserError(f"--config {shown}: {EXTENDS} {base}: no such file (looked for {base_path})")
         options, _, base_renamed = _load(base_path, f"{shown} ({EXTENDS} {base})", (*chain, real))
         merged = _merge(merged, options)
         renamed.update(base_renamed)

@@ -58,7 +58,7 @@ from protein_lm.distributed import names_fsdp
 from protein_lm.errors import UserError
 from protein_lm.finetune import apply_init_weights
 from protein_lm.lit_module import ProteinLMModule
-from protein_lm.model_config import CHECKPOINT_NOTE, nest_flat_keys
+from protein_lm.model_config import nest_flat_keys
 from protein_lm.sharded_checkpoint import checkpoint_meta, is_sharded_checkpoint
 
 DEFAULT_RUNS_DIR = "runs"
@@ -156,16 +156,14 @@ class ProteinLMCLI(LightningCLI):
                 self._take_checkpoint_options(subcommand, ckpt)
 
     def _take_checkpoint_options(self, subcommand: str, ckpt: str) -> None:
-        """The ``model:`` options become the checkpoint's (as Lightning does), its model config's
-        flat keys (older checkpoints) nested first."""
+        """The ``model:`` options become the checkpoint's (as Lightning does), the flat model-config
+        keys of older checkpoints nested first."""
         hparams = dict(checkpoint_hparams(ckpt))
         hparams.pop("_instantiator", None)
         if not hparams:
             return
-        if isinstance(hparams.get("config"), dict):
-            hparams["config"], renamed = nest_flat_keys(hparams["config"])
-            if renamed:
-                print(f"protein-lm: --ckpt_path {ckpt}: {CHECKPOINT_NOTE}", file=sys.stderr, flush=True)
+        if isinstance(hparams.get("config"), dict):  # its old flat names were reported when it was read
+            hparams["config"], _ = nest_flat_keys(hparams["config"])
         self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def _check_checkpoint(self, subcommand: str, cfg: Any) -> None:

@@ -67,10 +67,12 @@ def test_a_file_without_extends_is_passed_on_as_a_path(tmp_path):
 
 
 @pytest.mark.parametrize(("files", "message"), [
-    ({"c.yaml": {"extends": "missing.yaml"}}, "--config {c} (extends missing.yaml): no such file"),
+    ({"c.yaml": {"extends": "missing.yaml"}}, "--config {c}: extends missing.yaml: no such file (looked for "),
     ({"c.yaml": {"extends": "d.yaml"}, "d.yaml": {"extends": "c.yaml"}}, "`extends` goes round in a circle"),
     ({"c.yaml": {"extends": 3}}, "`extends` must be a file path or a list of them, got 3"),
     ({"c.yaml": {"extends": "d.yaml"}, "d.yaml": []}, "(extends d.yaml): expected YAML options"),
+    ({"c.yaml": {"extends": "d.yaml"}, "d.yaml": {"extends": "e.yaml"}},
+     "--config {c} (extends d.yaml): extends e.yaml: no such file"),
 ])
 def test_bad_extends_is_one_line_naming_the_file(tmp_path, files, message):
     for name, data in files.items():
@@ -79,6 +81,17 @@ def test_bad_extends_is_one_line_naming_the_file(tmp_path, files, message):
     with pytest.raises(UserError) as err:
         resolve_argv(["fit", "--config", str(c)])
     assert message.format(c=c) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("form", ["--config", "-c", "--config="])
+def test_a_merged_file_reaches_the_parser_as_its_text_in_every_form(tmp_path, form):
+    write(tmp_path / "base.yaml", {"trainer": {"max_steps": 5, "devices": 1}})
+    child = write(tmp_path / "c.yaml", {"extends": "base.yaml", "trainer": {"max_steps": 9}})
+    given = [form + str(child)] if form.endswith("=") else [form, str(child)]
+    argv, names, _ = resolve_argv(["fit", *given, "--trainer.devices", "2"])
+    text = argv[1].split("=", 1)[1] if form.endswith("=") else argv[2]
+    assert argv[0] == "fit" and argv[-2:] == ["--trainer.devices", "2"] and names == [str(child)]
+    assert yaml.safe_load(text) == {"trainer": {"max_steps": 9, "devices": 1}}
 
 
 def test_cli_sees_the_merged_file_and_names_the_run_after_it(tmp_path, sample_fasta, monkeypatch):
@@ -120,7 +133,7 @@ def test_nested_value_wins_over_its_flat_spelling_and_flattening_round_trips():
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"span": {"maximum": 3}}, r"unknown ModelConfig fields: \['span.maximum'\]"),
-    ({"memory": 4}, "memory must be a MemoryConfig or a dict of its options, got 4"),
+    ({"memory": 4}, r"memory must be a mapping of its options \(e.g. memory: {...}\), got 4"),
     ({"span": {"max": 0}}, "span.max must be a positive whole number"),
     ({"memory": {"replace_ffn": True}}, "memory.replace_ffn .all-attention. needs memory.slots > 0"),
     ({"pkm": {"layers": [9]}}, "pkm.layers entry 9 out of range"),
@@ -149,6 +162,38 @@ def test_flat_yaml_and_flat_flags_build_the_same_model_as_nested(tmp_path, sampl
     assert "renamed" not in capsys.readouterr().err
     assert from_old == from_new
     assert (from_new.span.init, from_new.pkm.topk, from_new.memory.slots) == (20.0, 2, 3)
+
+
+def test_resume_refuses_a_changed_group_option_against_a_flat_checkpoint():
+    from protein_lm.commands.train_checks import check_resume
+
+    defaults = {"config": ModelConfig().to_dict()}
+    recorded = {"config": flatten_to_old(ModelConfig(span={"enabled": True, "max": 96}).to_dict())}
+    same = {"config": ModelConfig(span={"enabled": True, "max": 96}).to_dict()}
+    check_resume(same, defaults, recorded, "old.ckpt")  # the same run, spelt the new way
+    changed = {"config": ModelConfig(span={"enabled": True, "max": 64}).to_dict()}
+    with pytest.raises(UserError, match=r"which has model.config.span.max 96; --model.config.span.max 64 cannot change"):
+        check_resume(changed, defaults, recorded, "old.ckpt")
+
+
+def test_copies_of_a_config_do_not_share_its_groups():
+    import dataclasses
+
+    a = ModelConfig()
+    b = dataclasses.replace(a, dim=256)
+    b.span.max = 7
+    assert a.span.max == 1024 and ModelConfig().span.max == 1024
+    assert ModelConfig(span=None).span == ModelConfig().span  # `span: null` in YAML: the defaults
+
+
+def test_init_weights_keeps_a_whole_group_given_on_the_command_line():
+    from protein_lm.finetune import architecture_from_checkpoint, explicit_config_fields
+
+    trained = flatten_to_old(ModelConfig(span={"enabled": True, "max": 96}).to_dict())
+    run = ModelConfig(span={"enabled": True, "max": 64}).to_dict()
+    assert architecture_from_checkpoint(run, trained, set())["span.max"] == 96
+    assert architecture_from_checkpoint(run, trained, explicit_config_fields(["--model.config.span_max=64"])) == {}
+    assert architecture_from_checkpoint(run, trained, explicit_config_fields(["--model.config.span", "{}"])) == {}
 
 
 def test_exported_weights_with_flat_config_load_unchanged(tmp_path):
@@ -198,11 +243,13 @@ def test_a_lightning_checkpoint_with_flat_hyperparameters_resumes(tmp_path):
     fit("--trainer.max_steps", "2")
     last = out / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, weights_only=True)
-    ckpt["hyper_parameters"]["config"] = flatten_to_old(ckpt["hyper_parameters"]["config"])
+    for part in ("hyper_parameters", "protein_lm"):  # both hold the config; an older version wrote both flat
+        ckpt[part]["config"] = flatten_to_old(ckpt[part]["config"])
     torch.save(ckpt, last)
     # span.max given again, as the first run had it: compared with the checkpoint's flat span_max
     proc = fit("--trainer.max_steps", "4", "--ckpt_path", "last")
-    assert f"--ckpt_path {last}: saved with the flat model.config names" in proc.stderr
+    note = f"protein-lm: {last}: saved with the flat model.config names"
+    assert proc.stderr.count(note) == 1, proc.stderr[-2000:]  # one line, no warning source line
     resumed = torch.load(last, weights_only=True)
     assert resumed["global_step"] == 4
     assert resumed["hyper_parameters"]["config"]["span"]["max"] == 48

@@ -15,7 +15,8 @@ def test_copies_the_shipped_files_byte_for_byte(tmp_path, capsys):
     copied = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     shipped = sorted(example_files(REPO))
     assert copied == shipped
-    assert {"configs/quickstart.yaml", "configs/finetune_shipped.yaml", "data/swissprot_sample.fasta.gz",
+    assert {"configs/quickstart.yaml", "configs/finetune_shipped.yaml", "configs/base/cpu_tiny.yaml",
+            "data/swissprot_sample.fasta.gz",
             "checkpoints/performer-softmax-bid-swissprot2014.pt"} <= {str(p) for p in copied}
     for rel in copied:
         assert (out / rel).read_bytes() == (REPO / rel).read_bytes()

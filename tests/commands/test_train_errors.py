@@ -50,6 +50,9 @@ def _one_line_error(capsys, argv: list[str], command: str) -> str:
     ("--model.config.num_features", "0", "--model.config.num_features must be a positive whole number, got 0"),
     ("--model.config.dim", "-8", "--model.config.dim must be a positive whole number, got -8"),
     ("--model.config.causal", "true", "needs the causal objective"),
+    ("--model.config.span.max", "0", "--model.config.span.max must be a positive whole number, got 0"),
+    ("--model.config.memory.replace_ffn", "true",
+     "--model.config.memory.replace_ffn (all-attention) needs memory.slots > 0"),
 ])
 def test_invalid_model_and_optimiser_values_are_refused_before_anything_is_built(
         tmp_path, capsys, option, value, message):
