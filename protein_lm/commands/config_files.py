@@ -30,6 +30,9 @@ from protein_lm.model_config import FLAT_KEYS, deprecation_message, nest_flat_ke
 
 EXTENDS = "extends"
 _FLAG = "--model.config."
+# Sections that hold options: given anything else (`trainer: 5`), jsonargparse goes on to crash or,
+# for `model:`, silently trains the default model.
+SECTIONS = ("trainer", "model", "data", "checkpoint", "model.config")
 
 
 def read_yaml_mapping(path: Path, shown: str | None = None) -> dict[str, Any]:
@@ -69,6 +72,7 @@ def _load(path: Path, shown: str, chain: tuple[Path, ...]) -> tuple[dict[str, An
         cycle = " -> ".join(str(p) for p in (*chain, real))
         raise UserError(f"--config {shown}: `{EXTENDS}` goes round in a circle: {cycle}")
     data = read_yaml_mapping(path, shown)
+    _check_sections(data, shown)
     bases = data.pop(EXTENDS, None)
     if bases is None:
         bases = []
@@ -88,6 +92,16 @@ def _load(path: Path, shown: str, chain: tuple[Path, ...]) -> tuple[dict[str, An
     own, own_renamed = _nest_model_config(data, shown)
     renamed.update(own_renamed)
     return _merge(merged, own), bool(bases) or bool(renamed), renamed
+
+
+def _check_sections(data: dict[str, Any], shown: str) -> None:
+    for name in SECTIONS:
+        value: Any = data
+        for part in name.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is not None and not isinstance(value, dict):
+            raise UserError(f"--config {shown}: `{name}` must hold options (`key: value` lines under it), "
+                            f"got {value!r}")
 
 
 def _nest_model_config(data: dict[str, Any], shown: str) -> tuple[dict[str, Any], dict[str, str]]:

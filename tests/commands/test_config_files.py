@@ -71,6 +71,9 @@ def test_a_file_without_extends_is_passed_on_as_a_path(tmp_path):
     ({"c.yaml": {"extends": "d.yaml"}, "d.yaml": {"extends": "c.yaml"}}, "`extends` goes round in a circle"),
     ({"c.yaml": {"extends": 3}}, "`extends` must be a file path or a list of them, got 3"),
     ({"c.yaml": {"extends": "d.yaml"}, "d.yaml": []}, "(extends d.yaml): expected YAML options"),
+    ({"c.yaml": {"model": 5}}, "--config {c}: `model` must hold options (`key: value` lines under it), got 5"),
+    ({"c.yaml": {"extends": "d.yaml"}, "d.yaml": {"checkpoint": [1]}}, "`checkpoint` must hold options"),
+    ({"c.yaml": {"model": {"config": "big"}}}, "`model.config` must hold options"),
     ({"c.yaml": {"extends": "d.yaml"}, "d.yaml": {"extends": "e.yaml"}},
      "--config {c} (extends d.yaml): extends e.yaml: no such file"),
 ])
