@@ -109,7 +109,10 @@ def _nest_model_config(data: dict[str, Any], shown: str) -> tuple[dict[str, Any]
     config = model.get("config") if isinstance(model, dict) else None
     if not isinstance(config, dict):
         return data, {}
-    nested, renamed = nest_flat_keys(config)
+    try:
+        nested, renamed = nest_flat_keys(config)
+    except ValueError as err:  # a group that is not a mapping beside a flat key of it
+        raise UserError(f"--config {shown}: model.config.{err}") from None
     if not renamed:
         return data, {}
     return {**data, "model": {**model, "config": nested}}, renamed

@@ -74,6 +74,8 @@ def test_a_file_without_extends_is_passed_on_as_a_path(tmp_path):
     ({"c.yaml": {"model": 5}}, "--config {c}: `model` must hold options (`key: value` lines under it), got 5"),
     ({"c.yaml": {"extends": "d.yaml"}, "d.yaml": {"checkpoint": [1]}}, "`checkpoint` must hold options"),
     ({"c.yaml": {"model": {"config": "big"}}}, "`model.config` must hold options"),
+    ({"c.yaml": {"model": {"config": {"span": 5, "span_max": 3}}}},
+     "--config {c}: model.config.span must be a mapping of its options"),
     ({"c.yaml": {"extends": "d.yaml"}, "d.yaml": {"extends": "e.yaml"}},
      "--config {c} (extends d.yaml): extends e.yaml: no such file"),
 ])
