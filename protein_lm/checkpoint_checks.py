@@ -28,7 +28,7 @@ def model_config(config: Any, where: str) -> ModelConfig:
     if not isinstance(config, dict):
         raise UserError(f"{where}: no protein_lm model config in the file")
     config, renamed = nest_flat_keys(config)
-    if renamed:  # written before the options had groups; `protein-lm export` re-saves it nested
+    if renamed:  # written before the options had groups
         warnings.warn(f"{where}: {CHECKPOINT_NOTE}", OldConfigNames, stacklevel=3)
     try:
         return ModelConfig.from_dict(config)
